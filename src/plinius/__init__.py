@@ -1,0 +1,100 @@
+"""plinius: secure and persistent machine-learning training.
+
+The training state (model, optimizer, scheduler, RNG, data position) is
+mirrored, encrypted and authenticated, into persistent memory after every
+iteration, crash-consistently; training data stays sealed at rest; keys reach
+the trusted environment only after attestation::
+
+    from plinius import MasterKey, Mirror, RNGState
+
+    key = MasterKey.load("owner.key")
+    state = {"model": model, "optim": optimizer, "rng": RNGState()}
+    with Mirror("/dev/shm/job.plm", key) as mirror:
+        step = mirror.restore(state)
+        ...
+        mirror.save(state, step=step)
+
+Heavy modules (torch) are imported lazily, on first use of a name that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AttestationError,
+    ConfigError,
+    DatasetIndexError,
+    FormatError,
+    IntegrityError,
+    KeyFileError,
+    KeyReleaseError,
+    PliniusError,
+    RollbackError,
+    StateMismatchError,
+    StorageError,
+    WrongKeyError,
+)
+
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it (imported on first access).
+_LAZY = {
+    "MasterKey": "crypto",
+    "Mirror": "mirror",
+    "RNGState": "mirror",
+    "seal_dataset": "data",
+    "SealedDataset": "data",
+    "SealedSampler": "data",
+    "fit": "train",
+    "FitResult": "train",
+    "Counter": "freshness",
+    "FileCounter": "freshness",
+}
+
+__all__ = [
+    "AttestationError",
+    "ConfigError",
+    "Counter",
+    "DatasetIndexError",
+    "FileCounter",
+    "FitResult",
+    "FormatError",
+    "IntegrityError",
+    "KeyFileError",
+    "KeyReleaseError",
+    "MasterKey",
+    "Mirror",
+    "PliniusError",
+    "RNGState",
+    "RollbackError",
+    "SealedDataset",
+    "SealedSampler",
+    "StateMismatchError",
+    "StorageError",
+    "WrongKeyError",
+    "__version__",
+    "fit",
+    "seal_dataset",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .crypto import MasterKey
+    from .data import SealedDataset, SealedSampler, seal_dataset
+    from .freshness import Counter, FileCounter
+    from .mirror import Mirror, RNGState
+    from .train import FitResult, fit
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plinius' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

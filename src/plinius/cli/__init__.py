@@ -1,0 +1,73 @@
+"""The ``plinius`` command line.
+
+Each group of commands lives in its own module here and registers itself on
+:data:`main` via :func:`register`. Every :class:`~plinius.errors.PliniusError`
+becomes one line on stderr and exit code 1; bad arguments exit with 2; nothing
+ever prints a traceback unless ``PLINIUS_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from ..errors import PliniusError
+
+# Modules that define commands; each has a ``register(group)`` function.
+_COMMAND_MODULES = ["keys", "data", "mirror", "train", "tee", "bench"]
+
+
+class _Group(click.Group):
+    """A group that turns every error into one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PliniusError as exc:
+            _fail(f"error: {exc}", 1, exc)
+        except KeyboardInterrupt as exc:
+            _fail("interrupted", 130, exc)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except MemoryError as exc:
+            _fail("error: out of memory; try a smaller model or batch", 1, exc)
+        except OSError as exc:
+            _fail(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1, exc)
+        except Exception as exc:
+            _fail(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(please report it; PLINIUS_DEBUG=1 shows the traceback)",
+                1,
+                exc,
+            )
+
+
+def _fail(msg: str, code: int, exc: BaseException) -> None:
+    if os.environ.get("PLINIUS_DEBUG") == "1":
+        raise exc
+    click.echo(msg.replace("\n", " "), err=True)
+    sys.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="plinius")
+def main() -> None:
+    """plinius: secure and persistent ML training.
+
+    Training state is mirrored, AES-256-GCM encrypted, into persistent memory
+    after every iteration and resumes exactly after a crash.
+    """
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as _exc:  # a command module not written yet
+        if _exc.name != f"{__name__}.{_name}":
+            raise
+        continue
+    _mod.register(main)

@@ -1,0 +1,78 @@
+"""Freshness: trusted monotonic counters that catch a rolled-back mirror file.
+
+A host that keeps an old copy of a mirror file and puts it back defeats every
+authentication tag: the old file is authentic. A counter kept where the host
+cannot rewind it (a TPM NV counter, the data owner's key server) closes that
+hole: each manifest records the counter value it expects, and the mirror
+advances the counter to it after the commit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from .errors import FormatError, storage_error
+
+__all__ = ["Counter", "FileCounter"]
+
+
+@runtime_checkable
+class Counter(Protocol):
+    """A monotonic counter. ``increment`` returns the new value.
+
+    ``wears`` is True for counters with limited write endurance (TPM NV
+    indices); the mirror then advances them only every K commits or T seconds.
+    ``trusted`` says whether the host can rewind it (False for the file counter).
+    """
+
+    wears: bool
+    trusted: bool
+
+    def read(self) -> int: ...
+
+    def increment(self) -> int: ...
+
+
+class FileCounter:
+    """A counter in a plain file. INSECURE: the host can rewrite it.
+
+    For simulation and tests only; a real deployment uses a TPM NV counter or
+    the key server. Updates are atomic (write a temp file, fsync, rename).
+    """
+
+    wears = False
+    trusted = False
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def read(self) -> int:
+        """The current value (0 if the file does not exist yet)."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(f"counter file {self.path} is unreadable: {exc}") from exc
+        if not text.isdigit():
+            raise FormatError(f"counter file {self.path} does not hold a counter value")
+        return int(text)
+
+    def increment(self) -> int:
+        """Advance by one, durably; returns the new value."""
+        value = self.read() + 1
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{value}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot update counter file {self.path}") from exc
+        return value
+
+    def __repr__(self) -> str:
+        return f"FileCounter({str(self.path)!r})  # insecure: simulation only"

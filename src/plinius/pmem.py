@@ -1,0 +1,511 @@
+"""Persistent-memory regions: a memory-mapped file with ``persist(offset, length)``.
+
+Where a region lives decides what "persistent" means (see ``describe_path``):
+
+* a DAX mount (ext4/xfs ``-o dax`` on real persistent memory) mapped with
+  ``MAP_SYNC``, with libpmem (Debian ``libpmem1``) installed: stores are flushed
+  from user space with ``pmem_persist`` and survive a power cut (``is_pmem``);
+* ``/dev/shm`` (tmpfs): *emulated* PM. It lives in RAM: it survives the crash of
+  the process, not a power cut. ``persist`` is an ``msync``, nearly free;
+* any other file system: through the page cache, ``persist`` is an ``msync``
+  that writes the pages back; durable, but at the speed of the disk.
+
+Pages are pre-faulted when a region is created or opened (``MAP_POPULATE``),
+because first-touch page faults cost more than AES-GCM on the same bytes.
+
+This layer knows nothing about crypto or file formats. :class:`CrashSimRegion`
+has the same interface and produces crash images for testing commit protocols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import itertools
+import mmap
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import StorageError, storage_error
+
+__all__ = [
+    "CACHE_LINE",
+    "CrashSimRegion",
+    "Region",
+    "RegionLike",
+    "describe_path",
+]
+
+CACHE_LINE = 64
+PAGE = mmap.PAGESIZE
+# Linux mmap flags that Python's mmap module does not name on every version.
+_MAP_SHARED_VALIDATE = 0x03
+_MAP_SYNC = 0x80000
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+
+
+class RegionLike(Protocol):
+    """What the layers above need from a region (a :class:`Region` or a simulator)."""
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def buf(self) -> memoryview: ...
+    @property
+    def readonly(self) -> bool: ...
+    @property
+    def is_pmem(self) -> bool: ...
+    def persist(self, offset: int, length: int) -> None: ...
+    def grow(self, new_size: int) -> None: ...
+    def close(self) -> None: ...
+
+
+_libpmem: ctypes.CDLL | bool | None = False  # False: not looked up yet
+
+
+def _load_libpmem() -> ctypes.CDLL | None:
+    global _libpmem
+    if _libpmem is False:
+        name = ctypes.util.find_library("pmem")
+        lib = None
+        if name:
+            try:
+                lib = ctypes.CDLL(name)
+                lib.pmem_persist.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+                lib.pmem_persist.restype = None
+            except (OSError, AttributeError):
+                lib = None
+        _libpmem = lib
+    return _libpmem if isinstance(_libpmem, ctypes.CDLL) else None
+
+
+def _mount_of(path: Path) -> tuple[str, str, str]:
+    """(mount point, fs type, options) of the mount that holds ``path``."""
+    target = os.path.realpath(path)
+    best = ("/", "unknown", "")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                    best[0]
+                ):
+                    best = (mnt, parts[2], parts[3])
+    except OSError:
+        pass
+    return best
+
+
+def describe_path(path: str | os.PathLike[str]) -> str:
+    """How persistent a region at ``path`` is, in words (for reports and ``inspect``)."""
+    p = Path(path)
+    probe = p if p.is_dir() else p.parent
+    mnt, fstype, opts = _mount_of(probe)
+    if "dax" in opts.split(","):
+        lib = "with libpmem" if _load_libpmem() else "without libpmem (msync)"
+        return f"DAX mount {mnt} ({fstype}): real persistent memory, {lib}"
+    if fstype == "tmpfs":
+        return (
+            f"tmpfs {mnt}: emulated persistent memory in RAM "
+            "(survives a process crash, not a power cut)"
+        )
+    return f"{fstype} {mnt}: page cache, persisted with msync (durable at disk speed)"
+
+
+class Region:
+    """A memory-mapped file with explicit persistence.
+
+    Use :meth:`create` or :meth:`open`; ``buf`` is a memoryview of the whole
+    mapping (read-only for a read-only region). ``grow`` remaps: views taken
+    from ``buf`` before it still refer to the old mapping and must be dropped.
+    """
+
+    def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
+        self._path = path
+        self._fd = fd
+        self._readonly = readonly
+        self._mm: mmap.mmap | None = None
+        self._buf: memoryview | None = None
+        self._old: list[mmap.mmap] = []
+        self._is_pmem = False
+        self._base = 0
+        self._map(size)
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        size: int,
+        init: Callable[[Region], None] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> Region:
+        """Create a region of ``size`` bytes at ``path``, atomically.
+
+        The file is built under a temporary name in the same directory, ``init``
+        fills it, everything is persisted, and only then does it appear under
+        ``path``: a crash while creating never leaves a half-made file there.
+        Refuses an existing ``path`` unless ``overwrite``.
+        """
+        if size <= 0:
+            raise ValueError("a region needs a positive size")
+        p = Path(path)
+        d = p.parent
+        if not d.is_dir():
+            raise StorageError(f"cannot create {p}: directory {d} does not exist; create it first")
+        if p.exists() and not overwrite:
+            raise StorageError(f"cannot create {p}: it already exists")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=d)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot create a file in {d}") from exc
+        tmp_path = Path(tmp)
+        region: Region | None = None
+        try:
+            try:
+                os.fchmod(fd, 0o600)
+                _allocate(fd, size)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot allocate {size} bytes for {p}") from exc
+            region = cls(p, fd, size, readonly=False)
+            if init is not None:
+                init(region)
+            region.persist(0, size)
+            try:
+                os.fsync(fd)
+                if overwrite:
+                    os.replace(tmp_path, p)
+                else:
+                    _link_exclusive(tmp_path, p)
+                _fsync_dir(d)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot create {p}") from exc
+        except BaseException:
+            if region is not None:
+                region.close()
+            else:
+                os.close(fd)
+            tmp_path.unlink(missing_ok=True)
+            raise
+        return region
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Region:
+        """Map an existing file; ``readonly`` maps it without write access."""
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDONLY if readonly else os.O_RDWR)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot open {p}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise StorageError(f"{p} is empty; it cannot be mapped")
+            return cls(p, fd, size, readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # -- mapping ------------------------------------------------------
+    def _map(self, size: int) -> None:
+        prot = mmap.PROT_READ | (0 if self._readonly else mmap.PROT_WRITE)
+        mm = None
+        is_pmem = False
+        lib = _load_libpmem()
+        if not self._readonly and lib is not None:
+            # MAP_SYNC is accepted only on a DAX file: then stores reach PM once
+            # flushed from the CPU caches, and pmem_persist is enough.
+            try:
+                mm = mmap.mmap(self._fd, size, flags=_MAP_SHARED_VALIDATE | _MAP_SYNC, prot=prot)
+                is_pmem = True
+            except OSError:
+                mm = None
+        if mm is None:
+            try:
+                mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=prot)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot map {self._path}") from exc
+        self._mm = mm
+        self._buf = memoryview(mm)
+        self._is_pmem = is_pmem
+        if is_pmem:
+            self._base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+    @property
+    def path(self) -> Path:
+        """The file behind the region."""
+        return self._path
+
+    @property
+    def size(self) -> int:
+        """The mapped size in bytes (the file size)."""
+        return len(self.buf)
+
+    @property
+    def buf(self) -> memoryview:
+        """A memoryview of the whole mapping (read-only for a read-only region)."""
+        if self._buf is None:
+            raise StorageError(f"region {self._path} is closed")
+        return self._buf if not self._readonly else self._buf.toreadonly()
+
+    @property
+    def readonly(self) -> bool:
+        """Whether the region was opened read-only."""
+        return self._readonly
+
+    @property
+    def is_pmem(self) -> bool:
+        """True when mapped with MAP_SYNC and persisted with libpmem (real PM)."""
+        return self._is_pmem
+
+    def persist(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` durable (as durable as the medium)."""
+        if self._readonly:
+            raise StorageError(f"region {self._path} is read-only; it cannot be persisted")
+        if self._mm is None:
+            raise StorageError(f"region {self._path} is closed")
+        size = len(self._mm)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError(f"persist range {offset}+{length} outside region of {size}")
+        if length == 0:
+            return
+        if self._is_pmem:
+            lib = _load_libpmem()
+            assert lib is not None
+            lib.pmem_persist(self._base + offset, length)
+            return
+        start = offset - offset % PAGE
+        try:
+            self._mm.flush(start, offset + length - start)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot persist {self._path}") from exc
+
+    def grow(self, new_size: int) -> None:
+        """Extend the file to ``new_size`` bytes and remap it.
+
+        The new bytes read as zeros. The file size change is fsynced before the
+        new mapping is used, so later persists of the new range are meaningful.
+        """
+        if self._readonly:
+            raise StorageError(f"region {self._path} is read-only; it cannot grow")
+        if new_size <= self.size:
+            return
+        try:
+            _allocate(self._fd, new_size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot grow {self._path} to {new_size} bytes") from exc
+        old_mm, old_buf = self._mm, self._buf
+        self._map(new_size)
+        # Views into the old mapping may still be alive in callers; the mapping
+        # is closed now if nothing refers to it, else when the last view dies.
+        if old_buf is not None:
+            old_buf.release()
+        if old_mm is not None:
+            try:
+                old_mm.close()
+            except BufferError:
+                self._old.append(old_mm)
+
+    def close(self) -> None:
+        """Unmap and close. Does not persist: persist what must be durable first."""
+        if self._buf is not None:
+            self._buf.release()
+            self._buf = None
+        for mm in [self._mm, *self._old]:
+            if mm is not None:
+                with contextlib.suppress(BufferError, ValueError):
+                    mm.close()
+        self._mm = None
+        self._old = []
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "ro" if self._readonly else "rw"
+        return f"Region({str(self._path)!r}, size={self.size if self._buf else 0}, {mode})"
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve blocks for ``size`` bytes so a full disk fails now, not on a store."""
+    cur = os.fstat(fd).st_size
+    if size <= cur:
+        return
+    try:
+        os.posix_fallocate(fd, cur, size - cur)
+    except OSError as exc:
+        # Some file systems cannot fallocate; a sparse file still works there.
+        if exc.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
+            raise
+        os.ftruncate(fd, size)
+
+
+def _link_exclusive(src: Path, dst: Path) -> None:
+    """Give ``src`` the name ``dst`` only if ``dst`` does not exist, atomically."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        # File systems without hard links: check, then rename (a small race).
+        if dst.exists():
+            raise FileExistsError(17, "File exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    src.unlink()
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CrashSimRegion:
+    """An in-memory region that can show what a crash would leave behind.
+
+    It keeps two images: what the program wrote (``buf``) and what is known to
+    be persistent. ``persist`` copies the covered 64-byte cache lines from the
+    first to the second. A line that differs between them was written but not
+    persisted: after a crash it may hold its old or its new contents, whole
+    (cache lines are evicted whole; aligned 8-byte stores never tear).
+    ``crash_images`` enumerates those outcomes, exhaustively for a few dirty
+    lines and by random sampling for many.
+
+    ``on_persist`` (if set) is called *before* each persist takes effect, so a
+    test can collect crash images at every persist boundary of a protocol.
+    """
+
+    path = None
+
+    def __init__(self, size: int = 0, *, image: bytes | None = None) -> None:
+        data = bytes(image) if image is not None else bytes(size)
+        self._cur = np.frombuffer(bytearray(data), dtype=np.uint8)
+        self._persisted = np.frombuffer(bytearray(data), dtype=np.uint8)
+        self._buf: memoryview | None = memoryview(self._cur.data).cast("B")
+        self._readonly = False
+        self.on_persist: Callable[[CrashSimRegion], None] | None = None
+        self.persist_calls = 0
+
+    @classmethod
+    def from_image(cls, image: bytes) -> CrashSimRegion:
+        """A region whose contents (written and persisted) are ``image``."""
+        return cls(image=image)
+
+    @property
+    def size(self) -> int:
+        """Current size in bytes."""
+        return int(self._cur.size)
+
+    @property
+    def buf(self) -> memoryview:
+        """The written image."""
+        if self._buf is None:
+            raise StorageError("region is closed")
+        return self._buf
+
+    @property
+    def readonly(self) -> bool:
+        """Always False: the simulator is writable."""
+        return self._readonly
+
+    @property
+    def is_pmem(self) -> bool:
+        """Always False."""
+        return False
+
+    def persist(self, offset: int, length: int) -> None:
+        """Mark the cache lines covering the range as persisted."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"persist range {offset}+{length} outside region of {self.size}")
+        if self.on_persist is not None:
+            self.on_persist(self)
+        self.persist_calls += 1
+        if length == 0:
+            return
+        lo = offset - offset % CACHE_LINE
+        hi = min(self.size, -(-(offset + length) // CACHE_LINE) * CACHE_LINE)
+        self._persisted[lo:hi] = self._cur[lo:hi]
+
+    def grow(self, new_size: int) -> None:
+        """Extend with zeros; the size change itself is durable at once."""
+        if new_size <= self.size:
+            return
+        cur = np.zeros(new_size, dtype=np.uint8)
+        per = np.zeros(new_size, dtype=np.uint8)
+        cur[: self.size] = self._cur
+        per[: self.size] = self._persisted
+        self._cur, self._persisted = cur, per
+        self._buf = memoryview(self._cur.data).cast("B")
+
+    def close(self) -> None:
+        """Drop the view (images stay readable)."""
+        self._buf = None
+
+    def image(self) -> bytes:
+        """The written image (what a run without a crash would leave)."""
+        return self._cur.tobytes()
+
+    def persisted_image(self) -> bytes:
+        """The image if every unpersisted line were lost."""
+        return self._persisted.tobytes()
+
+    def dirty_lines(self) -> list[int]:
+        """Indices of cache lines written but not persisted."""
+        n = self.size
+        full = n - n % CACHE_LINE
+        a = self._cur[:full].reshape(-1, CACHE_LINE)
+        b = self._persisted[:full].reshape(-1, CACHE_LINE)
+        lines = np.nonzero((a != b).any(axis=1))[0].tolist()
+        if full < n and not np.array_equal(self._cur[full:], self._persisted[full:]):
+            lines.append(full // CACHE_LINE)
+        return [int(x) for x in lines]
+
+    def crash_image(self, kept: set[int] | frozenset[int]) -> bytes:
+        """The image after a crash in which exactly the dirty lines ``kept`` survived."""
+        img = self._persisted.copy()
+        for line in kept:
+            lo = line * CACHE_LINE
+            img[lo : lo + CACHE_LINE] = self._cur[lo : lo + CACHE_LINE]
+        return img.tobytes()
+
+    def crash_images(
+        self, *, exhaustive_limit: int = 10, samples: int = 32, seed: int = 0
+    ) -> Iterator[bytes]:
+        """Every possible crash image if at most ``exhaustive_limit`` lines are dirty,
+        else all-lost, all-kept and ``samples`` random subsets (deterministic per seed)."""
+        dirty = self.dirty_lines()
+        if len(dirty) <= exhaustive_limit:
+            for r in range(len(dirty) + 1):
+                for combo in itertools.combinations(dirty, r):
+                    yield self.crash_image(frozenset(combo))
+            return
+        yield self.crash_image(frozenset())
+        yield self.crash_image(frozenset(dirty))
+        rng = random.Random(seed)
+        for _ in range(samples):
+            p = rng.random()
+            yield self.crash_image(frozenset(x for x in dirty if rng.random() < p))
+
+    def __repr__(self) -> str:
+        return f"CrashSimRegion(size={self.size}, dirty_lines={len(self.dirty_lines())})"
