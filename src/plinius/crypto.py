@@ -17,7 +17,10 @@ crash makes a generation number be written twice.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hmac
+import operator
 import os
 import stat
 import struct
@@ -54,9 +57,14 @@ Buffer = bytes | bytearray | memoryview
 AadField = bytes | str | int | bool | None | tuple[int, ...] | list[int]
 
 
-def hkdf(ikm: bytes, *, salt: bytes | None, info: str, length: int = KEY_SIZE) -> bytes:
-    """HKDF-SHA256 (RFC 5869) of ``ikm`` with ``salt`` and a purpose string ``info``."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info.encode()).derive(ikm)
+def hkdf(ikm: bytes, *, salt: bytes | None, info: str | bytes, length: int = KEY_SIZE) -> bytes:
+    """HKDF-SHA256 (RFC 5869) of ``ikm`` with ``salt`` and a purpose ``info``.
+
+    A ``str`` info is UTF-8 encoded; ``bytes`` are used as they are. A ``None``
+    or empty salt means HashLen zero bytes, as the RFC says.
+    """
+    info_bytes = info.encode("utf-8") if isinstance(info, str) else bytes(info)
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info_bytes).derive(ikm)
 
 
 class MasterKey:
@@ -95,7 +103,8 @@ class MasterKey:
         """
         p = Path(path)
         try:
-            fd = os.open(p, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO in place of the key file must not hang the open.
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError as exc:
             raise KeyFileError(
                 f"key file {p} does not exist; create one with 'plinius keygen {p}'"
@@ -115,9 +124,10 @@ class MasterKey:
         finally:
             os.close(fd)
         if len(data) != KEY_SIZE:
+            # Only KEY_SIZE + 1 bytes were read: report the real size of a longer file.
+            n = len(data) if len(data) <= KEY_SIZE else max(st.st_size, len(data))
             raise KeyFileError(
-                f"key file {p} holds {len(data)} bytes, not {KEY_SIZE}; "
-                "it is not a plinius master key"
+                f"key file {p} holds {n} bytes, not {KEY_SIZE}; it is not a plinius master key"
             )
         return cls(data)
 
@@ -127,18 +137,29 @@ class MasterKey:
         try:
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError as exc:
-            raise KeyFileError(f"{p} already exists; refusing to overwrite a key file") from exc
+            raise KeyFileError(
+                f"{p} already exists; refusing to overwrite a key file "
+                "(choose another path, or remove the old key if it is truly unused)"
+            ) from exc
         except OSError as exc:
             raise storage_error(exc, f"cannot create key file {p}") from exc
         try:
             os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but be explicit
-            os.write(fd, self._key)
+            if os.write(fd, self._key) != KEY_SIZE:
+                raise OSError(errno.EIO, "short write")
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
             p.unlink(missing_ok=True)
             raise storage_error(exc, f"cannot write key file {p}") from exc
         os.close(fd)
+        # Make the new name durable too: a key lost in a crash loses the data.
+        with contextlib.suppress(OSError):
+            dfd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     @property
     def fingerprint(self) -> bytes:
@@ -191,6 +212,9 @@ def aad(*fields: AadField) -> bytes:
 
     Each field is a type tag, an 8-byte length and its bytes, so
     ``aad("ab", "c") != aad("a", "bc")`` and ``aad(1) != aad("1") != aad(b"1")``.
+    Integers (also NumPy integer scalars) must fit in 128 signed bits; tuple
+    and list elements (shapes) must be integers in 64 signed bits, so a float
+    or a string in a shape is refused, never silently truncated.
     """
     out = bytearray()
     for f in fields:
@@ -205,11 +229,22 @@ def aad(*fields: AadField) -> bytes:
         elif isinstance(f, bytes | bytearray | memoryview):
             tag, body = b"y", bytes(f)
         elif isinstance(f, tuple | list):
-            tag, body = b"t", b"".join(int(x).to_bytes(8, "big", signed=True) for x in f)
+            # operator.index, not int(): int(1.5) == int("1") == 1 would make
+            # (1.5,), ("1",) and (1,) encode alike.
+            tag, body = b"t", b"".join(_index(x).to_bytes(8, "big", signed=True) for x in f)
+        elif hasattr(f, "__index__"):
+            tag, body = b"i", _index(f).to_bytes(16, "big", signed=True)  # e.g. numpy.int64
         else:
             raise TypeError(f"unsupported AAD field type {type(f).__name__}")
         out += tag + struct.pack(">Q", len(body)) + body
     return bytes(out)
+
+
+def _index(x: object) -> int:
+    try:
+        return operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"AAD integers and shapes take integers, not {type(x).__name__}") from None
 
 
 class Aead:

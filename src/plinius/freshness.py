@@ -9,6 +9,7 @@ advances the counter to it after the commit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -70,7 +71,16 @@ class FileCounter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
+            # The rename is durable only once the directory is synced; until
+            # then a power cut could bring the old value back.
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise storage_error(exc, f"cannot update counter file {self.path}") from exc
         return value
 

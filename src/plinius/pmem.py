@@ -26,6 +26,7 @@ import itertools
 import mmap
 import os
 import random
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,14 +107,30 @@ def _mount_of(path: Path) -> tuple[str, str, str]:
     return best
 
 
+def _dax_option(opts: str) -> str | None:
+    """``"always"`` or ``"inode"`` if the mount options enable DAX, else None.
+
+    Older kernels show a bare ``dax``; newer ext4 and xfs show ``dax=always``,
+    ``dax=inode`` (per-file attribute) or ``dax=never``.
+    """
+    for opt in opts.split(","):
+        if opt == "dax":
+            return "always"
+        if opt.startswith("dax=") and opt[4:] in ("always", "inode"):
+            return opt[4:]
+    return None
+
+
 def describe_path(path: str | os.PathLike[str]) -> str:
     """How persistent a region at ``path`` is, in words (for reports and ``inspect``)."""
     p = Path(path)
     probe = p if p.is_dir() else p.parent
     mnt, fstype, opts = _mount_of(probe)
-    if "dax" in opts.split(","):
+    dax = _dax_option(opts)
+    if dax is not None:
         lib = "with libpmem" if _load_libpmem() else "without libpmem (msync)"
-        return f"DAX mount {mnt} ({fstype}): real persistent memory, {lib}"
+        scope = " for files with the DAX attribute" if dax == "inode" else ""
+        return f"DAX mount {mnt} ({fstype}): real persistent memory{scope}, {lib}"
     if fstype == "tmpfs":
         return (
             f"tmpfs {mnt}: emulated persistent memory in RAM "
@@ -192,11 +209,15 @@ class Region:
             except OSError as exc:
                 raise storage_error(exc, f"cannot create {p}") from exc
         except BaseException:
-            if region is not None:
-                region.close()
-            else:
-                os.close(fd)
-            tmp_path.unlink(missing_ok=True)
+            # Remove the temporary file whatever closing does: a failed create
+            # must leave nothing behind in the directory.
+            try:
+                if region is not None:
+                    region.close()
+                else:
+                    os.close(fd)
+            finally:
+                tmp_path.unlink(missing_ok=True)
             raise
         return region
 
@@ -204,12 +225,18 @@ class Region:
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Region:
         """Map an existing file; ``readonly`` maps it without write access."""
         p = Path(path)
+        # O_NONBLOCK: opening a FIFO read-only would otherwise block forever;
+        # it has no effect on the regular files that pass the check below.
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK
         try:
-            fd = os.open(p, os.O_RDONLY if readonly else os.O_RDWR)
+            fd = os.open(p, flags)
         except OSError as exc:
             raise storage_error(exc, f"cannot open {p}") from exc
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"cannot open {p}: not a regular file; give the path of a file")
+            size = st.st_size
             if size == 0:
                 raise StorageError(f"{p} is empty; it cannot be mapped")
             return cls(p, fd, size, readonly)
@@ -227,7 +254,12 @@ class Region:
             # MAP_SYNC is accepted only on a DAX file: then stores reach PM once
             # flushed from the CPU caches, and pmem_persist is enough.
             try:
-                mm = mmap.mmap(self._fd, size, flags=_MAP_SHARED_VALIDATE | _MAP_SYNC, prot=prot)
+                mm = mmap.mmap(
+                    self._fd,
+                    size,
+                    flags=_MAP_SHARED_VALIDATE | _MAP_SYNC | _MAP_POPULATE,
+                    prot=prot,
+                )
                 is_pmem = True
             except OSError:
                 mm = None
@@ -311,7 +343,10 @@ class Region:
         # Views into the old mapping may still be alive in callers; the mapping
         # is closed now if nothing refers to it, else when the last view dies.
         if old_buf is not None:
-            old_buf.release()
+            # BufferError: a C extension still holds the old view's buffer; it
+            # keeps the old mapping alive until it lets go, which is safe.
+            with contextlib.suppress(BufferError):
+                old_buf.release()
         if old_mm is not None:
             try:
                 old_mm.close()
@@ -320,8 +355,12 @@ class Region:
 
     def close(self) -> None:
         """Unmap and close. Does not persist: persist what must be durable first."""
+        # Views still held by callers keep their mapping alive (mmap refuses to
+        # unmap exported memory), so this can neither fail nor leave a view
+        # pointing at unmapped memory; the mapping goes when the last view does.
         if self._buf is not None:
-            self._buf.release()
+            with contextlib.suppress(BufferError):
+                self._buf.release()
             self._buf = None
         for mm in [self._mm, *self._old]:
             if mm is not None:
@@ -330,8 +369,8 @@ class Region:
         self._mm = None
         self._old = []
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     def __enter__(self) -> Region:
         return self

@@ -18,7 +18,7 @@ import click
 from ..errors import PliniusError
 
 # Modules that define commands; each has a ``register(group)`` function.
-_COMMAND_MODULES = ["keys", "data", "mirror", "train", "tee", "bench"]
+_COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", "bench"]
 
 
 class _Group(click.Group):

@@ -1,0 +1,436 @@
+"""``plinius train`` and ``plinius evaluate``: resumable training from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from ..errors import ConfigError
+
+_T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
+
+
+def register(group: click.Group) -> None:
+    """Add the training commands to ``group``."""
+    group.add_command(train)
+    group.add_command(evaluate)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), or None."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class EventLog:
+    """JSON lines, one per event, flushed at once so a SIGKILL loses at most one line."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._f: IO[str] | None = None
+        if path is not None:
+            try:
+                self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError(f"cannot open the events file {path}: {exc.strerror}") from exc
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append one event."""
+        if self._f is None:
+            return
+        self._f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def load_key(
+    key_path: Path | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    sealed_key: Path | None,
+    job_id: str,
+) -> tuple[Any, str]:
+    """The master key from a key file or, after attestation, from the key server."""
+    if key_path is not None:
+        if key_server is not None:
+            raise ConfigError("give either --key or --key-server, not both")
+        from ..crypto import MasterKey
+
+        return MasterKey.load(key_path), "key file (no attestation)"
+    if key_server is None:
+        raise ConfigError(
+            "a key is needed: give --key KEY, or --key-server URL with its public key"
+        )
+    if not key_server_pubkey:
+        raise ConfigError("--key-server needs --key-server-pubkey (the server's public key, hex)")
+    from ..tee import obtain_master_key
+
+    key, how = obtain_master_key(
+        key_server, key_server_pubkey, job_id=job_id, sealed_key_path=sealed_key
+    )
+    return key, f"key server ({how})"
+
+
+def label_classes(ds: Any) -> int:
+    """Number of classes: one more than the largest integer label (last field)."""
+    import torch
+
+    info = ds.fields[-1]
+    if info.dtype.is_floating_point or info.dtype == torch.bool:
+        raise ConfigError(
+            f"the last field {info.name!r} holds {info.dtype}, not integer class labels"
+        )
+    top = -1
+    n = len(ds)
+    step = 4096
+    for lo in range(0, n, step):
+        batch = ds.get_batch(list(range(lo, min(n, lo + step))))
+        top = max(top, int(batch[-1].max()))
+    if top < 0:
+        raise ConfigError("the labels are negative; class labels must be 0, 1, 2, ...")
+    return top + 1
+
+
+def build_job(model_name: str, ds: Any, num_classes: int | None, seed: int) -> tuple[Any, int]:
+    """Seed the generators, then build the model spec for the dataset's first field."""
+    from ..models import build_model
+    from ..train import seed_everything
+
+    if num_classes is None:
+        num_classes = label_classes(ds)
+    seed_everything(seed)
+    spec = build_model(model_name, input_shape=tuple(ds.fields[0].shape), num_classes=num_classes)
+    return spec, num_classes
+
+
+def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A rich progress bar (or nothing) and its closer."""
+    if not enabled:
+        return (lambda _ev: None), (lambda: None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    progress.start()
+    task = progress.add_task("train", total=total, loss=float("nan"))
+
+    def update(ev: Any) -> None:
+        progress.update(task, completed=ev.step, loss=ev.loss)
+
+    return update, progress.stop
+
+
+_key_options = [
+    click.option("--key", "key_path", type=click.Path(path_type=Path), help="Master key file."),
+    click.option("--key-server", help="Key server URL: obtain the key after attestation."),
+    click.option("--key-server-pubkey", help="The key server's public key (hex)."),
+    click.option(
+        "--sealed-key",
+        type=click.Path(path_type=Path),
+        help="Where the released key is sealed locally (restarts need no round trip).",
+    ),
+    click.option(
+        "--job-id", default=None, help="Job id for key release (default: the mirror name)."
+    ),
+]
+
+
+def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_key_options):
+        f = opt(f)
+    return f
+
+
+@click.command()
+@_with_key_options
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
+)
+@click.option(
+    "--mirror",
+    "mirror_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Mirror file (persistent memory).",
+)
+@click.option(
+    "--model", "model_name", required=True, help="Built-in model name or a Darknet .cfg path."
+)
+@click.option("--steps", required=True, type=click.IntRange(min=1), help="Total steps of the job.")
+@click.option(
+    "--batch-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Batch size (default: the model's, else 128).",
+)
+@click.option(
+    "--lr",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Learning rate override.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=int, help="Seed of the model init and data order."
+)
+@click.option(
+    "--mirror-every",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Mirror every K steps.",
+)
+@click.option(
+    "--sync-save", is_flag=True, help="Mirror synchronously instead of overlapping the next step."
+)
+@click.option(
+    "--shuffle",
+    type=click.Choice(["chunk", "full", "none"]),
+    default="chunk",
+    show_default=True,
+    help="Data order: chunk-local shuffle (fast), uniform, or none.",
+)
+@click.option(
+    "--num-classes",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Classes (default: from the labels).",
+)
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="torch threads (exact resume needs the same).",
+)
+@click.option(
+    "--counter",
+    "counter_path",
+    type=click.Path(path_type=Path),
+    help="Freshness counter file (simulation; insecure).",
+)
+@click.option("--dataset-id", default=None, help="Require this sealed dataset id.")
+@click.option(
+    "--events",
+    "events_path",
+    type=click.Path(path_type=Path),
+    help="Append JSON-lines progress events here.",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: when a terminal)."
+)
+def train(
+    key_path: Path | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    sealed_key: Path | None,
+    job_id: str | None,
+    data_path: Path,
+    mirror_path: Path,
+    model_name: str,
+    steps: int,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int,
+    mirror_every: int,
+    sync_save: bool,
+    shuffle: str,
+    num_classes: int | None,
+    threads: int | None,
+    counter_path: Path | None,
+    dataset_id: str | None,
+    events_path: Path | None,
+    progress: bool | None,
+) -> None:
+    """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
+
+    Rerunning the same command after a crash finishes the same job: --steps is
+    the job's total, and the result is bit-for-bit the uninterrupted one.
+    """
+    age = process_age_s()
+    t_start = time.perf_counter()
+    events = EventLog(events_path)
+    events.write("start", pid=os.getpid(), process_age_s=age, imports_s=t_start - _T_ENTRY)
+    import torch
+
+    from ..data import SealedDataset
+    from ..mirror import Mirror
+    from ..train import fit
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    key, key_source = load_key(
+        key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
+    )
+    t_key = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with SealedDataset(data_path, key, expect_id=dataset_id) as ds:
+        spec, classes = build_job(model_name, ds, num_classes, seed)
+        bs = batch_size or int(spec.hyper.get("batch", 0) or 128)
+        optimizer = spec.make_optimizer(lr)
+        scheduler = spec.make_scheduler(optimizer, steps)
+        t_build = time.perf_counter() - t0
+        counter = None
+        if counter_path is not None:
+            from ..freshness import FileCounter
+
+            counter = FileCounter(counter_path)
+        t0 = time.perf_counter()
+        with Mirror(mirror_path, key, counter=counter) as mirror:
+            t_open = time.perf_counter() - t0
+            show = sys.stdout.isatty() if progress is None else progress
+            update, stop = make_progress(show, steps)
+            first_step_at: list[float] = []
+
+            def on_step(ev: Any) -> None:
+                if not first_step_at:
+                    first_step_at.append(time.perf_counter())
+                events.write("step", step=ev.step, loss=ev.loss, committed=ev.committed)
+                update(ev)
+
+            try:
+                result = fit(
+                    spec.module,
+                    optimizer,
+                    loss_fn=spec.loss,
+                    dataset=ds,
+                    batch_size=bs,
+                    steps=steps,
+                    seed=seed,
+                    mirror=mirror,
+                    scheduler=scheduler,
+                    mirror_every=mirror_every,
+                    async_save=not sync_save,
+                    shuffle=False if shuffle == "none" else shuffle,  # type: ignore[arg-type]
+                    prepare=spec.prepare,
+                    split=spec.split,
+                    callback=on_step,
+                    on_resume=lambda r, s: _report_resume(
+                        events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
+                    ),
+                )
+            finally:
+                stop()
+    events.write(
+        "done",
+        final_step=result.final_step,
+        final_loss=result.losses[-1],
+        saves=result.saves,
+        save_wait_s=result.save_wait_s,
+    )
+    events.close()
+    click.echo(
+        f"done: {result.final_step} steps of {spec.name} (batch {bs}, {classes} classes), "
+        f"final loss {result.losses[-1]:.4f}; key from {key_source}"
+    )
+
+
+def _report_resume(
+    events: EventLog,
+    resumed: int | None,
+    recovery_s: float,
+    steps: int,
+    t_key: float,
+    t_build: float,
+    t_open: float,
+    age: float | None,
+    imports_s: float,
+) -> None:
+    if resumed is None:
+        click.echo(f"starting a new job of {steps} steps (the mirror was empty)")
+    else:
+        click.echo(
+            f"resumed after step {resumed} of {steps}: restore took {recovery_s * 1e3:.1f} ms "
+            f"(key {t_key * 1e3:.1f} ms, model {t_build * 1e3:.1f} ms, "
+            f"mirror open {t_open * 1e3:.1f} ms)"
+        )
+    events.write(
+        "resumed",
+        step=resumed,
+        recovery_s=recovery_s,
+        key_s=t_key,
+        build_s=t_build,
+        open_s=t_open,
+        imports_s=imports_s,
+        process_age_at_start_s=age,
+    )
+
+
+@click.command()
+@_with_key_options
+@click.option(
+    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
+)
+@click.option(
+    "--mirror", "mirror_path", required=True, type=click.Path(path_type=Path), help="Mirror file."
+)
+@click.option("--model", "model_name", required=True, help="The model the mirror was trained with.")
+@click.option(
+    "--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Batch size."
+)
+@click.option(
+    "--num-classes",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Classes (default: from the labels).",
+)
+def evaluate(
+    key_path: Path | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    sealed_key: Path | None,
+    job_id: str | None,
+    data_path: Path,
+    mirror_path: Path,
+    model_name: str,
+    batch_size: int,
+    num_classes: int | None,
+) -> None:
+    """Accuracy and loss of the model in MIRROR on a sealed dataset (read-only)."""
+    from ..data import SealedDataset
+    from ..mirror import Mirror
+    from ..train import evaluate as run_evaluate
+
+    key, _ = load_key(
+        key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
+    )
+    if not mirror_path.exists():
+        raise ConfigError(f"mirror {mirror_path} does not exist; train first with 'plinius train'")
+    with SealedDataset(data_path, key) as ds:
+        spec, _ = build_job(model_name, ds, num_classes, 0)
+        with Mirror(mirror_path, key, readonly=True) as mirror:
+            step = mirror.restore_model(spec.module)
+        if step is None:
+            raise ConfigError(f"mirror {mirror_path} holds no saved state yet; train first")
+        acc, loss = run_evaluate(
+            spec.module,
+            ds,
+            loss_fn=spec.loss,
+            batch_size=batch_size,
+            prepare=spec.prepare,
+            split=spec.split,
+        )
+    click.echo(f"step {step}: accuracy {acc * 100:.2f}% ({len(ds)} records), loss {loss:.4f}")

@@ -1,0 +1,407 @@
+"""The training loop that makes resumption exact.
+
+:func:`fit` restores the full training state from a :class:`~plinius.mirror.Mirror`
+(if it holds one), continues from the step after the last committed one, and
+mirrors the state again after every ``mirror_every`` iterations.
+
+Why the result is bit-for-bit the run that never crashed:
+
+* the state in the mirror is *everything* the next step depends on: model
+  (parameters and buffers), optimizer (momentum, Adam moments), scheduler, the
+  global RNGs (Python, NumPy, torch), the sampler's seed, epoch and position,
+  the step counter and the loss history;
+* the data order derives from ``(seed, epoch)`` only, and the sampler position
+  recorded is what the loop really consumed, not what a prefetching
+  ``DataLoader`` has drawn ahead;
+* a save is taken after ``optimizer.step()`` and before the next batch is drawn.
+
+Mirroring overlaps the next iteration: ``save_async`` captures what the next
+forward pass may change (buffers, RNG states, plain values) synchronously,
+encrypts parameters and optimizer state in a background thread (AES-GCM
+releases the GIL), and the loop joins it *before* the next ``optimizer.step()``,
+the first moment parameters or optimizer state change again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .data import SealedDataset, SealedSampler
+from .errors import ConfigError, StateMismatchError
+from .mirror import Mirror, PendingSave, RNGState
+
+__all__ = [
+    "FitResult",
+    "StepEvent",
+    "evaluate",
+    "fit",
+    "make_sampler",
+    "seed_everything",
+    "training_state",
+]
+
+Batch = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What the progress callback receives after each completed step."""
+
+    step: int  # steps completed in the job so far (1-based count)
+    total: int
+    loss: float
+    lr: float
+    committed: bool  # whether a save of this step was started
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    ``losses`` is the loss of every step of the job, including steps run
+    before a crash and restored from the mirror, so it can be compared with an
+    uninterrupted run. ``resumed_from`` is the step the job resumed after
+    (``None`` for a fresh start) and ``recovery_s`` how long the restore took.
+    """
+
+    losses: list[float]
+    resumed_from: int | None
+    recovery_s: float
+    steps_run: int
+    final_step: int
+    saves: int
+    save_wait_s: float = 0.0
+    step_times_s: list[float] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _default_split(batch: Batch) -> tuple[Tensor, Tensor]:
+    return batch[0], batch[-1]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class _BatchSource:
+    """Draws batches of indices from the sampler and fetches them.
+
+    The sampler is advanced only by what the loop really consumed
+    (:meth:`consumed`), so a save never records indices a prefetcher drew.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        sampler: SealedSampler,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._it: Iterator[Batch] | None = None
+        self._epoch = -1
+
+    def _fetch(self, idx: list[int]) -> Batch:
+        if isinstance(self.dataset, SealedDataset):
+            return tuple(self.dataset.get_batch(idx))
+        items = [self.dataset[i] for i in idx]
+        collated = torch.utils.data.default_collate(items)
+        return tuple(collated) if isinstance(collated, list | tuple) else (collated,)
+
+    def _start_epoch_iter(self) -> Iterator[Batch]:
+        index_batches = list(self.sampler.batches(self.batch_size, drop_last=True))
+        if self.num_workers <= 0:
+            return (self._fetch(b) for b in index_batches)
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=index_batches,
+            num_workers=self.num_workers,
+            collate_fn=_collate_tuple,
+        )
+        return iter(loader)
+
+    def next(self) -> Batch:
+        """The next batch; moves to the next epoch when this one is used up."""
+        for _ in range(2):
+            if self._it is None or self._epoch != self.sampler.epoch:
+                self._epoch = self.sampler.epoch
+                self._it = self._start_epoch_iter()
+            try:
+                return next(self._it)
+            except StopIteration:
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                self._it = None
+        raise ConfigError(
+            f"the dataset has fewer records than one batch ({self.batch_size}); "
+            "use a smaller --batch-size"
+        )
+
+
+def _collate_tuple(items: Sequence[Any]) -> Batch:
+    collated = torch.utils.data.default_collate(list(items))
+    return tuple(collated) if isinstance(collated, list | tuple) else (collated,)
+
+
+def make_sampler(
+    dataset: Dataset[Any], *, seed: int, shuffle: Literal["chunk", "full"] | bool
+) -> SealedSampler:
+    """The sampler :func:`fit` uses: order from ``(seed, epoch)``, chunk-aware for sealed data."""
+    if isinstance(dataset, SealedDataset):
+        sampler = SealedSampler(dataset, seed=seed, shuffle=shuffle)
+    else:
+        sampler = SealedSampler(len(dataset), seed=seed, shuffle=shuffle)  # type: ignore[arg-type]
+    sampler.set_epoch(0)
+    return sampler
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler: Any | None,
+    sampler: SealedSampler,
+    losses: Tensor,
+    total: int,
+) -> dict[str, Any]:
+    """The dict :func:`fit` mirrors: everything the next step depends on.
+
+    The whole loss history lives in the mirror as one float64 tensor, so a
+    resumed job returns the same losses as one that never crashed.
+    """
+    state: dict[str, Any] = {
+        "model": model,
+        "optim": optimizer,
+        "rng": RNGState(),
+        "sampler": sampler,
+        "losses": losses,
+        "total_steps": total,
+    }
+    if scheduler is not None:
+        state["sched"] = scheduler
+    return state
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    dataset: Dataset[Any],
+    batch_size: int,
+    steps: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    mirror: Mirror | None = None,
+    scheduler: Any | None = None,
+    mirror_every: int = 1,
+    async_save: bool = True,
+    shuffle: Literal["chunk", "full"] | bool = "chunk",
+    prepare: Callable[[Tensor], Tensor] | None = None,
+    split: Callable[[Batch], tuple[Tensor, Tensor]] | None = None,
+    num_workers: int = 0,
+    callback: Callable[[StepEvent], None] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    on_resume: Callable[[int | None, float], None] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
+
+    With a ``mirror``, the state is restored on start (nothing happens if the
+    mirror is empty) and mirrored after every ``mirror_every`` steps and after
+    the last one. ``steps`` is the job's total: calling ``fit`` again with the
+    same arguments after a crash finishes the same job, with the same result.
+
+    ``prepare`` maps the raw input field of a batch to the model's input;
+    ``split`` maps a batch of fields to ``(input, target)`` (default: first and
+    last field). ``callback`` receives a :class:`StepEvent` after each step.
+    ``extra_state`` adds user entries to the mirrored state. ``on_resume``
+    is called once, after the restore, with the step resumed after (or None)
+    and the seconds the restore took.
+
+    Mirroring uses ``save_async``: the save of step *n* runs while step *n+1*
+    computes its forward and backward pass and is joined before its
+    ``optimizer.step()``.
+    """
+    if batch_size <= 0:
+        raise ConfigError("batch size must be positive")
+    if mirror_every <= 0:
+        raise ConfigError("mirror_every must be positive")
+    try:
+        n_records = len(dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise ConfigError("fit needs a map-style dataset with a length") from exc
+    per_epoch = n_records // batch_size
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the dataset has {n_records} records, fewer than one batch of {batch_size}; "
+            "use a smaller batch size"
+        )
+    if (steps is None) == (epochs is None):
+        raise ConfigError("give exactly one of steps or epochs")
+    total = steps if steps is not None else per_epoch * int(epochs or 0)
+    if total <= 0:
+        raise ConfigError("the number of steps must be positive")
+    prepare = prepare or _identity
+    split = split or _default_split
+
+    sampler = make_sampler(dataset, seed=seed, shuffle=shuffle)
+    losses = torch.full((total,), math.nan, dtype=torch.float64)
+    state = training_state(
+        model, optimizer, scheduler=scheduler, sampler=sampler, losses=losses, total=total
+    )
+    if extra_state:
+        overlap = set(extra_state) & set(state)
+        if overlap:
+            raise ConfigError(f"extra_state may not use the reserved names {sorted(overlap)}")
+        state.update(extra_state)
+
+    start = 0
+    resumed_from: int | None = None
+    recovery_s = 0.0
+    if mirror is not None:
+        t0 = time.perf_counter()
+        try:
+            restored = mirror.restore(state)
+        except StateMismatchError as exc:
+            raise StateMismatchError(
+                f"{exc}. The mirror was written by a job with other settings "
+                "(model, optimizer, number of steps, ...): rerun with the same settings "
+                "or use a new mirror file"
+            ) from exc
+        recovery_s = time.perf_counter() - t0
+        if restored is not None:
+            if state["total_steps"] != total:
+                raise StateMismatchError(
+                    f"the mirror belongs to a job of {state['total_steps']} steps, not {total}; "
+                    "rerun with the same number of steps"
+                )
+            start = restored
+            resumed_from = restored
+    if start > total:
+        raise StateMismatchError(f"the mirror is at step {start}, beyond this job's {total} steps")
+
+    if on_resume is not None:
+        on_resume(resumed_from, recovery_s)
+    model.train()
+    source = _BatchSource(dataset, sampler, batch_size, num_workers)
+    pending: PendingSave | None = None
+    saves = 0
+    save_wait = 0.0
+    step_times: list[float] = []
+    try:
+        for step in range(start, total):
+            t_step = time.perf_counter()
+            batch = source.next()
+            x, y = split(batch)
+            out = model(prepare(x))
+            loss = loss_fn(out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # IMPORTANT: the background save of the previous step reads the
+            # parameters and optimizer state; join it before they change.
+            if pending is not None:
+                tw = time.perf_counter()
+                pending.wait()
+                save_wait += time.perf_counter() - tw
+                pending = None
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            # Only now is the batch really consumed: record it in the sampler.
+            sampler.advance(len(batch[0]))
+            loss_value = float(loss.detach())
+            losses[step] = loss_value
+            done = step + 1
+            commit = mirror is not None and (done % mirror_every == 0 or done == total)
+            if commit:
+                assert mirror is not None
+                if async_save and done < total:
+                    pending = mirror.save_async(state, step=done)
+                else:
+                    mirror.save(state, step=done)
+                saves += 1
+            step_times.append(time.perf_counter() - t_step)
+            if callback is not None:
+                callback(
+                    StepEvent(
+                        step=done,
+                        total=total,
+                        loss=loss_value,
+                        lr=float(optimizer.param_groups[0]["lr"]),
+                        committed=commit,
+                    )
+                )
+    finally:
+        if pending is not None:
+            pending.wait()
+    return FitResult(
+        losses=[float(v) for v in losses.tolist()],
+        resumed_from=resumed_from,
+        recovery_s=recovery_s,
+        steps_run=total - start,
+        final_step=total,
+        saves=saves,
+        save_wait_s=save_wait,
+        step_times_s=step_times,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset[Any],
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch_size: int = 256,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+    split: Callable[[Batch], tuple[Tensor, Tensor]] | None = None,
+) -> tuple[float, float]:
+    """``(accuracy, mean loss)`` of ``model`` over ``dataset``, in order, in eval mode.
+
+    Accuracy compares the arg-max of the last output dimension with the target.
+    """
+    prepare = prepare or _identity
+    split = split or _default_split
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ConfigError("cannot evaluate on an empty dataset")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    count = 0
+    loss_sum = 0.0
+    try:
+        for lo in range(0, n, batch_size):
+            idx = list(range(lo, min(n, lo + batch_size)))
+            if isinstance(dataset, SealedDataset):
+                batch: Batch = tuple(dataset.get_batch(idx))
+            else:
+                batch = _collate_tuple([dataset[i] for i in idx])
+            x, y = split(batch)
+            out = model(prepare(x))
+            loss_sum += float(loss_fn(out, y)) * y.numel()
+            correct += int((out.argmax(dim=-1) == y).sum())
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return correct / count, loss_sum / count
