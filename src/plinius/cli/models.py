@@ -51,7 +51,7 @@ def _list_builtins() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..models import list_models
+    from ..models import list_models, shipped_cfgs
 
     table = Table(title="built-in models", title_justify="left")
     table.add_column("name", no_wrap=True, style="bold")
@@ -61,7 +61,9 @@ def _list_builtins() -> None:
         table.add_row(entry.name, f"{entry.param_mb:.2f}", entry.description)
     console = Console()
     console.print(table)
-    console.print("or a Darknet .cfg file: plinius models --cfg FILE shows its layers")
+    console.print("or a Darknet .cfg file (plinius models --cfg FILE shows its layers); shipped:")
+    for cfg in shipped_cfgs():
+        console.print(f"  {cfg}", highlight=False, soft_wrap=True)
 
 
 def _show_cfg(path: Path, input_spec: str | None) -> None:
