@@ -133,11 +133,17 @@ class _BatchSource:
         index_batches = list(self.sampler.batches(self.batch_size, drop_last=True))
         if self.num_workers <= 0:
             return (self._fetch(b) for b in index_batches)
+        # A DataLoader with workers draws its base seed from the generator it is
+        # given, else from torch's *global* RNG: that would shift every later
+        # dropout mask and break exact resume. Give it a private one.
+        gen = torch.Generator()
+        gen.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=index_batches,
             num_workers=self.num_workers,
             collate_fn=_collate_tuple,
+            generator=gen,
         )
         return iter(loader)
 

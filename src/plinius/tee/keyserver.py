@@ -1,0 +1,460 @@
+"""The data owner's key server: releases the master key to attested code only.
+
+The protocol logic (:class:`KeyServer`) is plain Python and knows nothing of
+HTTP; :meth:`KeyServer.app` puts it behind a Starlette application and
+:func:`serve` runs that with uvicorn. New endpoints (for example a per-job
+freshness counter) are added by extending :meth:`KeyServer.routes`.
+
+Endpoints (JSON in and out; errors are ``{"error": CODE, "reason": TEXT}`` with
+a 4xx status):
+
+* ``POST /v1/nonce`` -> ``{"version", "nonce", "expires_in"}``
+* ``POST /v1/release`` ``{"version", "job_id", "nonce", "client_public_key",
+  "evidence"}`` -> ``{"payload", "signature"}`` (see :mod:`.protocol`)
+* ``GET /v1/info`` -> ``{"version", "public_key"}``
+
+Limits: request bodies of at most 64 KiB, read within 10 s; at most 64
+connections at once; 10,000 outstanding nonces. Every release and every
+refusal is written to the audit log (JSON lines; never the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ..crypto import MasterKey
+from ..errors import ConfigError, PliniusError, storage_error
+from .evidence import Evidence, parse_evidence
+from .policy import Policy
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    RELEASE_DOMAIN,
+    check_job_id,
+    public_key_hex,
+    report_data_binding,
+    seal_release_response,
+    sign_json,
+    wrap_master_key,
+)
+from .verify import QuoteVerifier, require_verified
+
+__all__ = ["DEFAULT_PORT", "AuditLog", "KeyServer", "NonceStore", "serve"]
+
+DEFAULT_PORT = 8470
+DEFAULT_NONCE_TTL = 60.0
+MAX_OUTSTANDING_NONCES = 10_000
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+
+
+class Refusal(Exception):
+    """A request the server refuses: HTTP status, a short code and a reason for the client."""
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+class NonceStore:
+    """One-time nonces that expire after ``ttl`` seconds; at most ``capacity`` outstanding.
+
+    Spent and expired nonces are remembered (boundedly) only to tell the
+    client why it was refused; an unknown nonce is refused all the same.
+    """
+
+    def __init__(
+        self,
+        ttl: float = DEFAULT_NONCE_TTL,
+        capacity: int = MAX_OUTSTANDING_NONCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0 or capacity <= 0:
+            raise ConfigError("the nonce lifetime and capacity must be positive")
+        self.ttl, self.capacity, self._clock = ttl, capacity, clock
+        self._live: OrderedDict[bytes, float] = OrderedDict()  # nonce -> expiry, oldest first
+        self._spent: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        while self._live:
+            nonce, expiry = next(iter(self._live.items()))
+            if expiry > now:
+                break
+            del self._live[nonce]
+
+    def issue(self) -> bytes:
+        """A new nonce; Refusal(503) when too many are outstanding."""
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            if len(self._live) >= self.capacity:
+                raise Refusal(503, "busy", "too many outstanding nonces; try again later")
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            self._live[nonce] = now + self.ttl
+            return nonce
+
+    def spend(self, nonce: bytes) -> None:
+        """Use ``nonce`` up; Refusal(403) when it is unknown, spent or expired."""
+        with self._lock:
+            now = self._clock()
+            expiry = self._live.pop(nonce, None)
+            if expiry is None:
+                if nonce in self._spent:
+                    raise Refusal(403, "nonce_replayed", "this nonce was already used")
+                raise Refusal(403, "nonce_unknown", "unknown or expired nonce; ask for a new one")
+            self._spent[nonce] = None
+            while len(self._spent) > self.capacity:
+                self._spent.popitem(last=False)
+            if expiry <= now:
+                raise Refusal(403, "nonce_expired", "the nonce expired; ask for a new one")
+
+
+class AuditLog:
+    """Append-only JSON lines, one per release or refusal (stderr when no path)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if self.path is not None:
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot open audit log {self.path}") from exc
+
+    def write(self, event: dict[str, Any]) -> None:
+        """Append one event, durably; raises StorageError when it cannot."""
+        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **event}
+        line = (json.dumps(record, sort_keys=True, ensure_ascii=True) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                sys.stderr.write(line.decode())
+                sys.stderr.flush()
+                return
+            try:
+                os.write(self._fd, line)
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot write audit log {self.path}") from exc
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+_REQUEST_FIELDS = {"version", "job_id", "nonce", "client_public_key", "evidence"}
+
+
+class KeyServer:
+    """Releases ``master_key`` to evidence that ``policy`` allows.
+
+    ``identity`` signs every release; clients are configured with its public
+    key. ``verifier`` checks hardware quotes (None: hardware evidence is
+    refused). ``clock`` is injectable for tests of nonce expiry.
+    """
+
+    def __init__(
+        self,
+        master_key: MasterKey,
+        policy: Policy,
+        identity: Ed25519PrivateKey,
+        *,
+        verifier: QuoteVerifier | None = None,
+        nonce_ttl: float = DEFAULT_NONCE_TTL,
+        audit_log: AuditLog | None = None,
+        max_nonces: int = MAX_OUTSTANDING_NONCES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._master = master_key
+        self.policy = policy
+        self._identity = identity
+        self.verifier = verifier
+        self.nonces = NonceStore(nonce_ttl, max_nonces, clock)
+        self.audit = audit_log or AuditLog(None)
+
+    @property
+    def public_key_hex(self) -> str:
+        """The identity public key clients must be configured with."""
+        return public_key_hex(self._identity)
+
+    def sign(self, payload: dict[str, Any], domain: bytes) -> dict[str, str]:
+        """Sign a response of another kind (for endpoints added to :meth:`routes`).
+
+        Each kind of message needs its own ``domain`` (see :func:`.protocol.sign_json`).
+        """
+        if domain == RELEASE_DOMAIN:
+            raise ValueError("the key-release domain is reserved for key releases")
+        return sign_json(self._identity, payload, domain)
+
+    # -- protocol -----------------------------------------------------------
+
+    def issue_nonce(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) for ``POST /v1/nonce``."""
+        try:
+            nonce = self.nonces.issue()
+        except Refusal as r:
+            return r.status, {"error": r.code, "reason": r.reason}
+        return 200, {
+            "version": PROTOCOL_VERSION,
+            "nonce": nonce.hex(),
+            "expires_in": self.nonces.ttl,
+        }
+
+    def release(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
+        """(status, body) for ``POST /v1/release``; audited either way."""
+        event: dict[str, Any] = {"client": client}
+        try:
+            response = self._release(body, event)
+        except Refusal as r:
+            self._audit_refusal(event, r)
+            return r.status, {"error": r.code, "reason": r.reason}
+        except Exception as exc:  # a bug, say in a plugged-in verifier: refuse, and say so
+            bug = Refusal(500, "internal", f"internal error: {type(exc).__name__}")
+            self._audit_refusal({**event, "detail": str(exc)[:500]}, bug)
+            return bug.status, {"error": bug.code, "reason": bug.reason}
+        # Fail closed: a release that cannot be audited does not happen.
+        try:
+            self.audit.write({"event": "release", **event})
+        except PliniusError as exc:
+            return 500, {"error": "audit", "reason": f"the key server cannot audit: {exc}"}
+        return 200, response
+
+    def _audit_refusal(self, event: dict[str, Any], r: Refusal) -> None:
+        with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
+            self.audit.write({"event": "refusal", "code": r.code, "reason": r.reason, **event})
+
+    def _release(self, body: bytes, event: dict[str, Any]) -> dict[str, Any]:
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise Refusal(413, "too_large", f"requests are at most {MAX_MESSAGE_BYTES} bytes")
+        try:
+            req = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise Refusal(400, "bad_request", "the request is not JSON") from exc
+        if not isinstance(req, dict) or set(req) != _REQUEST_FIELDS:
+            raise Refusal(
+                400,
+                "bad_request",
+                f"the request needs exactly: {', '.join(sorted(_REQUEST_FIELDS))}",
+            )
+        if type(req["version"]) is not int or req["version"] != PROTOCOL_VERSION:
+            raise Refusal(400, "bad_version", f"unsupported protocol version {req['version']!r}")
+        try:
+            job_id = check_job_id(req["job_id"])
+        except ConfigError as exc:
+            raise Refusal(400, "bad_request", str(exc)) from exc
+        event["job_id"] = job_id
+        nonce = _hex(req["nonce"], "nonce", NONCE_SIZE)
+        client_pub = _hex(req["client_public_key"], "client_public_key", 32)
+        event["nonce"] = nonce.hex()
+        # The nonce is spent before the evidence is looked at: one attempt per nonce.
+        self.nonces.spend(nonce)
+        try:
+            evidence = Evidence.from_json(req["evidence"])
+            event["evidence"] = evidence.kind
+            event["platform"] = evidence.platform
+            claims = parse_evidence(evidence)
+            verdict = None
+            if not evidence.simulated:
+                verdict = require_verified(
+                    self.verifier, evidence.kind, evidence.blob, evidence.auxblob
+                )
+                event["tcb_status"] = verdict.tcb_status
+            event["matched"] = self.policy.check(claims, verdict)
+        except PliniusError as exc:
+            raise Refusal(403, "attestation", str(exc)) from exc
+        if claims.report_data != report_data_binding(nonce, client_pub, job_id):
+            raise Refusal(
+                403,
+                "binding",
+                "the evidence's report data does not bind this nonce, public key and job id",
+            )
+        try:
+            wrapped = wrap_master_key(self._master, client_pub, job_id=job_id, nonce=nonce)
+        except PliniusError as exc:
+            raise Refusal(400, "bad_request", str(exc)) from exc
+        event["key_fingerprint"] = self._master.fingerprint.hex()
+        payload = {
+            "type": "key-release",
+            "version": PROTOCOL_VERSION,
+            "job_id": job_id,
+            "nonce": nonce.hex(),
+            "client_public_key": client_pub.hex(),
+            "evidence": evidence.kind,
+            "key_fingerprint": self._master.fingerprint.hex(),
+            "issued_at": int(time.time()),
+            **wrapped,
+        }
+        return seal_release_response(self._identity, payload)
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        """The Starlette routes; extend this list to add endpoints."""
+        return [
+            Route("/v1/info", self._http_info, methods=["GET"]),
+            Route("/v1/nonce", self._http_nonce, methods=["POST"]),
+            Route("/v1/release", self._http_release, methods=["POST"]),
+        ]
+
+    def app(self) -> Starlette:
+        """The Starlette application serving :meth:`routes`."""
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            status = exc.status_code if isinstance(exc, HTTPException) else 500
+            code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
+            reason = exc.detail if isinstance(exc, HTTPException) else "internal error"
+            return _json(status, {"error": code, "reason": reason})
+
+        return Starlette(
+            routes=self.routes(),
+            exception_handlers={HTTPException: http_error, Exception: http_error},
+        )
+
+    async def _http_info(self, request: Request) -> Response:
+        return _json(200, {"version": PROTOCOL_VERSION, "public_key": self.public_key_hex})
+
+    async def _http_nonce(self, request: Request) -> Response:
+        try:
+            await read_body(request, limit=1024)
+        except Refusal as r:
+            return _json(r.status, {"error": r.code, "reason": r.reason})
+        return _json(*self.issue_nonce())
+
+    async def _http_release(self, request: Request) -> Response:
+        client = request.client.host if request.client else "unknown"
+        try:
+            body = await read_body(request)
+        except Refusal as r:
+            self._audit_refusal({"client": client}, r)
+            return _json(r.status, {"error": r.code, "reason": r.reason})
+        # Verification may block (a verifier fetching collateral): off the event loop.
+        return _json(*await run_in_threadpool(self.release, body, client))
+
+
+def _hex(value: object, name: str, size: int) -> bytes:
+    if not isinstance(value, str) or len(value) != 2 * size:
+        raise Refusal(400, "bad_request", f"{name} must be {size} bytes in hex")
+    try:
+        return bytes.fromhex(value)
+    except ValueError as exc:
+        raise Refusal(400, "bad_request", f"{name} is not valid hex") from exc
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+async def read_body(
+    request: Request, limit: int = MAX_MESSAGE_BYTES, timeout: float = REQUEST_TIMEOUT
+) -> bytes:
+    """The request body, refused past ``limit`` bytes (413) or ``timeout`` seconds (408)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refusal(400, "bad_request", "invalid Content-Length")
+        if int(declared) > limit:
+            raise Refusal(413, "too_large", f"requests are at most {limit} bytes")
+    buf = bytearray()
+
+    async def collect() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > limit:  # chunked bodies have no Content-Length to check first
+                raise Refusal(413, "too_large", f"requests are at most {limit} bytes")
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    except TimeoutError as exc:
+        raise Refusal(408, "timeout", "the request body was not received in time") from exc
+    return bytes(buf)
+
+
+def serve(
+    server: KeyServer,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``server`` with uvicorn until SIGINT/SIGTERM.
+
+    ``on_ready(url)`` is called once the socket accepts connections (with the
+    real port when ``port`` is 0).
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    if tls_cert is not None and tls_key is not None:
+        try:  # fail here, with a clear message, rather than inside uvicorn
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    scheme = "https" if tls_cert is not None else "http"
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    url = f"{scheme}://{shown}:{sock.getsockname()[1]}"
+    config = uvicorn.Config(
+        server.app(),
+        http="h11",
+        loop="asyncio",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # the audit log records the real peer, not a header
+        server_header=False,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,  # bounds the request line and headers
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
+    _Server(config, lambda: on_ready(url) if on_ready else None).run(sockets=[sock])
+
+
+class _Server(uvicorn.Server):  # type: ignore[misc]
+    """A uvicorn server that reports when it really accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._started_callback = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            self._started_callback()
