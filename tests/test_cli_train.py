@@ -115,3 +115,19 @@ def test_demo_core_path_small(tmp_path: Path) -> None:
     assert rep.mirror_save_ms > 0 and rep.ssd_save_ms > 0
     assert 0.0 <= rep.accuracy_clean <= 1.0
     assert (tmp_path / "report.json").exists()
+
+
+def test_train_with_file_counter_refuses_a_deleted_mirror(job: dict[str, Path]) -> None:
+    counter = job["dir"] / "counter"
+    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", f"file:{counter}"))
+    assert r.exit_code == 0, r.output
+    assert int(counter.read_text()) >= 1
+    job["mirror"].unlink()  # the host removes the mirror to restart training from scratch
+    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", f"file:{counter}"))
+    assert r.exit_code == 1, r.output
+    assert "error:" in r.output and "Traceback" not in r.output
+
+
+def test_train_bad_counter_spec(job: dict[str, Path]) -> None:
+    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", "sometimes"))
+    assert r.exit_code == 1 and "file:PATH" in r.output

@@ -89,6 +89,40 @@ def load_key(
     return key, f"key server ({how})"
 
 
+def make_counter(
+    spec: str | None,
+    key: Any,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    job_id: str,
+) -> tuple[Any, int]:
+    """A freshness counter from ``--counter`` and its default advance interval.
+
+    Counters that do not wear (a file, the key server) advance on every commit;
+    a TPM NV counter wears out, so it advances every 100 commits by default.
+    """
+    if spec is None:
+        return None, 1
+    kind, _, arg = spec.partition(":")
+    if kind == "file" and arg:
+        from ..freshness import FileCounter
+
+        return FileCounter(arg), 1
+    if kind == "tpm":
+        from ..tpm import DEFAULT_TCTI, TPMCounter
+
+        return TPMCounter(arg or DEFAULT_TCTI), 100
+    if kind == "keyserver" and not arg:
+        if not key_server or not key_server_pubkey:
+            raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")
+        from ..tee import KeyServerCounter
+
+        return KeyServerCounter(key_server, key_server_pubkey, job_id=job_id, key=key), 1
+    raise ConfigError(
+        f"--counter {spec!r} is not understood; use file:PATH, tpm[:TCTI] or keyserver"
+    )
+
+
 def label_classes(ds: Any) -> int:
     """Number of classes: one more than the largest integer label (last field)."""
     import torch
@@ -146,8 +180,16 @@ def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Cal
 
 _key_options = [
     click.option("--key", "key_path", type=click.Path(path_type=Path), help="Master key file."),
-    click.option("--key-server", help="Key server URL: obtain the key after attestation."),
-    click.option("--key-server-pubkey", help="The key server's public key (hex)."),
+    click.option(
+        "--key-server",
+        envvar="PLINIUS_KEY_SERVER",
+        help="Key server URL: obtain the key after attestation (env PLINIUS_KEY_SERVER).",
+    ),
+    click.option(
+        "--key-server-pubkey",
+        envvar="PLINIUS_KEY_SERVER_PUBKEY",
+        help="The key server's public key, hex (env PLINIUS_KEY_SERVER_PUBKEY).",
+    ),
     click.option(
         "--sealed-key",
         type=click.Path(path_type=Path),
@@ -227,9 +269,22 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option(
     "--counter",
-    "counter_path",
-    type=click.Path(path_type=Path),
-    help="Freshness counter file (simulation; insecure).",
+    "counter_spec",
+    default=None,
+    help="Trusted freshness counter: file:PATH (simulation, insecure), tpm[:TCTI] "
+    "(TPM 2.0 NV counter), or keyserver (the --key-server's per-job counter).",
+)
+@click.option(
+    "--counter-every",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Advance the counter every K commits (default 1; 100 for a TPM, which wears).",
+)
+@click.option(
+    "--counter-interval",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Also advance it when this many seconds passed since the last advance.",
 )
 @click.option("--dataset-id", default=None, help="Require this sealed dataset id.")
 @click.option(
@@ -259,7 +314,9 @@ def train(
     shuffle: str,
     num_classes: int | None,
     threads: int | None,
-    counter_path: Path | None,
+    counter_spec: str | None,
+    counter_every: int | None,
+    counter_interval: float | None,
     dataset_id: str | None,
     events_path: Path | None,
     progress: bool | None,
@@ -293,13 +350,19 @@ def train(
         optimizer = spec.make_optimizer(lr)
         scheduler = spec.make_scheduler(optimizer, steps)
         t_build = time.perf_counter() - t0
-        counter = None
-        if counter_path is not None:
-            from ..freshness import FileCounter
-
-            counter = FileCounter(counter_path)
+        counter, every = make_counter(
+            counter_spec, key, key_server, key_server_pubkey, job_id or mirror_path.name
+        )
+        if counter_every is not None:
+            every = counter_every
         t0 = time.perf_counter()
-        with Mirror(mirror_path, key, counter=counter) as mirror:
+        with Mirror(
+            mirror_path,
+            key,
+            counter=counter,
+            counter_every=every if counter is not None else 1,
+            counter_interval_s=counter_interval,
+        ) as mirror:
             t_open = time.perf_counter() - t0
             show = sys.stdout.isatty() if progress is None else progress
             update, stop = make_progress(show, steps)
