@@ -129,6 +129,14 @@ def status(attestation_root: Path | None, tsm_root: Path | None) -> None:
     help="Quote verifier for hardware evidence: none, dcap-qvl, or module:factory.",
 )
 @click.option("--pccs-url", default=None, help="PCCS for the dcap-qvl verifier's collateral.")
+@click.option(
+    "--counter-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep per-job freshness counters here (created, mode 0700; back it up: "
+    "losing it resets every job's rollback protection). Without it the counter "
+    "service is off.",
+)
 def keyserver(
     key_path: Path,
     policy_path: Path,
@@ -141,16 +149,19 @@ def keyserver(
     nonce_ttl: float,
     verifier: str,
     pccs_url: str | None,
+    counter_dir: Path | None,
 ) -> None:
     """Release the master key to attested plinius jobs (run by the data owner).
 
     Prints 'listening on URL' and 'public key: HEX' once it accepts
     connections; give both to 'plinius train --key-server URL
-    --key-server-pubkey HEX'. Stop it with Ctrl-C.
+    --key-server-pubkey HEX'. With --counter-dir it also keeps each job's
+    freshness counter ('plinius train --counter keyserver'). Stop it with Ctrl-C.
     """
     import ipaddress
 
     from ..crypto import MasterKey
+    from ..tee.counters import CounterStore
     from ..tee.keyserver import AuditLog, KeyServer, serve
     from ..tee.policy import Policy
     from ..tee.protocol import load_identity
@@ -160,6 +171,7 @@ def keyserver(
     policy = Policy.load(policy_path)
     ident = load_identity(identity)
     quote_verifier = load_verifier(verifier, pccs_url=pccs_url)
+    counters = CounterStore(counter_dir) if counter_dir is not None else None
     server = KeyServer(
         master,
         policy,
@@ -167,6 +179,7 @@ def keyserver(
         verifier=quote_verifier,
         nonce_ttl=nonce_ttl,
         audit_log=AuditLog(audit_log),
+        counters=counters,
     )
     if policy.allow_simulation:
         click.echo(
@@ -197,3 +210,5 @@ def keyserver(
         serve(server, host, port, tls_cert=tls_cert, tls_key=tls_key, on_ready=ready)
     finally:
         server.audit.close()
+        if counters is not None:
+            counters.close()

@@ -12,6 +12,9 @@ a 4xx status):
 * ``POST /v1/release`` ``{"version", "job_id", "nonce", "client_public_key",
   "evidence"}`` -> ``{"payload", "signature"}`` (see :mod:`.protocol`)
 * ``GET /v1/info`` -> ``{"version", "public_key"}``
+* ``POST /v1/counter`` ``{"version", "job_id", "op", "nonce", ["target"], "mac"}``
+  -> ``{"payload", "signature"}``: the per-job freshness counters (see
+  :mod:`.counters`; only when the server was given a :class:`.counters.CounterStore`)
 
 Limits: request bodies of at most 64 KiB, read within 10 s; at most 64
 connections at once; 10,000 outstanding nonces. Every release and every
@@ -47,6 +50,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError, storage_error
+from .counters import MAX_COUNTER_REQUEST, CounterRefusal, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
 from .protocol import (
@@ -179,6 +183,8 @@ class KeyServer:
     ``identity`` signs every release; clients are configured with its public
     key. ``verifier`` checks hardware quotes (None: hardware evidence is
     refused). ``clock`` is injectable for tests of nonce expiry.
+    ``counters``: where per-job freshness counters persist (None: the
+    counter endpoint refuses every request, saying how to enable it).
     """
 
     def __init__(
@@ -192,6 +198,7 @@ class KeyServer:
         audit_log: AuditLog | None = None,
         max_nonces: int = MAX_OUTSTANDING_NONCES,
         clock: Callable[[], float] = time.monotonic,
+        counters: CounterStore | None = None,
     ) -> None:
         self._master = master_key
         self.policy = policy
@@ -199,6 +206,11 @@ class KeyServer:
         self.verifier = verifier
         self.nonces = NonceStore(nonce_ttl, max_nonces, clock)
         self.audit = audit_log or AuditLog(None)
+        self.counters = (
+            CounterService(master_key, counters, self.sign, self.audit)
+            if counters is not None
+            else None
+        )
 
     @property
     def public_key_hex(self) -> str:
@@ -314,6 +326,16 @@ class KeyServer:
         }
         return seal_release_response(self._identity, payload)
 
+    def counter(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
+        """(status, body) for ``POST /v1/counter`` (see :mod:`.counters`)."""
+        if self.counters is None:
+            return 404, {
+                "error": "counters_disabled",
+                "reason": "this key server keeps no freshness counters; "
+                "start it with --counter-dir DIR",
+            }
+        return self.counters.handle(body, client)
+
     # -- HTTP ---------------------------------------------------------------
 
     def routes(self) -> list[BaseRoute]:
@@ -322,6 +344,7 @@ class KeyServer:
             Route("/v1/info", self._http_info, methods=["GET"]),
             Route("/v1/nonce", self._http_nonce, methods=["POST"]),
             Route("/v1/release", self._http_release, methods=["POST"]),
+            Route("/v1/counter", self._http_counter, methods=["POST"]),
         ]
 
     def app(self) -> Starlette:
@@ -357,6 +380,17 @@ class KeyServer:
             return _json(r.status, {"error": r.code, "reason": r.reason})
         # Verification may block (a verifier fetching collateral): off the event loop.
         return _json(*await run_in_threadpool(self.release, body, client))
+
+    async def _http_counter(self, request: Request) -> Response:
+        client = request.client.host if request.client else "unknown"
+        try:
+            body = await read_body(request, limit=MAX_COUNTER_REQUEST)
+        except Refusal as r:
+            if self.counters is not None:
+                self.counters.refuse({"client": client}, CounterRefusal(r.status, r.code, r.reason))
+            return _json(r.status, {"error": r.code, "reason": r.reason})
+        # fsync of the counter state and the audit log block: off the event loop.
+        return _json(*await run_in_threadpool(self.counter, body, client))
 
 
 def _hex(value: object, name: str, size: int) -> bytes:
