@@ -83,7 +83,8 @@ def encrypted_checkpoint_load(
     t0 = time.perf_counter()
     raw = Path(path).read_bytes()
     t1 = time.perf_counter()
-    salt, blob = raw[:16], raw[16:]
+    view = memoryview(raw)  # no copy of the ciphertext
+    salt, blob = bytes(view[:16]), view[16:]
     aes = AESGCM(key.derive("baseline-checkpoint", salt))
     data = aes.decrypt(counter_nonce(0), blob, salt)
     t2 = time.perf_counter()

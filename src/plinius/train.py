@@ -322,7 +322,7 @@ def fit(
             out = model(prepare(x))
             loss = loss_fn(out, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             # IMPORTANT: the background save of the previous step reads the
             # parameters and optimizer state; join it before they change.
             if pending is not None:

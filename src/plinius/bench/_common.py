@@ -1,0 +1,345 @@
+"""What every benchmark section shares: configuration, timing, states, the machine."""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = [
+    "MB",
+    "SECTIONS",
+    "BenchConfig",
+    "Progress",
+    "SizeSpec",
+    "machine_info",
+    "mem_available",
+    "median",
+    "parse_sizes",
+]
+
+MB = 1_000_000  # SI megabytes, as the original paper's model sizes
+SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
+
+
+@dataclass(frozen=True)
+class SizeSpec:
+    """One state size of the latency section.
+
+    ``"44"``: the reference CNN with about 44 MB of float32 parameters and SGD
+    with momentum (the original paper's setup; the state is about twice the
+    parameters). ``"300:adam"``: a state of about 300 MB in all with Adam
+    (parameters plus two moments, so about 100 MB of parameters).
+    """
+
+    mb: float
+    optimizer: str  # "sgd" or "adam"
+
+    @property
+    def label(self) -> str:
+        """The spelling ``--sizes`` accepts, e.g. ``44`` or ``300:adam``."""
+        base = f"{self.mb:g}"
+        return base if self.optimizer == "sgd" else f"{base}:adam"
+
+    @property
+    def param_mb(self) -> float:
+        """MB of model parameters to build."""
+        return self.mb if self.optimizer == "sgd" else self.mb / 3.0
+
+    @property
+    def approx_state_bytes(self) -> int:
+        """Rough tensor bytes of the state (parameters and optimizer state)."""
+        return int(self.param_mb * MB * (2 if self.optimizer == "sgd" else 3))
+
+
+PAPER_SIZES = tuple(SizeSpec(float(m), "sgd") for m in (10, 22, 33, 44, 56, 67, 78, 89, 100))
+FULL_SIZES = (*PAPER_SIZES, SizeSpec(300.0, "adam"), SizeSpec(1000.0, "adam"))
+QUICK_SIZES = (SizeSpec(10.0, "sgd"), SizeSpec(100.0, "sgd"), SizeSpec(300.0, "adam"))
+
+
+def parse_sizes(text: str) -> tuple[SizeSpec, ...]:
+    """Parse ``--sizes``: comma-separated ``MB`` or ``MB:adam`` (``MB:sgd`` is the default)."""
+    out: list[SizeSpec] = []
+    for raw in text.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        num, _, opt = item.partition(":")
+        opt = opt or "sgd"
+        if opt not in ("sgd", "adam"):
+            raise ConfigError(f"--sizes: unknown optimizer {opt!r} in {raw!r}; use MB or MB:adam")
+        try:
+            mb = float(num)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--sizes: {raw!r} is not a size in MB; write e.g. '10,100,300:adam'"
+            ) from exc
+        if not (0 < mb <= 100_000):
+            raise ConfigError(f"--sizes: {raw!r} must be a positive number of MB")
+        out.append(SizeSpec(mb, opt))
+    if not out:
+        raise ConfigError("--sizes is empty; write e.g. '10,100,300:adam'")
+    return tuple(out)
+
+
+@dataclass
+class BenchConfig:
+    """Every knob of ``plinius bench``; :meth:`quick` and :meth:`full` are the presets."""
+
+    out: Path
+    pm_dir: Path
+    disk_dir: Path
+    quick: bool = False
+    sections: tuple[str, ...] = SECTIONS
+    sizes: tuple[SizeSpec, ...] = FULL_SIZES
+    repeats: int = 5
+    # mirroring overhead (reference CNN, batch 128)
+    overhead_model: str = "cnn-10mb"
+    overhead_batch: int = 128
+    overhead_steps: int = 8
+    overhead_rounds: int = 5
+    # sealed data
+    sealed_records: int = 60_000
+    sealed_steps: int = 16
+    sealed_rounds: int = 3
+    # recovery after SIGKILL
+    recovery_model: str = "cnn-100mb"
+    recovery_crashes: int = 3
+    recovery_steps: int = 40
+    recovery_batch: int = 4
+    recovery_window_s: tuple[float, float] = (0.3, 1.0)
+    # peak memory (one child process)
+    memory_mb: float = 100.0
+    threads: int | None = None
+    plots: bool = True
+    command: str = "plinius bench"
+
+    @classmethod
+    def preset(cls, quick: bool, **kw: Any) -> BenchConfig:
+        """The full run, or with ``quick`` the preset that finishes in under 2 minutes."""
+        cfg = cls(**kw)
+        cfg.quick = quick
+        if quick:
+            cfg.sizes = QUICK_SIZES
+            cfg.repeats = 2
+            cfg.overhead_steps = 3
+            cfg.overhead_rounds = 3
+            cfg.sealed_records = 10_000
+            cfg.sealed_steps = 6
+            cfg.sealed_rounds = 2
+            cfg.recovery_model = "cnn-10mb"
+            cfg.recovery_crashes = 1
+            cfg.recovery_steps = 40
+            cfg.recovery_batch = 8
+            cfg.memory_mb = 22.0
+        return cfg
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median, or NaN for no samples."""
+    return statistics.median(xs) if xs else float("nan")
+
+
+def mem_available() -> int:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def free_disk(path: Path) -> int:
+    """Bytes free for an unprivileged user in the file system of ``path``."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def collect() -> None:
+    """Free what the previous measurement left, so it does not disturb the next."""
+    gc.collect()
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """Seconds ``fn()`` took (``perf_counter``)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _block_device(path: Path) -> str:
+    """The block device under ``path`` and what it is (virtio disk, NVMe, ...)."""
+    from ..pmem import _mount_of
+
+    _, fstype, _ = _mount_of(path)
+    dev = ""
+    target = os.path.realpath(path)
+    best = ""
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1]
+                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                    best
+                ):
+                    best, dev = mnt, parts[0]
+    except OSError:
+        return fstype
+    name = Path(dev).name
+    base = name.rstrip("0123456789")
+    if base.startswith("nvme"):
+        base = name.split("p")[0] if "p" in name[4:] else name
+    kind = ""
+    if base.startswith("vd"):
+        kind = "virtio virtual disk"
+    elif base.startswith("xvd"):
+        kind = "Xen virtual disk"
+    elif base.startswith("nvme"):
+        kind = "NVMe"
+    elif base.startswith("sd"):
+        kind = "SCSI/SATA disk"
+    rot = Path(f"/sys/block/{base}/queue/rotational")
+    if rot.exists() and kind and not base.startswith("vd"):
+        try:
+            kind += ", rotational" if rot.read_text().strip() == "1" else ", solid state"
+        except OSError:
+            pass
+    return f"{dev or '?'} ({fstype}{', ' + kind if kind else ''})"
+
+
+def machine_info(pm_dir: Path, disk_dir: Path) -> dict[str, Any]:
+    """The machine the numbers come from: CPU, memory, versions, where PM and disk live."""
+    import cryptography
+    import numpy
+    import torch
+
+    from ..pmem import describe_path
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_total = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = []
+    aes = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+        aes = "yes" if " aes " in flags + " " and " pclmulqdq " in flags + " " else "no"
+        if " vaes " in flags + " ":
+            aes += " (VAES)"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "aes_ni": aes,
+        "mem_total_bytes": mem_total,
+        "mem_available_bytes_at_start": mem_available(),
+        "load_average_at_start": load,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": numpy.__version__,
+        "cryptography": cryptography.__version__,
+        "pm_dir": str(pm_dir),
+        "pm_kind": describe_path(pm_dir),
+        "disk_dir": str(disk_dir),
+        "disk_kind": describe_path(disk_dir),
+        "disk_device": _block_device(disk_dir),
+    }
+
+
+class Progress:
+    """Rich progress bars, one per section; a no-op when disabled (tests, pipes)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._p: Any = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
+
+            self._p = RichProgress(
+                TextColumn("[bold]{task.description:<10}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[what]}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+
+    def __enter__(self) -> Progress:
+        if self._p is not None:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+    @contextmanager
+    def section(self, name: str, total: int) -> Iterator[Callable[[str], None]]:
+        """A bar for one section; the yielded function advances it by one, naming the step."""
+        if self._p is None:
+            yield lambda _what: None
+            return
+        task = self._p.add_task(name, total=max(1, total), what="")
+
+        def advance(what: str) -> None:
+            self._p.update(task, advance=1, what=what)
+
+        try:
+            yield advance
+        finally:
+            self._p.update(task, completed=max(1, total), what="done")
+
+
+@dataclass
+class Notes:
+    """Sizes skipped and caveats, collected while running and written into the report."""
+
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)

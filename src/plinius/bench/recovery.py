@@ -1,0 +1,122 @@
+"""Recovery time after SIGKILL, from process start to the first resumed step.
+
+A crash campaign (:func:`plinius.crashtest.run_campaign`) runs ``plinius train``
+in a child process and kills it with SIGKILL a few times, each time after it
+has logged a training step. Every run that resumed from a committed state is
+split, from the JSON-lines events the child writes (``--events``), into:
+
+- ``interpreter``: from the process's birth (``/proc``) to the start of the
+  command: the Python interpreter and the CLI's imports;
+- ``imports``: the rest of the time to the restore that the phases below do
+  not account for: importing torch and the library, setting up the loop;
+- ``key``: loading the master key;
+- ``build``: opening the sealed dataset and building the model and optimizer;
+- ``open``: opening the mirror;
+- ``restore``: ``Mirror.restore`` of the full training state;
+- ``first_step``: the first resumed training step (its save started).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..crypto import MasterKey
+from ._common import BenchConfig, Progress, median
+from .overhead import synthetic_mnist
+
+__all__ = ["PHASES", "run_recovery", "split_runs"]
+
+PHASES = ("interpreter", "imports", "key", "build", "open", "restore", "first_step")
+
+
+def split_runs(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The events of a campaign, one list per run (each run begins with a ``start`` event)."""
+    runs: list[list[dict[str, Any]]] = []
+    for e in events:
+        if e.get("event") == "start" or not runs:
+            runs.append([])
+        runs[-1].append(e)
+    return runs
+
+
+def _breakdown(run: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The phases of one run that resumed from a committed state, or None."""
+    start = next((e for e in run if e.get("event") == "start"), None)
+    resumed = next((e for e in run if e.get("event") == "resumed"), None)
+    step = next((e for e in run if e.get("event") == "step"), None)
+    if start is None or resumed is None or step is None or resumed.get("step") is None:
+        return None
+    age = float(start.get("process_age_s") or 0.0)
+    key, build = float(resumed["key_s"]), float(resumed["build_s"])
+    opened, restore = float(resumed["open_s"]), float(resumed["recovery_s"])
+    to_resumed = float(resumed["t"]) - float(start["t"])
+    return {
+        "interpreter": age,
+        "imports": max(0.0, to_resumed - key - build - opened - restore),
+        "key": key,
+        "build": build,
+        "open": opened,
+        "restore": restore,
+        "first_step": max(0.0, float(step["t"]) - float(resumed["t"])),
+        "total": age + max(0.0, float(step["t"]) - float(start["t"])),
+        "resumed_from": float(resumed["step"]),
+    }
+
+
+def run_recovery(
+    cfg: BenchConfig, key: MasterKey, key_path: Path, pm: Path, disk: Path, progress: Progress
+) -> dict[str, Any]:
+    """Kill ``plinius train`` ``cfg.recovery_crashes`` times and time every recovery."""
+    from ..crashtest import read_events, run_campaign
+    from ..data import seal_dataset
+
+    records = max(256, cfg.recovery_batch * 16)
+    data = pm / "recovery.pld"
+    mirror = pm / "recovery.plm"
+    events = disk / "recovery.events.jsonl"
+    log = disk / "recovery.log"
+    seal_dataset(data, key, synthetic_mnist(records, seed=2))
+    args = [
+        "--key", str(key_path), "--data", str(data), "--mirror", str(mirror),
+        "--model", cfg.recovery_model, "--steps", str(cfg.recovery_steps),
+        "--batch-size", str(cfg.recovery_batch), "--num-classes", "10",
+        "--seed", "0", "--threads", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    try:
+        with progress.section("recovery", cfg.recovery_crashes + 1) as advance:
+            result = run_campaign(
+                args,
+                events_path=events,
+                log_path=log,
+                crashes=cfg.recovery_crashes,
+                seed=0,
+                window_s=cfg.recovery_window_s,
+                startup_kill_fraction=0.0,
+                timeout_s=600.0,
+                env=env,
+                on_run=lambda r: advance(
+                    f"run {r.index + 1}: " + ("killed" if r.killed else "finished")
+                ),
+            )
+        evs, _ = read_events(events)
+        state_bytes = mirror.stat().st_size if mirror.exists() else 0
+    finally:
+        for p in (data, mirror, events, log):
+            p.unlink(missing_ok=True)
+    rows = [b for b in (_breakdown(r) for r in split_runs(evs)) if b is not None]
+    med = {k: median([r[k] for r in rows]) for k in (*PHASES, "total")} if rows else {}
+    return {
+        "model": cfg.recovery_model,
+        "batch": cfg.recovery_batch,
+        "steps": cfg.recovery_steps,
+        "crashes": result.crashes,
+        "runs": len(result.runs),
+        "finished": result.finished,
+        "mirror_file_bytes": state_bytes,
+        "resumes": rows,
+        "median_s": med,
+        "phases": list(PHASES),
+    }
