@@ -1,0 +1,846 @@
+"""The training state as tensors plus a JSON skeleton, and back (no pickle).
+
+``flatten`` walks a state dict and returns a JSON-serialisable *skeleton* (the
+structure, every plain value, exactly typed) and the list of tensors it holds,
+each as a flat ``uint8`` view of the tensor's own memory (zero-copy). The
+skeleton refers to tensors by index.
+
+``plan_restore`` matches a saved skeleton against the caller's target state and
+returns a :class:`RestorePlan`: where every saved tensor is to be decrypted
+(into the target tensor's memory when it can be, else into a fresh buffer) and
+how to put the state back together. It writes nothing: every difference
+between the saved state and the target is found first, and reported as one
+:class:`~plinius.errors.StateMismatchError`, before anything is written.
+
+Matching rules (documented in docs/FORMAT.md):
+
+* containers that hold tensors or Stateful objects must match in type and keys
+  (or length), at every level; containers of plain values only are replaced
+  wholesale, as are plain values;
+* a saved tensor is loaded in place into the target's tensor at the same place,
+  which must have the same shape and dtype;
+* a Stateful object (``state_dict``/``load_state_dict``) must meet one of the
+  same kind. ``nn.Module``: exactly the same keys. ``Optimizer``: the same
+  parameter groups (count and sizes); per-parameter state may be missing from
+  the target (a fresh optimizer) and is created. Any other object: the same
+  top-level keys; below them, missing tensors are created.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, StateMismatchError
+
+__all__ = [
+    "MAX_DIFFERENCES",
+    "TORCH_DTYPES",
+    "RNGState",
+    "RestorePlan",
+    "TensorDst",
+    "TensorSrc",
+    "decode_plain",
+    "encode_plain",
+    "flatten",
+    "plan_restore",
+    "check_tensor_refs",
+]
+
+Node = dict[str, Any]
+
+# Every torch dtype by its canonical name ("float32", "bfloat16", ...).
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (getattr(torch, n) for n in dir(torch))
+    if isinstance(d, torch.dtype)
+}
+# How many differences a StateMismatchError names before "and N more".
+MAX_DIFFERENCES = 5
+# A plan collects at most this many before it stops looking.
+_COLLECT_DIFFERENCES = 50
+
+
+# ---------------------------------------------------------------- tensors
+@dataclass(slots=True)
+class TensorSrc:
+    """A tensor to save: metadata and a flat uint8 view of its bytes."""
+
+    name: str
+    kind: str  # "torch" or "numpy"
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray[Any, np.dtype[np.uint8]]
+
+    @property
+    def nbytes(self) -> int:
+        """Plaintext size in bytes."""
+        return int(self.data.size)
+
+
+@dataclass(slots=True)
+class TensorDst:
+    """Where a saved tensor goes on restore.
+
+    ``buf`` is a flat uint8 view to decrypt into. When ``alias`` is True it is
+    the target's own memory (zero-copy); otherwise it is a fresh buffer, copied
+    into ``target`` (if any) only after every tag has verified.
+    """
+
+    index: int
+    buf: np.ndarray[Any, np.dtype[np.uint8]]
+    value: Any  # what the restored structure holds (the target, or a new tensor)
+    target: Any = None  # a tensor/array to copy ``value`` into after verification
+    alias: bool = False
+
+
+def _byte_view(t: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """A flat uint8 numpy view of a contiguous CPU tensor's memory (no copy)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return flat.numpy()
+
+
+def _direct(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory can be encrypted from / decrypted into as it is."""
+    return (
+        t.device.type == "cpu"
+        and t.layout == torch.strided
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+    )
+
+
+def _check_tensor(t: torch.Tensor, path: str) -> None:
+    if t.is_quantized or t.layout != torch.strided or t.is_nested or t.device.type == "meta":
+        raise ConfigError(
+            f"cannot save {path}: {t.layout} / {t.dtype} tensors on {t.device} are not "
+            "supported (quantized, sparse, nested and meta tensors cannot be mirrored); "
+            "convert it to a dense tensor first"
+        )
+
+
+def _torch_src(t: torch.Tensor, name: str, copy: bool) -> TensorSrc:
+    _check_tensor(t, name)
+    orig = t = t.detach()
+    if not _direct(t):
+        # Memory that cannot be read as it is (non-contiguous, another device,
+        # a lazy conjugate or negative view): a contiguous CPU copy.
+        t = t.resolve_conj().resolve_neg().to("cpu").contiguous()
+    if copy and t.data_ptr() == orig.data_ptr():
+        # save_async's capture: the caller may change this tensor before the
+        # worker encrypts it, so take a private copy now.
+        t = t.clone()
+    return TensorSrc(
+        name, "torch", str(t.dtype).removeprefix("torch."), tuple(t.shape), _byte_view(t)
+    )
+
+
+def _numpy_src(a: np.ndarray[Any, Any], name: str, copy: bool) -> TensorSrc:
+    if a.dtype.hasobject or a.dtype.fields is not None:
+        raise ConfigError(f"cannot save {name}: numpy arrays of dtype {a.dtype} are not supported")
+    c = np.ascontiguousarray(a)
+    if copy and c is a:
+        c = c.copy()
+    return TensorSrc(name, "numpy", c.dtype.str, tuple(a.shape), c.reshape(-1).view(np.uint8))
+
+
+# ---------------------------------------------------------------- plain values
+def encode_plain(v: Any, path: str = "value") -> Node:
+    """The skeleton node of a plain value, keeping its exact type."""
+    if v is None:
+        return {"t": "none"}
+    if type(v) is bool:
+        return {"t": "bool", "v": v}
+    if isinstance(v, np.generic):
+        if v.dtype.hasobject or v.dtype.kind not in "biufcmMSV" or v.dtype.fields is not None:
+            raise ConfigError(f"cannot save {path}: numpy scalar of dtype {v.dtype}")
+        return {"t": "npscalar", "dtype": v.dtype.str, "v": v.tobytes().hex()}
+    if type(v) is int:
+        return {"t": "int", "v": v}
+    if type(v) is float:
+        # The IEEE bits, so inf, nan (with its payload) and -0.0 round-trip exactly.
+        return {"t": "float", "v": struct.pack("<d", v).hex()}
+    if type(v) is complex:
+        return {"t": "complex", "v": struct.pack("<dd", v.real, v.imag).hex()}
+    if type(v) is str:
+        return {"t": "str", "v": v}
+    if type(v) is bytes:
+        return {"t": "bytes", "v": v.hex()}
+    if isinstance(v, torch.dtype):
+        return {"t": "dtype", "v": str(v).removeprefix("torch.")}
+    if type(v) is torch.Size:
+        return {"t": "size", "v": list(v)}
+    if type(v) is tuple:
+        return {"t": "tuple", "items": [encode_plain(x, f"{path}[{i}]") for i, x in enumerate(v)]}
+    if type(v) is list:
+        return {"t": "list", "items": [encode_plain(x, f"{path}[{i}]") for i, x in enumerate(v)]}
+    if type(v) in (dict, OrderedDict):
+        node: Node = {
+            "t": "dict",
+            "items": [
+                [encode_plain(k, path), encode_plain(x, f"{path}.{k}")] for k, x in v.items()
+            ],
+        }
+        if type(v) is OrderedDict:
+            node["o"] = True
+        return node
+    raise ConfigError(
+        f"cannot save {path}: values of type {type(v).__module__}.{type(v).__qualname__} are "
+        "not supported (use tensors, numpy arrays, int, float, complex, str, bytes, bool, None, "
+        "and dicts, lists or tuples of them, or objects with state_dict()/load_state_dict())"
+    )
+
+
+def _node_error(what: str) -> ConfigError:
+    return ConfigError(f"malformed state skeleton: {what}")
+
+
+def decode_plain(node: Any) -> Any:
+    """The value of a plain skeleton node (inverse of :func:`encode_plain`)."""
+    if not isinstance(node, dict) or not isinstance(node.get("t"), str):
+        raise _node_error("a node is not an object with a type")
+    t = node["t"]
+    try:
+        if t == "none":
+            return None
+        if t == "bool" and isinstance(node["v"], bool):
+            return node["v"]
+        if t == "int" and type(node["v"]) is int:
+            return node["v"]
+        if t == "float":
+            return struct.unpack("<d", bytes.fromhex(node["v"]))[0]
+        if t == "complex":
+            re, im = struct.unpack("<dd", bytes.fromhex(node["v"]))
+            return complex(re, im)
+        if t == "str" and isinstance(node["v"], str):
+            return node["v"]
+        if t == "bytes":
+            return bytes.fromhex(node["v"])
+        if t == "npscalar":
+            dt = np.dtype(node["dtype"])
+            if dt.hasobject:
+                raise _node_error("object numpy scalar")
+            return np.frombuffer(bytes.fromhex(node["v"]), dtype=dt, count=1)[0]
+        if t == "dtype" and node["v"] in TORCH_DTYPES:
+            return TORCH_DTYPES[node["v"]]
+        if t == "size":
+            return torch.Size([int(x) for x in node["v"]])
+        if t == "tuple":
+            return tuple(decode_plain(x) for x in node["items"])
+        if t == "list":
+            return [decode_plain(x) for x in node["items"]]
+        if t == "dict":
+            items = [(decode_plain(k), decode_plain(v)) for k, v in node["items"]]
+            return OrderedDict(items) if node.get("o") else dict(items)
+    except (KeyError, TypeError, ValueError, struct.error) as exc:
+        raise _node_error(f"bad {t!r} node") from exc
+    raise _node_error(f"unknown or invalid node type {t!r}")
+
+
+# ---------------------------------------------------------------- flatten
+def _stateful(v: Any) -> bool:
+    return (
+        not isinstance(v, type | torch.Tensor | Mapping)
+        and callable(getattr(v, "state_dict", None))
+        and callable(getattr(v, "load_state_dict", None))
+    )
+
+
+def _stateful_kind(v: Any) -> str:
+    if isinstance(v, torch.nn.Module):
+        return "module"
+    if isinstance(v, torch.optim.Optimizer):
+        return "optimizer"
+    return "object"
+
+
+def _key_str(k: Any) -> str:
+    return k if isinstance(k, str) else repr(k)
+
+
+class _Flattener:
+    def __init__(self, capture: bool) -> None:
+        self.capture = capture
+        self.tensors: list[TensorSrc] = []
+        self.names: set[str] = set()
+
+    def _name(self, path: str) -> str:
+        # Names are for people (inspect, export); keep them unique anyway.
+        name, n = path, 1
+        while name in self.names:
+            n += 1
+            name = f"{path}#{n}"
+        self.names.add(name)
+        return name
+
+    def tensor(self, v: Any, path: str, live: bool) -> Node:
+        # ``live`` tensors (parameters, optimizer state) are read later by
+        # save_async's worker; everything else is copied now when capturing.
+        copy = self.capture and not live
+        if isinstance(v, torch.Tensor):
+            src = _torch_src(v, self._name(path), copy)
+        else:
+            src = _numpy_src(v, self._name(path), copy)
+        self.tensors.append(src)
+        return {"t": "tensor", "i": len(self.tensors) - 1}
+
+    def value(self, v: Any, path: str, live: bool = False) -> Node:
+        if isinstance(v, torch.Tensor | np.ndarray):
+            return self.tensor(v, path, live)
+        if _stateful(v):
+            return self.stateful(v, path)
+        if type(v) in (dict, OrderedDict):
+            node: Node = {
+                "t": "dict",
+                "items": [
+                    [encode_plain(k, path), self.value(x, _join(path, k), live)]
+                    for k, x in v.items()
+                ],
+            }
+            if type(v) is OrderedDict:
+                node["o"] = True
+            return node
+        if type(v) in (list, tuple):
+            return {
+                "t": "list" if type(v) is list else "tuple",
+                "items": [self.value(x, _join(path, i), live) for i, x in enumerate(v)],
+            }
+        return encode_plain(v, path)
+
+    def stateful(self, obj: Any, path: str) -> Node:
+        kind = _stateful_kind(obj)
+        try:
+            sd = obj.state_dict()
+        except Exception as exc:
+            raise ConfigError(f"cannot save {path}: its state_dict() failed: {exc}") from exc
+        if kind == "module":
+            params = {p.data_ptr() for p in obj.parameters() if p.numel()}
+            items = []
+            for k, t in sd.items():
+                p = _join(path, k)
+                if isinstance(t, torch.Tensor):
+                    live = t.numel() > 0 and t.data_ptr() in params
+                    items.append([encode_plain(k, path), self.tensor(t, p, live)])
+                else:
+                    items.append([encode_plain(k, path), self.value(t, p)])
+            inner: Node = {"t": "dict", "o": True, "items": items}
+        elif kind == "optimizer":
+            # Only per-parameter state changes in optimizer.step(); the rest
+            # (param groups, possibly with tensor learning rates) is captured now.
+            if not isinstance(sd, dict) or set(sd) < {"state", "param_groups"}:
+                raise ConfigError(f"cannot save {path}: unexpected optimizer state_dict()")
+            inner = {
+                "t": "dict",
+                "items": [
+                    [encode_plain(k), self.value(x, _join(path, k), live=(k == "state"))]
+                    for k, x in sd.items()
+                ],
+            }
+        else:
+            inner = self.value(sd, path)
+        cls = type(obj)
+        return {"t": "stateful", "kind": kind, "cls": f"{cls.__module__}.{cls.__qualname__}",
+                "v": inner}  # fmt: skip
+
+
+def _join(path: str, k: Any) -> str:
+    return f"{path}.{_key_str(k)}" if path else _key_str(k)
+
+
+def flatten(state: Mapping[str, Any], *, capture: bool = False) -> tuple[Node, list[TensorSrc]]:
+    """Split ``state`` into a JSON skeleton and its tensors (flat uint8 views).
+
+    With ``capture`` (for ``save_async``), every tensor except module
+    parameters and optimizer per-parameter state is copied now, so that the
+    caller may change it (a forward pass updates BatchNorm statistics) while the
+    copy is being encrypted.
+    """
+    if not isinstance(state, dict):
+        raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
+    for k in state:
+        if not isinstance(k, str):
+            raise ConfigError(f"the state's top-level keys must be strings, not {k!r}")
+    f = _Flattener(capture)
+    skeleton = {"t": "dict", "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()]}
+    return skeleton, f.tensors
+
+
+def check_tensor_refs(skeleton: Node, entries: int) -> None:
+    """Check that the skeleton's tensor references are exactly ``0..entries-1``, once each."""
+    seen: list[int] = []
+    for node in _walk(skeleton):
+        if node.get("t") == "tensor":
+            i = node.get("i")
+            if type(i) is not int:
+                raise _node_error("tensor index is not an integer")
+            seen.append(i)
+    if sorted(seen) != list(range(entries)):
+        raise _node_error("tensor references do not match the tensor table")
+
+
+def _walk(node: Any) -> Iterator[Node]:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not isinstance(n, dict):
+            raise _node_error("a node is not an object")
+        yield n
+        t = n.get("t")
+        if t in ("list", "tuple"):
+            items = n.get("items")
+            if not isinstance(items, list):
+                raise _node_error("list without items")
+            stack.extend(items)
+        elif t == "dict":
+            items = n.get("items")
+            if not isinstance(items, list):
+                raise _node_error("dict without items")
+            for kv in items:
+                if not (isinstance(kv, list) and len(kv) == 2):
+                    raise _node_error("dict item is not a pair")
+                stack.extend(kv)
+        elif t == "stateful":
+            stack.append(n.get("v"))
+
+
+# ---------------------------------------------------------------- restore
+@dataclass(slots=True)
+class SavedTensor:
+    """What the manifest says about one saved tensor (for matching)."""
+
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+_MISSING: Any = object()
+
+
+@dataclass
+class RestorePlan:
+    """Where each saved tensor goes, and how to rebuild the state afterwards."""
+
+    dsts: list[TensorDst]
+    finish: Callable[[], None]
+    differences: list[str] = field(default_factory=list)
+
+
+class _Planner:
+    def __init__(self, tensors: list[SavedTensor]) -> None:
+        self.tensors = tensors
+        self.dsts: list[TensorDst] = []
+        self.diffs: list[str] = []
+
+    def diff(self, path: str, what: str) -> None:
+        if len(self.diffs) < _COLLECT_DIFFERENCES:
+            self.diffs.append(f"{path or '<state>'}: {what}")
+
+    # Each planning function returns a thunk that builds the restored value.
+    def node(
+        self, node: Node, target: Any, path: str, strict: bool, inplace: bool
+    ) -> Callable[[], Any]:
+        t = node.get("t")
+        if t == "tensor":
+            return self.tensor(node, target, path, strict)
+        if t == "stateful":
+            return self.stateful(node, target, path)
+        if not _has_refs(node):
+            value = decode_plain(node)
+            if strict and target is not _MISSING and _has_state(target):
+                self.diff(
+                    path,
+                    f"saved a plain {type(value).__name__}, target holds tensors or state objects",
+                )
+            return lambda: value
+        if t == "dict":
+            return self.mapping(node, target, path, strict, inplace)
+        if t in ("list", "tuple"):
+            return self.sequence(node, target, path, strict, inplace)
+        raise _node_error(f"unexpected node type {t!r}")
+
+    def tensor(self, node: Node, target: Any, path: str, strict: bool) -> Callable[[], Any]:
+        i = node["i"]
+        if not (type(i) is int and 0 <= i < len(self.tensors)):
+            raise _node_error("tensor index out of range")
+        st = self.tensors[i]
+        if st.kind == "torch":
+            if isinstance(target, torch.Tensor):
+                tdt = str(target.dtype).removeprefix("torch.")
+                if tuple(target.shape) != st.shape or tdt != st.dtype:
+                    self.diff(
+                        path, f"saved {st.dtype}{list(st.shape)}, target {tdt}{list(target.shape)}"
+                    )
+                    return lambda: target
+                if target.is_quantized or target.layout != torch.strided:
+                    self.diff(
+                        path, f"target is a {target.layout} tensor; it cannot be loaded in place"
+                    )
+                    return lambda: target
+                if _direct(target):
+                    dst = TensorDst(i, _byte_view(target), target, alias=True)
+                else:
+                    buf = torch.empty(st.shape, dtype=TORCH_DTYPES[st.dtype])
+                    dst = TensorDst(i, _byte_view(buf), buf, target=target)
+                self.dsts.append(dst)
+                return lambda: target
+            if strict or (target is not _MISSING and not _replaceable(target)):
+                self.diff(
+                    path,
+                    f"saved a tensor {st.dtype}{list(st.shape)}, target holds {_describe(target)}",
+                )
+                return lambda: target
+            dtype = TORCH_DTYPES.get(st.dtype)
+            if dtype is None:
+                raise _node_error(f"unknown dtype {st.dtype!r}")
+            new = torch.empty(st.shape, dtype=dtype)
+            self.dsts.append(TensorDst(i, _byte_view(new), new))
+            return lambda: new
+        # numpy arrays
+        dt = np.dtype(st.dtype)
+        if isinstance(target, np.ndarray):
+            if tuple(target.shape) != st.shape or target.dtype != dt:
+                self.diff(
+                    path,
+                    f"saved array {dt}{list(st.shape)}, target {target.dtype}{list(target.shape)}",
+                )
+                return lambda: target
+            if target.flags.c_contiguous and target.flags.writeable:
+                self.dsts.append(
+                    TensorDst(i, target.reshape(-1).view(np.uint8), target, alias=True)
+                )
+            else:
+                stage = np.empty(st.shape, dtype=dt)
+                self.dsts.append(
+                    TensorDst(i, stage.reshape(-1).view(np.uint8), stage, target=target)
+                )
+            return lambda: target
+        if strict or (target is not _MISSING and not _replaceable(target)):
+            self.diff(
+                path, f"saved an array {dt}{list(st.shape)}, target holds {_describe(target)}"
+            )
+            return lambda: target
+        arr = np.empty(st.shape, dtype=dt)
+        self.dsts.append(TensorDst(i, arr.reshape(-1).view(np.uint8), arr))
+        return lambda: arr
+
+    def mapping(
+        self, node: Node, target: Any, path: str, strict: bool, inplace: bool
+    ) -> Callable[[], Any]:
+        items = [(decode_plain(k), v) for k, v in node["items"]]
+        is_dict = isinstance(target, dict)
+        if strict and not is_dict:
+            self.diff(path, f"saved a dict, target holds {_describe(target)}")
+            return lambda: target
+        tgt: dict[Any, Any] = target if is_dict else {}
+        if strict:
+            saved_keys = [k for k, _ in items]
+            missing = [k for k in saved_keys if k not in tgt]
+            extra = [k for k in tgt if k not in set(saved_keys)]
+            if missing:
+                self.diff(path, f"saved keys missing from the target: {_keys(missing)}")
+            if extra:
+                self.diff(path, f"target keys not in the saved state: {_keys(extra)}")
+        thunks = [
+            (k, self.node(v, tgt.get(k, _MISSING), _join(path, k), strict, inplace))
+            for k, v in items
+        ]
+        odict = bool(node.get("o"))
+
+        def build() -> Any:
+            if inplace and is_dict:
+                for k, th in thunks:
+                    tgt[k] = th()
+                return tgt
+            out: dict[Any, Any] = OrderedDict() if odict else {}
+            for k, th in thunks:
+                out[k] = th()
+            return out
+
+        return build
+
+    def sequence(
+        self, node: Node, target: Any, path: str, strict: bool, inplace: bool
+    ) -> Callable[[], Any]:
+        kind = list if node["t"] == "list" else tuple
+        items = node["items"]
+        ok = type(target) is kind
+        if strict and not (ok and len(target) == len(items)):
+            self.diff(
+                path, f"saved a {kind.__name__} of {len(items)}, target holds {_describe(target)}"
+            )
+            return lambda: target
+        thunks = [
+            self.node(
+                v,
+                target[i] if ok and i < len(target) else _MISSING,
+                _join(path, i),
+                strict,
+                inplace,
+            )
+            for i, v in enumerate(items)
+        ]
+
+        def build() -> Any:
+            values = [th() for th in thunks]
+            if kind is list and inplace and ok:
+                target[:] = values
+                return target
+            return kind(values)
+
+        return build
+
+    def stateful(self, node: Node, target: Any, path: str) -> Callable[[], Any]:
+        kind = node.get("kind")
+        if not _stateful(target):
+            self.diff(
+                path, f"saved a {node.get('cls')} (state_dict), target holds {_describe(target)}"
+            )
+            return lambda: target
+        if _stateful_kind(target) != kind:
+            self.diff(path, f"saved a {node.get('cls')}, target is a {type(target).__qualname__}")
+            return lambda: target
+        try:
+            template = target.state_dict()
+        except Exception as exc:
+            raise ConfigError(f"cannot restore {path}: its state_dict() failed: {exc}") from exc
+        inner = node["v"]
+        if kind == "module":
+            build = self.node(inner, template, path, strict=True, inplace=False)
+            metadata = getattr(template, "_metadata", None)
+        elif kind == "optimizer":
+            build = self.optimizer(inner, template, path)
+            metadata = None
+        else:
+            if inner.get("t") == "dict" and isinstance(template, dict):
+                keys = {decode_plain(k) for k, _ in inner["items"]}
+                if keys != set(template):
+                    self._key_diff(path, keys, set(template))
+            build = self.node(inner, template, path, strict=False, inplace=False)
+            metadata = None
+
+        def finish() -> Any:
+            sd = build()
+            if metadata is not None:
+                sd._metadata = metadata
+            try:
+                target.load_state_dict(sd)
+            except Exception as exc:
+                raise StateMismatchError(
+                    f"{path}: load_state_dict() refused the saved state ({exc}); the target "
+                    "may be partly loaded and must not be used"
+                ) from exc
+            return target
+
+        return finish
+
+    def optimizer(self, inner: Node, template: Any, path: str) -> Callable[[], Any]:
+        saved = {decode_plain(k): v for k, v in inner["items"]}
+        if set(saved) != set(template):
+            self._key_diff(path, set(saved), set(template))
+            return lambda: template
+        groups = (
+            decode_plain(saved["param_groups"]) if not _has_refs(saved["param_groups"]) else None
+        )
+        tgroups = template["param_groups"]
+        if groups is None:
+            # tensor learning rates: compare the structure through the generic rules
+            groups_build = self.node(
+                saved["param_groups"], tgroups, _join(path, "param_groups"), False, False
+            )
+            saved_params = self._group_params_from_node(saved["param_groups"])
+        else:
+            groups_build = lambda: groups  # noqa: E731
+            saved_params = [list(g.get("params", [])) for g in groups if isinstance(g, dict)]
+        tparams = [list(g["params"]) for g in tgroups]
+        if [len(p) for p in saved_params] != [len(p) for p in tparams]:
+            self.diff(
+                _join(path, "param_groups"),
+                f"saved groups of {[len(p) for p in saved_params]} parameters, "
+                f"target {[len(p) for p in tparams]}",
+            )
+            return lambda: template
+        # Saved parameter ids map to the target's by position, as torch does.
+        id_map = {s: t for sp, tp in zip(saved_params, tparams) for s, t in zip(sp, tp)}
+        state_node = saved["state"]
+        tstate = template["state"]
+        if state_node.get("t") != "dict":
+            raise _node_error("optimizer state is not a dict")
+        thunks = []
+        for k, v in state_node["items"]:
+            pid = decode_plain(k)
+            if pid not in id_map:
+                self.diff(
+                    _join(path, f"state.{pid}"),
+                    "state for a parameter the saved groups do not list",
+                )
+                continue
+            tv = tstate.get(id_map[pid], _MISSING)
+            thunks.append((pid, self.node(v, tv, _join(path, f"state.{pid}"), False, False)))
+
+        def build() -> Any:
+            return {"state": {k: th() for k, th in thunks}, "param_groups": groups_build()}
+
+        return build
+
+    def _group_params_from_node(self, node: Node) -> list[list[Any]]:
+        out = []
+        for g in node.get("items", []):
+            params: list[Any] = []
+            if g.get("t") == "dict":
+                for k, v in g["items"]:
+                    if decode_plain(k) == "params" and not _has_refs(v):
+                        params = list(decode_plain(v))
+            out.append(params)
+        return out
+
+    def _key_diff(self, path: str, saved: set[Any], target: set[Any]) -> None:
+        if saved - target:
+            self.diff(
+                path,
+                f"saved keys missing from the target: {_keys(sorted(saved - target, key=repr))}",
+            )
+        if target - saved:
+            self.diff(
+                path,
+                f"target keys not in the saved state: {_keys(sorted(target - saved, key=repr))}",
+            )
+
+
+def _keys(keys: list[Any]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _describe(v: Any) -> str:
+    if v is _MISSING:
+        return "nothing"
+    if isinstance(v, torch.Tensor):
+        return f"a tensor {str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+    if isinstance(v, np.ndarray):
+        return f"an array {v.dtype}{list(v.shape)}"
+    if isinstance(v, list | tuple):
+        return f"a {type(v).__name__} of {len(v)}"
+    return f"a {type(v).__qualname__}"
+
+
+def _replaceable(v: Any) -> bool:
+    """Plain values a lenient match may replace with a tensor."""
+    return v is None or isinstance(v, int | float | bool)
+
+
+def _has_refs(node: Node) -> bool:
+    """Whether a skeleton subtree holds tensors or Stateful objects."""
+    return any(n.get("t") in ("tensor", "stateful") for n in _walk(node))
+
+
+def _has_state(v: Any, depth: int = 0) -> bool:
+    """Whether a target value holds tensors, arrays or Stateful objects."""
+    if isinstance(v, torch.Tensor | np.ndarray) or _stateful(v):
+        return True
+    if depth > 100:
+        return False
+    if isinstance(v, dict):
+        return any(_has_state(x, depth + 1) for x in v.values())
+    if isinstance(v, list | tuple):
+        return any(_has_state(x, depth + 1) for x in v)
+    return False
+
+
+def plan_restore(skeleton: Node, tensors: list[SavedTensor], state: Any) -> RestorePlan:
+    """Match the saved ``skeleton`` against ``state`` without writing anything.
+
+    Raises :class:`StateMismatchError` naming the first differences. The
+    returned plan's ``dsts`` say where to decrypt each tensor; ``finish`` puts
+    staged tensors into their targets and rebuilds the state (call it only after
+    every tensor has been authenticated).
+    """
+    if not isinstance(state, dict):
+        raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
+    p = _Planner(tensors)
+    if skeleton.get("t") != "dict":
+        raise _node_error("the top level is not a dict")
+    build = p.mapping(skeleton, state, "", strict=True, inplace=True)
+    if p.diffs:
+        shown = "; ".join(p.diffs[:MAX_DIFFERENCES])
+        more = len(p.diffs) - MAX_DIFFERENCES
+        suffix = f"; and {more} more" if more > 0 else ""
+        raise StateMismatchError(
+            f"the saved state does not fit the target (nothing was written): {shown}{suffix}"
+        )
+    dsts = p.dsts
+
+    def finish() -> None:
+        for d in dsts:
+            if d.target is not None:
+                if isinstance(d.target, torch.Tensor):
+                    with torch.no_grad():
+                        d.target.copy_(d.value)
+                else:
+                    np.copyto(d.target, d.value)
+        build()
+
+    return RestorePlan(dsts, finish)
+
+
+# ---------------------------------------------------------------- RNG state
+class RNGState:
+    """Captures and restores the global random generators.
+
+    Python's ``random``, NumPy's legacy global generator, torch's CPU generator
+    (and CUDA generators when CUDA is available), and any private
+    ``torch.Generator`` passed as ``generators={"name": gen}``. Put one in the
+    mirrored state: ``{"rng": RNGState()}``.
+    """
+
+    def __init__(self, generators: Mapping[str, torch.Generator] | None = None) -> None:
+        self.generators = dict(generators or {})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' current states (copies)."""
+        import random
+
+        name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        sd: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": {
+                "name": str(name),
+                "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            },
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():  # pragma: no cover - CPU build here
+            sd["cuda"] = list(torch.cuda.get_rng_state_all())
+        sd["generators"] = {k: g.get_state() for k, g in self.generators.items()}
+        return sd
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Set every generator from a :meth:`state_dict`."""
+        import random
+
+        py = sd["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        n = sd["numpy"]
+        key = np.asarray(n["key"].numpy(), dtype=np.uint32)
+        np.random.set_state((n["name"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(sd["torch"])
+        if "cuda" in sd:  # pragma: no cover - CPU build here
+            torch.cuda.set_rng_state_all(sd["cuda"])
+        for k, g in self.generators.items():
+            g.set_state(sd["generators"][k])
+
+    def __repr__(self) -> str:
+        return f"RNGState(generators={sorted(self.generators)})"

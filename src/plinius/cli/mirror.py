@@ -1,0 +1,197 @@
+"""``plinius inspect`` (mirror or sealed dataset) and ``plinius export`` (mirror to safetensors)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError, FormatError, StorageError, storage_error
+
+_MIRROR_MAGIC = b"PLINIUSM"
+_DATASET_MAGIC = b"PLINIUSD"
+
+
+def register(group: click.Group) -> None:
+    """Add the mirror commands to ``group``."""
+    group.add_command(inspect)
+    group.add_command(export)
+
+
+def _when(t: float | None) -> str:
+    if not t:
+        return "never"
+    return _dt.datetime.fromtimestamp(t, _dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+def _magic(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot read {path}") from exc
+
+
+def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
+    """What ``plinius inspect`` prints for a mirror file."""
+    from .. import _layout as L
+    from ..pmem import describe_path
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        page0 = f.read(L.DATA_START)
+    sb = L.unpack_superblock(page0, str(path))
+    word = int.from_bytes(page0[L.COMMIT_OFFSET : L.COMMIT_OFFSET + 8], "little")
+    gen, slot = L.unpack_commit(word)
+    lines = [
+        f"{path}: plinius mirror, format version {sb.version}",
+        f"  file size        {_size(size)} ({size} bytes)",
+        f"  storage          {describe_path(path)}",
+        f"  region id        {sb.region_id.hex()}",
+        f"  key fingerprint  {sb.fingerprint.hex()}",
+        f"  created          {_when(sb.created_at)}",
+        f"  committed        generation {gen} (manifest slot {slot})",
+    ]
+    if key_path is None:
+        lines.append(
+            "  the manifest (step, tensors, state) is encrypted: pass --key KEY to read and "
+            "verify it; the superblock above was checked but not authenticated"
+        )
+        return lines
+    from ..crypto import MasterKey
+    from ..mirror import Mirror
+
+    key = MasterKey.load(key_path)
+    with Mirror(path, key, readonly=True) as m:
+        info = m.verify()
+        tensors = m.committed_tensors()
+    lines += [
+        f"  step             {info.step if info.step is not None else 'none (never saved)'}",
+        f"  saved            {_when(info.saved_at)}",
+        f"  tensors          {info.num_tensors}, {_size(info.tensor_bytes)}",
+        f"  freshness        {info.counter_bound}"
+        + (
+            f" (expects counter {info.counter_expected})"
+            if info.counter_expected is not None
+            else ""
+        ),
+    ]
+    for t in tensors:
+        shape = "x".join(str(d) for d in t.shape) or "scalar"
+        kind = "" if t.kind == "torch" else f" ({t.kind})"
+        lines.append(f"    {t.name}  {t.dtype}{kind}  {shape}  {_size(t.nbytes)}")
+    lines.append(
+        f"  verified: the superblock, the manifest and all {info.num_tensors} tensors "
+        "authenticate under this key"
+    )
+    return lines
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Master key file: decrypt the manifest and verify every tag.",
+)
+def inspect(path: Path, key_path: Path | None) -> None:
+    """Describe a mirror file or a sealed dataset at PATH.
+
+    Without --key, only what the plaintext header shows; with it, the step, the
+    tensors (names, dtypes, shapes), and a check of every authentication tag.
+    """
+    magic = _magic(path)
+    if magic == _DATASET_MAGIC:
+        try:
+            from ..data import inspect_dataset
+        except ImportError as exc:
+            raise FormatError(
+                f"{path} is a sealed dataset, but this plinius has no dataset support"
+            ) from exc
+        from ..crypto import MasterKey
+
+        key = MasterKey.load(key_path) if key_path is not None else None
+        lines = inspect_dataset(path, key)
+    elif magic == _MIRROR_MAGIC:
+        lines = mirror_lines(path, key_path)
+    else:
+        raise FormatError(
+            f"{path} is neither a plinius mirror nor a sealed dataset (unknown header)"
+        )
+    for line in lines:
+        click.echo(line)
+
+
+@click.command()
+@click.argument("mirror", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Master key file.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .safetensors file to write (never overwritten).",
+)
+def export(mirror: Path, key_path: Path, out: Path) -> None:
+    """Decrypt the model in MIRROR into a safetensors file (plaintext!).
+
+    Writes the tensors of state["model"] (names without the "model." prefix),
+    or every tensor if the state has no "model" entry.
+    """
+    from safetensors.torch import save_file
+
+    from ..crypto import MasterKey
+    from ..mirror import Mirror
+
+    if out.exists():
+        raise StorageError(f"{out} already exists; refusing to overwrite it")
+    key = MasterKey.load(key_path)
+    with Mirror(mirror, key, readonly=True) as m:
+        info = m.info()
+        if info.generation == 0:
+            raise ConfigError(f"{mirror} holds no saved state yet; nothing to export")
+        names = m.committed_state_names()
+        has_model = any(n.startswith("model.") for n in names)
+        tensors = m.read_tensors("model." if has_model else "")
+    if has_model:
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
+    metadata = {"plinius_step": str(info.step), "plinius_generation": str(info.generation)}
+    d = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=d)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot create a file in {d}") from exc
+    os.close(fd)
+    try:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"safetensors cannot store this state: {exc}") from exc
+        try:
+            os.link(tmp, out)  # atomic and exclusive: never overwrites
+        except FileExistsError as exc:
+            raise StorageError(f"{out} already exists; refusing to overwrite it") from exc
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write {out}") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    click.echo(f"wrote {len(tensors)} tensors ({_size(total)}) of step {info.step} to {out}")
+    click.echo("note: the exported file is plaintext; protect it like the model itself")
