@@ -158,18 +158,30 @@ def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
 
 
 def _wait_for_step(
-    proc: subprocess.Popen[bytes], events: Path, offset: int, timeout: float
-) -> bool:
-    """Wait until the child logs its first training step (True) or exits (False)."""
+    proc: subprocess.Popen[bytes], events: Path, offset: int, timeout: float, target: int = 0
+) -> float | None:
+    """Wait until the child logs a step >= ``target`` (any step for 0).
+
+    Returns the child's mean seconds per step so far, or None if it exited first.
+    """
     deadline = time.monotonic() + timeout
+    pos = offset
+    first: tuple[int, float] | None = None
     while time.monotonic() < deadline:
-        evs, _ = read_events(events, offset)
-        if any(e.get("event") == "step" for e in evs):
-            return True
+        evs, pos = read_events(events, pos)
+        for e in evs:
+            if e.get("event") != "step":
+                continue
+            step, t = int(e["step"]), float(e["t"])
+            if first is None:
+                first = (step, t)
+            if step >= target:
+                n = step - first[0]
+                return (t - first[1]) / n if n > 0 else 0.0
         if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    raise PliniusError(f"the training process logged no step within {timeout:.0f} s")
+            return None
+        time.sleep(0.002)
+    raise PliniusError(f"the training process logged no step {target} within {timeout:.0f} s")
 
 
 def run_campaign(
@@ -187,14 +199,18 @@ def run_campaign(
     timeout_s: float = 600.0,
     env: dict[str, str] | None = None,
     on_run: Callable[[RunRecord], None] | None = None,
+    total_steps: int | None = None,
 ) -> CampaignResult:
     """Run ``python -m plinius train *train_args`` until it completes, killing it ``crashes`` times.
 
-    Random schedule (no ``trace``): each run to be killed dies after a random
-    delay, drawn from ``window_s`` after its first logged step, or, for a
-    fraction ``startup_kill_fraction`` of runs, at a random moment of start-up
-    and restore. Trace schedule: the run is killed when the replayed price
-    rises above ``bid`` and restarted once it falls back (``time_scale``
+    Random schedule (no ``trace``): a fraction ``startup_kill_fraction`` of
+    the runs to be killed die at a random moment of start-up and restore; the
+    others while training. With ``total_steps`` known, a target step is drawn
+    so the kills spread over the job, and the run dies a random fraction of a
+    step after reaching it (so kills land inside forward, backward, optimizer
+    step and the background save alike); without it, after a delay drawn from
+    ``window_s`` after the first logged step. Trace schedule: the run is
+    killed when the replayed price rises above ``bid`` and restarted once it falls back (``time_scale``
     compresses trace seconds into wall seconds); ``crashes`` caps the kills.
     """
     rng = random.Random(seed)
@@ -204,6 +220,7 @@ def run_campaign(
     clock0 = time.monotonic()
     deadline = clock0 + timeout_s
     startup_estimate = 2.0
+    progress = 0  # the highest step any run has logged
     with open(log_path, "ab") as log:
         while True:
             if time.monotonic() > deadline:
@@ -227,8 +244,15 @@ def run_campaign(
                         kill_at = started + (nxt - t_trace) * time_scale
                 elif rng.random() < startup_kill_fraction:
                     kill_at = started + rng.uniform(0.0, startup_estimate)
+                elif total_steps is not None:
+                    left = crashes - len([r for r in runs if r.killed])
+                    span = max(1, (total_steps - progress) // (left + 1))
+                    target = min(total_steps - 1, progress + rng.randint(1, 2 * span))
+                    per_step = _wait_for_step(proc, events_path, offset, 120.0, target)
+                    if per_step is not None:
+                        kill_at = time.monotonic() + rng.uniform(0.0, per_step)
                 else:
-                    if _wait_for_step(proc, events_path, offset, timeout=120.0):
+                    if _wait_for_step(proc, events_path, offset, timeout=120.0) is not None:
                         kill_at = time.monotonic() + rng.uniform(*window_s)
             killed = False
             if kill_at is not None:
@@ -246,6 +270,8 @@ def run_campaign(
             rec = _record(len(runs), events_path, offset, started, killed, kill_at, code)
             if rec.first_step_after_start_s is not None and not killed:
                 startup_estimate = max(0.5, rec.first_step_after_start_s)
+            if rec.steps:
+                progress = max(progress, max(st for st, _ in rec.steps))
             runs.append(rec)
             if on_run is not None:
                 on_run(rec)

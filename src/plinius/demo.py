@@ -282,6 +282,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             seed=cfg.seed,
             env=env,
             on_run=on_run,
+            total_steps=cfg.steps,
         )
         log("training the same job without interruption ...")
         clean = run_campaign(

@@ -258,6 +258,7 @@ def crash_test(
         time_scale=time_scale,
         env=env,
         on_run=on_run,
+        total_steps=steps,
     )
     click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
     if verify:
