@@ -210,8 +210,9 @@ def run_campaign(
     step after reaching it (so kills land inside forward, backward, optimizer
     step and the background save alike); without it, after a delay drawn from
     ``window_s`` after the first logged step. Trace schedule: the run is
-    killed when the replayed price rises above ``bid`` and restarted once it falls back (``time_scale``
-    compresses trace seconds into wall seconds); ``crashes`` caps the kills.
+    killed when the replayed price rises above ``bid`` and restarted once it
+    falls back (``time_scale`` compresses trace seconds into wall seconds);
+    ``crashes`` caps the kills.
     """
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "plinius", "train", *train_args]
