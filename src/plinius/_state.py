@@ -811,8 +811,15 @@ class RNGState:
         import random
 
         name, key, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        version, internal, gauss = random.getstate()
         sd: dict[str, Any] = {
-            "python": random.getstate(),
+            # Python's Mersenne Twister state is 625 ints: one tensor, not 625
+            # plain values to walk and encode on every save.
+            "python": {
+                "version": int(version),
+                "state": torch.tensor(internal, dtype=torch.int64),
+                "gauss_next": gauss,
+            },
             "numpy": {
                 "name": str(name),
                 "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
@@ -832,7 +839,8 @@ class RNGState:
         import random
 
         py = sd["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
+        internal = tuple(int(v) for v in py["state"].tolist())
+        random.setstate((py["version"], internal, py["gauss_next"]))
         n = sd["numpy"]
         key = np.asarray(n["key"].numpy(), dtype=np.uint32)
         np.random.set_state((n["name"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))

@@ -44,6 +44,7 @@ class DemoConfig:
     timing_repeats: int = 5
     keep: bool = False
     plot: bool = True
+    reference_mb: float = 10.0  # also compare save/restore for a reference CNN this big
 
 
 @dataclass
@@ -65,6 +66,7 @@ class DemoReport:
     ssd_save_ms: float
     ssd_restore_ms: float
     state_bytes: int
+    reference: dict[str, float] | None
     plot: str | None
     wall_s: float
     notes: list[str] = field(default_factory=list)
@@ -110,13 +112,57 @@ def _compare_mirrors(a: Path, b: Path, key: Any) -> list[str]:
     return diffs
 
 
+def _compare(
+    state: dict[str, Any],
+    ckpt_state: dict[str, Any],
+    key: Any,
+    pm_dir: Path,
+    workdir: Path,
+    repeats: int,
+) -> dict[str, float]:
+    """Median save and restore of one state: mirror in PM vs encrypted disk checkpoint."""
+    from .baselines import encrypted_checkpoint_load, encrypted_checkpoint_save
+    from .mirror import Mirror
+
+    scratch = pm_dir / "timing.plm"
+    ckpt = workdir / "checkpoint.enc"
+    save_t: list[float] = []
+    restore_t: list[float] = []
+    ssd_save: list[float] = []
+    ssd_load: list[float] = []
+    try:
+        with Mirror(scratch, key) as m:
+            m.save(state, step=1)  # lay out the file once, as training does
+            for i in range(repeats):
+                t0 = time.perf_counter()
+                m.save(state, step=i + 2)
+                save_t.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                m.restore(state)
+                restore_t.append(time.perf_counter() - t0)
+            nbytes = m.info().tensor_bytes
+        for _ in range(repeats):
+            ssd_save.append(encrypted_checkpoint_save(ckpt_state, ckpt, key).total)
+            _, t = encrypted_checkpoint_load(ckpt, key)
+            ssd_load.append(t.total)
+    finally:
+        scratch.unlink(missing_ok=True)
+        ckpt.unlink(missing_ok=True)
+    return {
+        "mirror_save_ms": statistics.median(save_t) * 1e3,
+        "mirror_restore_ms": statistics.median(restore_t) * 1e3,
+        "ssd_save_ms": statistics.median(ssd_save) * 1e3,
+        "ssd_restore_ms": statistics.median(ssd_load) * 1e3,
+        "state_bytes": float(nbytes),
+    }
+
+
 def _timings(
     cfg: DemoConfig, key: Any, data: Path, mirror_path: Path, pm_dir: Path, workdir: Path
 ) -> dict[str, float]:
-    """Median save/restore of the final state: mirror in PM vs encrypted SSD checkpoint."""
+    """The demo job's final training state, restored from its mirror, then compared."""
     import torch
 
-    from .baselines import encrypted_checkpoint_load, encrypted_checkpoint_save
     from .cli.train import build_job
     from .data import SealedDataset
     from .mirror import Mirror
@@ -133,41 +179,32 @@ def _timings(
     )
     with Mirror(mirror_path, key, readonly=True) as m:
         m.restore(state)
-    scratch = pm_dir / "timing.plm"
-    save_t: list[float] = []
-    restore_t: list[float] = []
-    with Mirror(scratch, key) as m:
-        m.save(state, step=cfg.steps)  # lay out the file once, as training does
-        for i in range(cfg.timing_repeats):
-            t0 = time.perf_counter()
-            m.save(state, step=cfg.steps + i + 1)
-            save_t.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            m.restore(state)
-            restore_t.append(time.perf_counter() - t0)
-        info = m.info()
     ckpt_state = {
         "model": spec.module.state_dict(),
         "optim": optimizer.state_dict(),
         "sched": scheduler.state_dict() if scheduler is not None else None,
         "losses": losses,
     }
-    ssd_save: list[float] = []
-    ssd_load: list[float] = []
-    ckpt = workdir / "checkpoint.enc"
-    for _ in range(cfg.timing_repeats):
-        ssd_save.append(encrypted_checkpoint_save(ckpt_state, ckpt, key).total)
-        _, t = encrypted_checkpoint_load(ckpt, key)
-        ssd_load.append(t.total)
-    scratch.unlink(missing_ok=True)
-    ckpt.unlink(missing_ok=True)
-    return {
-        "mirror_save_ms": statistics.median(save_t) * 1e3,
-        "mirror_restore_ms": statistics.median(restore_t) * 1e3,
-        "ssd_save_ms": statistics.median(ssd_save) * 1e3,
-        "ssd_restore_ms": statistics.median(ssd_load) * 1e3,
-        "state_bytes": float(info.tensor_bytes),
-    }
+    return _compare(state, ckpt_state, key, pm_dir, workdir, cfg.timing_repeats)
+
+
+def _timings_reference(
+    mb: float, key: Any, pm_dir: Path, workdir: Path, repeats: int
+) -> dict[str, float]:
+    """The same comparison for the paper's smallest model: a reference CNN of ``mb`` MB
+    with SGD momentum (weights + momentum = twice the parameters)."""
+    import torch
+
+    from .models import reference_cnn
+
+    model = reference_cnn(mb, in_channels=1, num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(2, 1, 8, 8)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()  # type: ignore[no-untyped-call]
+    opt.step()
+    state = {"model": model, "optim": opt}
+    ckpt_state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    return _compare(state, ckpt_state, key, pm_dir, workdir, repeats)
 
 
 def _accuracy(cfg: DemoConfig, key: Any, mirror_path: Path, test: Path, train: Path) -> float:
@@ -296,6 +333,11 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
         diffs = _compare_mirrors(crash_mirror, clean_mirror, key)
         loss_names = [d for d in diffs if d.startswith("losses")]
         timing = _timings(cfg, key, train, crash_mirror, pm_dir, workdir)
+        ref_timing = (
+            _timings_reference(cfg.reference_mb, key, pm_dir, workdir, cfg.timing_repeats)
+            if cfg.reference_mb
+            else None
+        )
         acc_crashed = _accuracy(cfg, key, crash_mirror, test, train)
         acc_clean = _accuracy(cfg, key, clean_mirror, test, train)
         plot_path: Path | None = None
@@ -329,6 +371,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             ssd_save_ms=timing["ssd_save_ms"],
             ssd_restore_ms=timing["ssd_restore_ms"],
             state_bytes=int(timing["state_bytes"]),
+            reference=ref_timing,
             plot=str(plot_path) if plot_path else None,
             wall_s=time.perf_counter() - t_begin,
             notes=[

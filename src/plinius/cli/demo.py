@@ -102,6 +102,18 @@ def demo(
         f"{rep.mirror_restore_ms:.2f} ms vs {rep.ssd_restore_ms:.2f} ms "
         f"({rep.ssd_restore_ms / max(rep.mirror_restore_ms, 1e-9):.1f}x faster)",
     )
+    if rep.reference is not None:
+        ref = rep.reference
+        t.add_row(
+            f"same for the reference CNN ({ref['state_bytes'] / 1e6:.0f} MB state): save",
+            f"{ref['mirror_save_ms']:.1f} ms vs {ref['ssd_save_ms']:.1f} ms "
+            f"({ref['ssd_save_ms'] / max(ref['mirror_save_ms'], 1e-9):.1f}x faster)",
+        )
+        t.add_row(
+            "  restore",
+            f"{ref['mirror_restore_ms']:.1f} ms vs {ref['ssd_restore_ms']:.1f} ms "
+            f"({ref['ssd_restore_ms'] / max(ref['mirror_restore_ms'], 1e-9):.1f}x faster)",
+        )
     t.add_row(
         "test accuracy (crashed / uninterrupted)",
         f"{rep.accuracy_crashed * 100:.2f}% / {rep.accuracy_clean * 100:.2f}%",
