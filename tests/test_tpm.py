@@ -588,13 +588,15 @@ def test_mirror_with_tpm_counter_refuses_a_rolled_back_file(
         for step in range(1, 4):
             w += 1
             m.save({"w": w}, step=step)
-    assert counter.read() == 1
+    # 2: one advance when the mirror was created (it learns where a new index
+    # starts, see tests/test_mirror_counter_base.py), one on the second commit.
+    assert counter.read() == 2
     shutil.copyfile(path, old)  # the host keeps a copy
     with mirror_cls(path, key, counter=counter, counter_every=2) as m:
         for step in range(4, 8):
             w += 1
             m.save({"w": w}, step=step)
-    assert counter.read() == 3
+    assert counter.read() == 4
     shutil.copyfile(old, path)  # ... and puts it back
     with pytest.raises(RollbackError, match="older copy"):
         mirror_cls(path, key, counter=counter, counter_every=2, readonly=True)
@@ -603,4 +605,32 @@ def test_mirror_with_tpm_counter_refuses_a_rolled_back_file(
     path.unlink()  # deleting the mirror does not restart the job either
     with pytest.raises(RollbackError):
         mirror_cls(path, key, counter=counter, counter_every=2)
-    assert counter.read() == 3  # refusing never advanced the counter
+    assert counter.read() == 4  # refusing never advanced the counter
+
+
+def test_plinius_train_with_a_tpm_counter(swtpm: SwTpm, shm_dir: Path) -> None:
+    """The CLI wiring: `--counter tpm:TCTI` uses the key-derived (HMAC-protected) index,
+    advances it, and refuses a deleted mirror afterwards."""
+    import numpy as np
+    from click.testing import CliRunner
+
+    from plinius.cli import main
+    from plinius.data import seal_dataset
+
+    key = MasterKey.generate()
+    key.save(shm_dir / "k.key")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, size=(64, 8, 8), dtype=np.uint8)
+    seal_dataset(shm_dir / "d.pld", key, {"image": x, "label": (x[:, 0, 0] > 127).astype(np.int64)})
+    args = [
+        "train", "--key", str(shm_dir / "k.key"), "--data", str(shm_dir / "d.pld"),
+        "--mirror", str(shm_dir / "m.plm"), "--model", "cnn-tiny", "--steps", "4",
+        "--batch-size", "16", "--counter", f"tpm:{swtpm.tcti}", "--counter-every", "2",
+    ]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert TPMCounter.for_key(key, swtpm.tcti).read() >= 1
+    (shm_dir / "m.plm").unlink()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output

@@ -212,3 +212,19 @@ def test_epochs_and_evaluate(sealed: SealedDataset) -> None:
     assert res.final_step == 2 * (len(sealed) // 16)
     acc, loss = evaluate(model, sealed, loss_fn=nn.functional.cross_entropy, prepare=_prepare)
     assert 0.0 <= acc <= 1.0 and np.isfinite(loss)
+
+
+def test_resume_on_another_dataset_is_refused(
+    shm_dir: Path, key: MasterKey, sealed: SealedDataset
+) -> None:
+    """Same shape, same key, another dataset: a resumed job must not silently switch."""
+    from plinius.errors import IntegrityError
+
+    x, y = _data()
+    other = shm_dir / "other.pld"
+    seal_dataset(other, key, {"x": x, "y": y}, chunk_records=32)
+    with Mirror(shm_dir / "a.plm", key) as m:
+        _job(m, sealed, steps=10, crash_at=4)
+    with SealedDataset(other, key) as ds, Mirror(shm_dir / "a.plm", key) as m:
+        with pytest.raises(IntegrityError, match="trained on dataset"):
+            _job(m, ds, steps=10)

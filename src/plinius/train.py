@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .data import SealedDataset, SealedSampler
-from .errors import ConfigError, StateMismatchError
+from .errors import ConfigError, IntegrityError, StateMismatchError
 from .mirror import Mirror, PendingSave, RNGState
 
 __all__ = [
@@ -189,6 +189,7 @@ def training_state(
     sampler: SealedSampler,
     losses: Tensor,
     total: int,
+    dataset_id: str | None = None,
 ) -> dict[str, Any]:
     """The dict :func:`fit` mirrors: everything the next step depends on.
 
@@ -202,6 +203,9 @@ def training_state(
         "sampler": sampler,
         "losses": losses,
         "total_steps": total,
+        # Which sealed dataset the job trains on: a resumed job refuses another
+        # one, even one of the same shape sealed under the same key.
+        "dataset_id": dataset_id,
     }
     if scheduler is not None:
         state["sched"] = scheduler
@@ -272,8 +276,15 @@ def fit(
 
     sampler = make_sampler(dataset, seed=seed, shuffle=shuffle)
     losses = torch.full((total,), math.nan, dtype=torch.float64)
+    dataset_id = dataset.dataset_id if isinstance(dataset, SealedDataset) else None
     state = training_state(
-        model, optimizer, scheduler=scheduler, sampler=sampler, losses=losses, total=total
+        model,
+        optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        losses=losses,
+        total=total,
+        dataset_id=dataset_id,
     )
     if extra_state:
         overlap = set(extra_state) & set(state)
@@ -300,6 +311,11 @@ def fit(
                 raise StateMismatchError(
                     f"the mirror belongs to a job of {state['total_steps']} steps, not {total}; "
                     "rerun with the same number of steps"
+                )
+            if state["dataset_id"] != dataset_id:
+                raise IntegrityError(
+                    f"the mirror was trained on dataset {state['dataset_id']}, "
+                    f"not on {dataset_id}: resume with the job's own dataset"
                 )
             start = restored
             resumed_from = restored

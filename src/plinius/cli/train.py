@@ -89,6 +89,49 @@ def load_key(
     return key, f"key server ({how})"
 
 
+def _given(name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not a default or the environment)."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def check_key_options(key_path: Path | None, key_server: str | None) -> None:
+    """Refuse key options that contradict each other (before anything is loaded)."""
+    if key_path is None:
+        return
+    if key_server is not None and not _given("key_server"):
+        raise ConfigError(
+            "give either --key or --key-server, not both: PLINIUS_KEY_SERVER is set in the "
+            "environment; unset it to use --key"
+        )
+    unused = [
+        f"--{n.replace('_', '-')}"
+        for n in ("key_server_pubkey", "sealed_key", "job_id")
+        if _given(n)
+    ]
+    if unused and key_server is None:
+        raise click.UsageError(
+            f"{', '.join(unused)} only apply to key release (--key-server); "
+            "with --key they would be ignored"
+        )
+
+
+def check_distinct_files(**paths: Path | None) -> None:
+    """Refuse one existing file given for two options (``--events`` on the key, say)."""
+    items = [(k, p) for k, p in paths.items() if p is not None and p.exists()]
+    for i, (a, pa) in enumerate(items):
+        for b, pb in items[i + 1 :]:
+            try:
+                same = os.path.samefile(pa, pb)
+            except OSError:
+                same = False
+            if same:
+                raise click.UsageError(
+                    f"--{a.replace('_', '-')} and --{b.replace('_', '-')} name the same file "
+                    f"{pb}; give each its own"
+                )
+
+
 def make_counter(
     spec: str | None,
     key: Any,
@@ -111,7 +154,9 @@ def make_counter(
     if kind == "tpm":
         from ..tpm import DEFAULT_TCTI, TPMCounter
 
-        return TPMCounter(arg or DEFAULT_TCTI), 100
+        # for_key: the index password derives from the master key, so a host
+        # that forges or replays TPM answers is caught (HMAC sessions).
+        return TPMCounter.for_key(key, arg or DEFAULT_TCTI), 100
     if kind == "keyserver" and not arg:
         if not key_server or not key_server_pubkey:
             raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")
@@ -326,6 +371,16 @@ def train(
     Rerunning the same command after a crash finishes the same job: --steps is
     the job's total, and the result is bit-for-bit the uninterrupted one.
     """
+    check_key_options(key_path, key_server)
+    if counter_spec is None:
+        stray = [f for f, v in (("--counter-every", counter_every),
+                                ("--counter-interval", counter_interval)) if v is not None]  # fmt: skip
+        if stray:
+            raise click.UsageError(f"{' and '.join(stray)} need --counter")
+    # Appending events to the key, dataset or mirror would damage it.
+    check_distinct_files(
+        key=key_path, data=data_path, mirror=mirror_path, events=events_path
+    )
     age = process_age_s()
     t_start = time.perf_counter()
     events = EventLog(events_path)
@@ -477,6 +532,7 @@ def evaluate(
     from ..mirror import Mirror
     from ..train import evaluate as run_evaluate
 
+    check_key_options(key_path, key_server)
     key, _ = load_key(
         key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
     )
