@@ -13,11 +13,11 @@ from plinius._sources import load_builtin, load_csv, load_idx, load_npz
 from plinius.errors import ConfigError
 
 
-def test_digits_are_raw_uint8() -> None:
+def test_digits_are_uint8_scaled_to_the_full_range() -> None:
     f = load_builtin("digits")
     assert list(f) == ["image", "label"]
     assert f["image"].dtype == np.uint8 and f["image"].shape == (1797, 8, 8)
-    assert f["image"].max() == 16 and f["image"].min() == 0
+    assert f["image"].max() == 255 and f["image"].min() == 0
     assert f["label"].dtype == np.int64 and set(f["label"].tolist()) == set(range(10))
     with pytest.raises(ConfigError, match="unknown built-in"):
         load_builtin("mnist")

@@ -45,7 +45,9 @@ _IDX_TYPES: dict[int, np.dtype[Any]] = {
 def load_builtin(name: str) -> Fields:
     """A dataset bundled with a dependency; ``"digits"`` is scikit-learn's 8x8 digits.
 
-    Images keep their raw values (0..16) as uint8 of shape (8, 8); labels are int64.
+    Images are uint8 of shape (8, 8), their 0..16 intensities rescaled to 0..255
+    (rounded) so that, like MNIST, the trainer's scaling by the dtype's maximum
+    maps them to [0, 1]; labels are int64.
     """
     if name != "digits":
         raise ConfigError(f"unknown built-in dataset {name!r}; choose one of {', '.join(BUILTIN)}")
@@ -57,7 +59,7 @@ def load_builtin(name: str) -> Fields:
     if not np.array_equal(images, np.round(images)) or images.min() < 0 or images.max() > 255:
         raise ConfigError("scikit-learn's digits are not 8-bit integers; cannot seal them as uint8")
     return {
-        "image": images.astype(np.uint8),
+        "image": np.rint(images * (255.0 / 16.0)).astype(np.uint8),
         "label": np.asarray(d.target, dtype=np.int64),
     }
 
@@ -183,7 +185,8 @@ def load_csv(path: str | os.PathLike[str], label_column: str) -> Fields:
     p = Path(path)
     _check_file(p)
     try:
-        f = open(p, newline="", encoding="utf-8")  # noqa: SIM115 - closed in finally
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first name.
+        f = open(p, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed in finally
     except OSError as exc:
         raise storage_error(exc, f"cannot open {p}") from exc
     try:
@@ -266,3 +269,5 @@ def _check_file(p: Path) -> None:
         raise ConfigError(f"input file {p} does not exist; check the path")
     if p.is_dir():
         raise ConfigError(f"input {p} is a directory; give a file")
+    if not p.is_file():  # a FIFO or device: reading it could block or never end
+        raise ConfigError(f"input {p} is not a regular file; give a file")

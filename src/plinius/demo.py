@@ -73,15 +73,14 @@ class DemoReport:
 
 
 def _seal_digits(pm_dir: Path, key: Any) -> tuple[Path, Path]:
-    """Seal sklearn's digits (8x8 images, 0..16 scaled to 0..255) as train/test."""
+    """Seal the built-in digits (as `plinius seal --builtin digits` does) as train/test."""
     import numpy as np
-    from sklearn.datasets import load_digits
 
+    from ._sources import load_builtin
     from .data import seal_dataset
 
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = digits.target.astype(np.int64)
+    fields = load_builtin("digits")
+    images, labels = fields["image"], fields["label"]
     # A fixed permutation so both splits hold every class.
     order = np.random.default_rng(1234).permutation(len(labels))
     images, labels = images[order], labels[order]
