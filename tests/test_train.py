@@ -225,6 +225,9 @@ def test_resume_on_another_dataset_is_refused(
     seal_dataset(other, key, {"x": x, "y": y}, chunk_records=32)
     with Mirror(shm_dir / "a.plm", key) as m:
         _job(m, sealed, steps=10, crash_at=4)
-    with SealedDataset(other, key) as ds, Mirror(shm_dir / "a.plm", key) as m:
-        with pytest.raises(IntegrityError, match="trained on dataset"):
-            _job(m, ds, steps=10)
+    with (
+        SealedDataset(other, key) as ds,
+        Mirror(shm_dir / "a.plm", key) as m,
+        pytest.raises(IntegrityError, match="trained on dataset"),
+    ):
+        _job(m, ds, steps=10)
