@@ -11,6 +11,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,14 @@ import numpy as np
 import torch
 
 from .crypto import MAX_AEAD_BYTES, TAG_SIZE, Aead, MasterKey, aad
-from .errors import ConfigError, FormatError, IntegrityError, WrongKeyError, storage_error
+from .errors import (
+    ConfigError,
+    FormatError,
+    IntegrityError,
+    StorageError,
+    WrongKeyError,
+    storage_error,
+)
 
 MAGIC = b"PLINIUSD"
 VERSION = 1
@@ -380,11 +388,17 @@ def normalize_id(expect_id: str | None) -> bytes | None:
 def map_readonly(path: Path) -> mmap.mmap:
     """Map a file read-only. Pages are faulted in lazily: opening costs nothing per record."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: a FIFO in place of the dataset must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise storage_error(exc, f"cannot open dataset {path}") from exc
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(
+                f"dataset {path} is not a regular file; give the path of a .pld file"
+            )
+        size = st.st_size
         if size == 0:
             raise FormatError(f"{path} is empty; it is not a plinius sealed dataset")
         return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)

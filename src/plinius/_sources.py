@@ -82,6 +82,11 @@ def load_npz(path: str | os.PathLike[str]) -> Fields:
             out[name] = npz[name]
     except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise ConfigError(f"{p}: cannot read an array from the archive: {exc}") from exc
+    except MemoryError as exc:  # numpy allocates the declared shape before reading the data
+        raise ConfigError(
+            f"{p}: an array declares more data than fits in memory ({exc}); "
+            "the archive is damaged or too large for this machine"
+        ) from exc
     finally:
         npz.close()
     if not out:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -81,20 +82,32 @@ class PriceTrace:
         """Read a CSV of ``seconds,price`` rows (a header row is allowed)."""
         pts: list[tuple[float, float]] = []
         try:
+            if not Path(path).is_file():  # a FIFO would block; a directory is no trace
+                raise ConfigError(f"the price trace {path} is not a regular file")
             with open(path, newline="", encoding="utf-8") as f:
                 for lineno, row in enumerate(csv.reader(f), start=1):
                     if not row or row[0].strip().startswith("#"):
                         continue
                     try:
-                        pts.append((float(row[0]), float(row[1])))
+                        t, price = float(row[0]), float(row[1])
                     except (ValueError, IndexError) as exc:
                         if lineno == 1:
                             continue  # a header
                         raise ConfigError(
                             f"{path}, line {lineno}: expected 'seconds,price', got {row!r}"
                         ) from exc
+                    # nan compares false with everything: it would slip past
+                    # the ordering check below and stall the replay.
+                    if not (math.isfinite(t) and math.isfinite(price) and t >= 0):
+                        raise ConfigError(
+                            f"{path}, line {lineno}: times must be finite and non-negative "
+                            f"and prices finite, got {row!r}"
+                        )
+                    pts.append((t, price))
         except OSError as exc:
             raise ConfigError(f"cannot read the price trace {path}: {exc.strerror}") from exc
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise ConfigError(f"the price trace {path} is not a CSV text file ({exc})") from exc
         if len(pts) < 2:
             raise ConfigError(f"the price trace {path} needs at least two points")
         if any(b[0] <= a[0] for a, b in itertools.pairwise(pts)):

@@ -100,6 +100,7 @@ _AUGMENT_KEYS = frozenset(
 )
 # A sanity cap on any dimension or count read from a cfg (an untrusted file).
 _MAX_DIM = 1 << 20
+_MAX_CFG_BYTES = 16 << 20
 
 
 # --------------------------------------------------------------------------- parsing
@@ -635,7 +636,16 @@ def build_network(
         module: nn.Module | None = None
         detail = ""
         if kind in builders:
-            module, shape, detail = builders[kind](o, shape)
+            try:
+                module, shape, detail = builders[kind](o, shape)
+            except (MemoryError, RuntimeError) as exc:
+                # torch raises RuntimeError when it cannot allocate the weights.
+                if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+                    raise
+                raise _error(
+                    source, sec.line, f"[{kind}] needs more memory for its weights than is "
+                    "available; make the layer smaller (filters, size, output)",
+                ) from exc  # fmt: skip
             kind = {"conv": "convolutional", "max": "maxpool", "conn": "connected"}.get(kind, kind)
         elif kind in ("avgpool", "avg"):
             kind, module, shape = "avgpool", GlobalAvgPool(), (shape[0], 1, 1)
@@ -739,11 +749,18 @@ def load_cfg(
     """Read and build the Darknet cfg at ``path`` (see :func:`build_network`)."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        # Only a regular file, and never more than the cap: a FIFO or /dev/zero
+        # given as the cfg must fail, not hang or fill the memory.
+        if p.exists() and not p.is_dir() and not p.is_file():
+            raise DarknetConfigError(f"{p.name}: not a regular file; give a .cfg text file")
+        with open(p, "rb") as f:
+            data = f.read(_MAX_CFG_BYTES + 1)
     except OSError as exc:
         raise storage_error(exc, f"cannot read the model cfg {p}") from exc
-    if len(data) > 16 << 20:
-        raise DarknetConfigError(f"{p.name}: {len(data)} bytes is too large for a model cfg")
+    if len(data) > _MAX_CFG_BYTES:
+        raise DarknetConfigError(
+            f"{p.name}: more than {_MAX_CFG_BYTES} bytes is too large for a model cfg"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -26,6 +26,9 @@ class Counter(Protocol):
     ``wears`` is True for counters with limited write endurance (TPM NV
     indices); the mirror then advances them only every K commits or T seconds.
     ``trusted`` says whether the host can rewind it (False for the file counter).
+    A counter may also set ``first_increment_may_jump = True`` (optional; a TPM
+    NV index does) when its first increment can go from 0 to any value: the
+    mirror then advances it once when it creates a mirror, to learn that base.
     """
 
     wears: bool
@@ -57,7 +60,8 @@ class FileCounter:
             return 0
         except (OSError, UnicodeDecodeError) as exc:
             raise FormatError(f"counter file {self.path} is unreadable: {exc}") from exc
-        if not text.isdigit():
+        # At most 20 digits (any 64-bit value): int() refuses very long digit strings.
+        if not text.isdigit() or len(text) > 20:
             raise FormatError(f"counter file {self.path} does not hold a counter value")
         return int(text)
 

@@ -32,6 +32,7 @@ import fcntl
 import functools
 import hmac
 import os
+import stat
 import threading
 import time
 import warnings
@@ -233,6 +234,33 @@ class Mirror:
                     "new job on purpose, use a fresh counter (for example a new counter file)"
                 )
 
+    def _initial_counter(self) -> int:
+        """The counter value a new mirror's generation 0 expects.
+
+        Normally the counter's value, 0 (``_check_new_allowed`` refused any
+        other). But a counter that declares ``first_increment_may_jump`` (a TPM
+        NV index: once any index on that TPM was deleted, a new one starts
+        above the highest value the deleted one had) may go from 0 to any value
+        on its first increment. Its base is learned here, by advancing it once
+        before generation 0 is committed, and recorded as what generation 0
+        expects: every later check stays exact (expected or expected - 1),
+        so a rolled-back or deleted mirror is still refused. A crash between
+        this increment and the commit leaves no mirror and a counter above 0,
+        which is refused like a deleted mirror: nothing was trained yet, and
+        the job restarts with a fresh counter.
+        """
+        if self._counter is None:
+            return 0
+        value = self._counter.read()
+        if value == 0 and getattr(self._counter, "first_increment_may_jump", False):
+            value = self._counter.increment()
+            if value < 1:
+                raise RollbackError(
+                    f"the freshness counter read {value} after an increment; it is not "
+                    f"monotonic, so it cannot protect {self._what}: use another counter"
+                )
+        return value
+
     def _open_path(self, path: Path) -> RegionLike:
         try:
             st = os.stat(path)
@@ -246,14 +274,20 @@ class Mirror:
             self._check_new_allowed()
             region = Region.create(path, self._initial_size(), init=self._init_region)
         else:
+            if not stat.S_ISREG(st.st_mode):
+                # A directory, FIFO or device: refused before any open (a FIFO would block).
+                raise StorageError(f"{path} is not a regular file; give the path of a mirror file")
             if st.st_size == 0:
                 raise IntegrityError(
                     f"{path} is empty: a mirror truncated to nothing, or not a mirror at all. "
                     "plinius will not treat it as a new mirror (that would restart training); "
                     "remove it yourself to start a new job"
                 )
-            with open(path, "rb") as f:
-                head = f.read(8)
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot read {path}") from exc
             if head == _DATASET_MAGIC:
                 raise FormatError(f"{path} is a sealed dataset, not a mirror")
             if head != L.MAGIC:
@@ -303,7 +337,7 @@ class Mirror:
         buf[: L.HEADER_LEN] = L.pack_superblock(region_id, self._key.fingerprint, time.time(), mkey)
         region.persist(0, L.HEADER_LEN)
         cap = self._gen0_body_cap()
-        counter = self._counter.read() if self._counter is not None else 0
+        counter = self._initial_counter()
         root = L.Root(
             generation=0, step=None, saved_at=0.0, counter_expected=counter,
             uses_counter=self._counter is not None, counter_every=self._counter_every or 0,
@@ -421,9 +455,22 @@ class Mirror:
     def _advance_to(self, expected: int) -> None:
         assert self._counter is not None
         value = self._counter.read()
+        first = value == 0
         while value < expected:
             value = self._counter.increment()
         if value > expected:
+            if first:
+                # From 0 straight past the expected value on the very first
+                # increment: a counter that starts above zero (a re-created TPM
+                # NV index does) but did not say so, so this mirror could not
+                # learn its base at creation.
+                raise RollbackError(
+                    f"the freshness counter jumped from 0 to {value} on its first increment, "
+                    f"past the {expected} that {self._what} expects: either another job is "
+                    "using the same counter, or the counter starts above zero when first "
+                    "incremented and its class must declare first_increment_may_jump = True; "
+                    "start the job again with a fresh counter"
+                )
             raise RollbackError(
                 f"the freshness counter moved to {value}, past the {expected} this mirror expects: "
                 "another job is using the same counter; give each job its own"

@@ -127,6 +127,9 @@ class TPMCounter:
 
     wears = True
     trusted = True
+    # A new index starts above any value a deleted one had: the mirror learns
+    # the base when it creates a mirror (see Mirror._initial_counter).
+    first_increment_may_jump = True
 
     def __init__(
         self,

@@ -102,6 +102,8 @@ def bench(
                 f"choose from {', '.join(_SECTIONS)}"
             )
         sections = picked
+    if sizes is not None and "latency" not in sections:
+        raise click.UsageError("--sizes applies to the latency section; add latency to --only")
     cfg = BenchConfig.preset(
         quick,
         out=out,

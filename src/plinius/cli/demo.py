@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -231,16 +232,31 @@ def crash_test(
     from ..crypto import MasterKey
     from ..demo import _compare_mirrors
 
+    if schedule != "trace":
+        ctx = click.get_current_context()
+        stray = [
+            f"--{n.replace('_', '-')}"
+            for n in ("trace_path", "bid", "time_scale")
+            if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if stray:
+            flags = ", ".join(s.replace("--trace-path", "--trace") for s in stray)
+            raise click.UsageError(
+                f"{flags} {'needs' if len(stray) == 1 else 'need'} --schedule trace"
+            )
+    if not math.isfinite(bid):
+        raise click.BadParameter(f"{bid} is not a finite price", param_hint="--bid")
     key = MasterKey.load(key_path)
     if mirror_path.exists():
         raise ConfigError(f"{mirror_path} exists; a crash test starts from a new mirror file")
-    wd = workdir or Path(tempfile.mkdtemp(prefix="plinius-crash-"))
-    wd.mkdir(parents=True, exist_ok=True)
+    ref = mirror_path.with_name(mirror_path.name + ".reference")
+    if verify and ref.exists():  # the comparison run writes there and removes it after
+        raise ConfigError(f"{ref} exists; remove it, or pass --no-verify")
     trace = None
     if schedule == "trace":
         trace = PriceTrace.load(trace_path) if trace_path else synthetic_trace(seed, 10_000, 40.0)
-    elif trace_path is not None:
-        raise ConfigError("--trace needs --schedule trace")
+    wd = workdir or Path(tempfile.mkdtemp(prefix="plinius-crash-"))
+    wd.mkdir(parents=True, exist_ok=True)
     base = [
         "--key", str(key_path), "--data", str(data_path), "--model", model_name,
         "--steps", str(steps), "--batch-size", str(batch_size), "--seed", str(seed),
@@ -274,8 +290,6 @@ def crash_test(
     )
     click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
     if verify:
-        ref = mirror_path.with_name(mirror_path.name + ".reference")
-        ref.unlink(missing_ok=True)
         try:
             run_campaign(
                 [*base, "--mirror", str(ref)],

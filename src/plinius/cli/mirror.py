@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def _size(n: int) -> str:
 
 def _magic(path: Path) -> bytes:
     try:
+        # A FIFO or device would block or never end: only regular files are opened.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise StorageError(f"{path} is not a regular file; give a mirror or dataset file")
         with open(path, "rb") as f:
             return f.read(8)
     except OSError as exc:
@@ -155,6 +159,7 @@ def export(mirror: Path, key_path: Path, out: Path) -> None:
     Writes the tensors of state["model"] (names without the "model." prefix),
     or every tensor if the state has no "model" entry.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from ..crypto import MasterKey
@@ -182,6 +187,10 @@ def export(mirror: Path, key_path: Path, out: Path) -> None:
     try:
         try:
             save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as exc:  # raised for I/O errors: a full disk, say
+            raise StorageError(
+                f"cannot write {out}: {exc}; free some space or choose another directory"
+            ) from exc
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ConfigError(f"safetensors cannot store this state: {exc}") from exc
         try:

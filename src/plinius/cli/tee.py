@@ -167,6 +167,8 @@ def keyserver(
     from ..tee.protocol import load_identity
     from ..tee.verify import load_verifier
 
+    if pccs_url is not None and verifier != "dcap-qvl":
+        raise click.UsageError("--pccs-url applies to --verifier dcap-qvl only")
     master = MasterKey.load(key_path)
     policy = Policy.load(policy_path)
     ident = load_identity(identity)

@@ -110,9 +110,10 @@ def check_key_options(key_path: Path | None, key_server: str | None) -> None:
         if _given(n)
     ]
     if unused and key_server is None:
+        verb, it = ("applies", "it") if len(unused) == 1 else ("apply", "they")
         raise click.UsageError(
-            f"{', '.join(unused)} only apply to key release (--key-server); "
-            "with --key they would be ignored"
+            f"{', '.join(unused)} only {verb} to key release (--key-server); "
+            f"with --key {it} would be ignored"
         )
 
 
@@ -373,14 +374,13 @@ def train(
     """
     check_key_options(key_path, key_server)
     if counter_spec is None:
-        stray = [f for f, v in (("--counter-every", counter_every),
-                                ("--counter-interval", counter_interval)) if v is not None]  # fmt: skip
+        given = (("--counter-every", counter_every), ("--counter-interval", counter_interval))
+        stray = [flag for flag, value in given if value is not None]
         if stray:
-            raise click.UsageError(f"{' and '.join(stray)} need --counter")
+            verb = "needs" if len(stray) == 1 else "need"
+            raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
     # Appending events to the key, dataset or mirror would damage it.
-    check_distinct_files(
-        key=key_path, data=data_path, mirror=mirror_path, events=events_path
-    )
+    check_distinct_files(key=key_path, data=data_path, mirror=mirror_path, events=events_path)
     age = process_age_s()
     t_start = time.perf_counter()
     events = EventLog(events_path)

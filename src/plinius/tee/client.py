@@ -138,7 +138,13 @@ def request_master_key(
 
 
 def _base_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:  # e.g. "http://[::1" (an unclosed IPv6 address)
+        raise ConfigError(
+            f"key server URL {url!r} is malformed ({exc}); use http://HOST:PORT or https://HOST:PORT"
+        ) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"key server URL {url!r} must be http://HOST:PORT or https://HOST:PORT")
     if parts.query or parts.fragment:
@@ -211,7 +217,7 @@ class _Http:
             )
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit int
             raise KeyReleaseError(
                 f"the key server at {url} did not answer JSON (HTTP {status})"
             ) from exc

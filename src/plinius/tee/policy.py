@@ -94,6 +94,8 @@ class Policy:
         """Read and validate a policy file; ConfigError naming the problem."""
         p = Path(path)
         try:
+            if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO would block
+                raise ConfigError(f"policy {p} is not a regular file")
             with open(p, "rb") as f:
                 raw = f.read(_MAX_POLICY_BYTES + 1)
         except OSError as exc:
@@ -111,7 +113,7 @@ class Policy:
         """Parse policy TOML text; ConfigError naming the problem."""
         try:
             doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # TOMLDecodeError, or an integer of too many digits
             raise ConfigError(f"policy {source} is not valid TOML: {exc}") from exc
         r = _Reader(doc, source, "")
         r.only(

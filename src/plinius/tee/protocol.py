@@ -202,7 +202,7 @@ def open_signed_json(
         ) from exc
     try:
         payload = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit int
         raise KeyReleaseError("the signed payload is not JSON") from exc
     if not isinstance(payload, dict):
         raise KeyReleaseError("the signed payload is not a JSON object")
@@ -258,7 +258,7 @@ def load_identity(path: str | os.PathLike[str], *, create: bool = True) -> Ed255
     """
     p = Path(path)
     try:
-        fd = os.open(p, os.O_RDONLY)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the open
     except FileNotFoundError:
         if not create:
             raise KeyFileError(f"identity key {p} does not exist") from None

@@ -165,6 +165,8 @@ def unseal_master_key(
     """Open the sealed key at ``path``; IntegrityError if it was tampered with."""
     p = Path(path)
     try:
+        if p.exists() and not p.is_file():  # a FIFO would block, a device never end
+            raise FormatError(f"sealed key {p} is not a regular file")
         with open(p, "rb") as f:
             data = f.read(_MAX_SEALED_BYTES + 1)
     except OSError as exc:
