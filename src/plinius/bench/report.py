@@ -357,8 +357,13 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
                 ax.plot(xs, ys, marker="o", label=_LABELS.get(m, m))
             ax.set_xscale("log")
             ax.set_yscale("log")
-            # Label the measured sizes themselves, not 3x10^1 style minor ticks.
-            ax.set_xticks(xs, [f"{x:.0f}" if x >= 1 else f"{x:.2g}" for x in xs])
+            # Label the measured sizes themselves, not 3x10^1 style minor ticks;
+            # skip a label too close (on the log axis) to the last one shown.
+            shown: list[float] = []
+            for x in xs:
+                if not shown or x / shown[-1] >= 1.35:
+                    shown.append(x)
+            ax.set_xticks(shown, [f"{x:.0f}" if x >= 1 else f"{x:.2g}" for x in shown])
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("state size (MB, log scale)")
             ax.set_ylabel(f"{op} latency (ms, log scale; median)")
@@ -401,7 +406,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
                         label=f"{'plinius' if k == 0 else 'encrypted ckpt'}: {part}",
                     )
                     bottom = [b + v for b, v in zip(bottom, vals)]
-            ax.set_xticks(idx, labels)
+            ax.set_xticks(idx, labels, rotation=45, ha="right")
             ax.set_xlabel("state size (MB of parameters; N:adam = MB of state)")
             ax.set_ylabel("share of the time (%; medians per phase)")
             ax.set_ylim(0, 100)
