@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._fsutil import fsync_dir
 from .crypto import MasterKey, counter_nonce
 
 __all__ = ["PhaseTimes", "encrypted_checkpoint_load", "encrypted_checkpoint_save"]
@@ -61,11 +62,7 @@ def encrypted_checkpoint_save(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(p.parent)
     t3 = time.perf_counter()
     times.serialize, times.crypt, times.io = t1 - t0, t2 - t1, t3 - t2
     del data

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ._fsutil import fsync_dir
 from .errors import IntegrityError, KeyFileError, storage_error
 
 __all__ = [
@@ -155,11 +156,7 @@ class MasterKey:
         os.close(fd)
         # Make the new name durable too: a key lost in a crash loses the data.
         with contextlib.suppress(OSError):
-            dfd = os.open(p.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(p.parent)
 
     @property
     def fingerprint(self) -> bytes:

@@ -9,12 +9,12 @@ advances the counter to it after the commit.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from .errors import FormatError, storage_error
+from ._fsutil import write_atomic
+from .errors import FormatError
 
 __all__ = ["Counter", "FileCounter"]
 
@@ -68,24 +68,7 @@ class FileCounter:
     def increment(self) -> int:
         """Advance by one, durably; returns the new value."""
         value = self.read() + 1
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(f"{value}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            # The rename is durable only once the directory is synced; until
-            # then a power cut could bring the old value back.
-            dfd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise storage_error(exc, f"cannot update counter file {self.path}") from exc
+        write_atomic(self.path, f"{value}\n".encode("ascii"), what="counter file", mode=0o644)
         return value
 
     def __repr__(self) -> str:

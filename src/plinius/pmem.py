@@ -34,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ._fsutil import fsync_dir
 from .errors import StorageError, storage_error
 
 __all__ = [
@@ -205,7 +206,7 @@ class Region:
                     os.replace(tmp_path, p)
                 else:
                     _link_exclusive(tmp_path, p)
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError as exc:
                 raise storage_error(exc, f"cannot create {p}") from exc
         except BaseException:
@@ -410,14 +411,6 @@ def _link_exclusive(src: Path, dst: Path) -> None:
         os.rename(src, dst)
         return
     src.unlink()
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CrashSimRegion:

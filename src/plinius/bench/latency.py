@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._fsutil import fsync_dir
 from ..crypto import MAX_AEAD_BYTES, TAG_SIZE, MasterKey, counter_nonce
 from ._common import MB, BenchConfig, Notes, Progress, SizeSpec, collect, free_disk, median
 from ._common import mem_available as _mem_available
@@ -158,14 +159,6 @@ class _RawAead:
         return {"decrypt": self._run(self._dec)}
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Methods:
     """The five methods over one state, each a save and a restore returning phase times."""
 
@@ -273,7 +266,7 @@ class _Methods:
                 storage_writer=FileSystemWriter(self.dcp_dir, sync_files=True),
                 no_dist=True,
             )
-        _fsync_dir(self.dcp_dir)
+        fsync_dir(self.dcp_dir)
         return {"write": time.perf_counter() - t0}
 
     def dcp_restore(self) -> dict[str, float]:

@@ -41,13 +41,13 @@ import hashlib
 import hmac
 import json
 import os
-import secrets
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._fsutil import write_atomic
 from ..crypto import MasterKey, aad
 from ..errors import ConfigError, FormatError, PliniusError, storage_error
 from .protocol import NONCE_SIZE, PROTOCOL_VERSION, check_job_id
@@ -192,26 +192,9 @@ class CounterStore:
         path = self.path_for(job_id)
         state = {"format": _STATE_FORMAT, "version": 1, "job_id": job_id, "value": value}
         data = (json.dumps(state, sort_keys=True) + "\n").encode("ascii")
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            # The rename is durable only once the directory is synced: until
-            # then a power cut could bring the old (lower) value back.
-            dfd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise storage_error(exc, f"cannot write counter state {path}") from exc
+        # Durable before it is acknowledged: a power cut must never bring an
+        # older (lower) value back.
+        write_atomic(path, data, what="counter state")
 
     def close(self) -> None:
         """Release the directory lock."""

@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._fsutil import write_atomic
 from ..crypto import KEY_SIZE, Aead, MasterKey, hkdf
 from ..errors import (
     AttestationError,
@@ -240,21 +241,4 @@ class _Cursor:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # Rename only once the contents are durable, then make the rename durable.
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(exc, f"cannot write sealed key {path}") from exc
+    write_atomic(path, data, what="sealed key")
