@@ -62,7 +62,14 @@ def test_smallest_configuration_end_to_end(tmp_path: Path, shm_dir: Path) -> Non
     lat = data["latency"]
     assert [s["size"] for s in lat["sizes"]] == ["1"] and lat["skipped"] == []
     size = lat["sizes"][0]
-    assert set(size["methods"]) == {"plinius", "ssd_encrypted", "torch_save", "dcp", "aesgcm_raw"}
+    assert set(size["methods"]) == {
+        "plinius",
+        "ssd_encrypted",
+        "ssd_encrypted_cold",
+        "torch_save",
+        "dcp",
+        "aesgcm_raw",
+    }
     p = size["methods"]["plinius"]
     assert set(p["save_phases_s"]) == {"encrypt", "write"}
     assert set(p["restore_phases_s"]) == {"read", "decrypt"}
@@ -72,7 +79,13 @@ def test_smallest_configuration_end_to_end(tmp_path: Path, shm_dir: Path) -> Non
         "encrypt",
         "write",
     }
-    assert set(size["time_vs_plinius"]) == {"ssd_encrypted", "torch_save", "dcp", "aesgcm_raw"}
+    assert set(size["time_vs_plinius"]) == {
+        "ssd_encrypted",
+        "ssd_encrypted_cold",
+        "torch_save",
+        "dcp",
+        "aesgcm_raw",
+    }
     # The state really is the model and its optimizer: about 2x the parameters.
     assert size["state_bytes"] > 1.5 * size["param_mb"] * 1e6
     assert size["mirror_tensor_bytes"] >= size["state_bytes"]
