@@ -231,3 +231,41 @@ def test_resume_on_another_dataset_is_refused(
         pytest.raises(IntegrityError, match="trained on dataset"),
     ):
         _job(m, ds, steps=10)
+
+
+def test_resume_with_other_settings_is_refused(
+    shm_dir: Path, key: MasterKey, sealed: SealedDataset
+) -> None:
+    """Another batch size (or seed, shuffle) would silently compute a third job: refused."""
+    with Mirror(shm_dir / "a.plm", key) as m:
+        _job(m, sealed, steps=10, crash_at=4)
+    seed_everything(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.7)
+    with Mirror(shm_dir / "a.plm", key) as m, pytest.raises(StateMismatchError, match="batch_size"):
+        fit(
+            model, opt, loss_fn=nn.functional.cross_entropy, dataset=sealed, batch_size=8,
+            steps=10, seed=3, mirror=m, scheduler=sched, prepare=_prepare,
+        )  # fmt: skip
+
+
+class _Noisy(TensorDataset):
+    """Random augmentation in __getitem__: the case where workers could break exactness."""
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        x, y = super().__getitem__(i)
+        return x.float() + 40.0 * torch.rand(x.shape), y
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_random_augmentation_resumes_exactly(shm_dir: Path, key: MasterKey, workers: int) -> None:
+    x, y = _data()
+    ds = _Noisy(torch.from_numpy(x), torch.from_numpy(y))
+    with Mirror(shm_dir / "a.plm", key) as m:
+        straight = _job(m, ds, steps=18, num_workers=workers)
+    with Mirror(shm_dir / "b.plm", key) as m:
+        _job(m, ds, steps=18, crash_at=5, num_workers=workers)  # mid-epoch (12 batches)
+    with Mirror(shm_dir / "b.plm", key) as m:
+        resumed = _job(m, ds, steps=18, init_seed=5, num_workers=workers)
+    _assert_same(straight, resumed)

@@ -51,7 +51,7 @@ class RunRecord:
     recovery_s: float | None = None
     first_step_after_start_s: float | None = None
     steps: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as computed
-    last_committed: int | None = None
+    last_saved: int | None = None  # the last step whose save was started
 
 
 @dataclass
@@ -164,9 +164,11 @@ def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     for line in data.split(b"\n")[:-1]:
         consumed += len(line) + 1
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+            ev = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # a torn line from a killed writer, followed by a new run's lines
+        if isinstance(ev, dict) and isinstance(ev.get("event"), str):
+            events.append(ev)
     return events, start + consumed
 
 
@@ -249,40 +251,50 @@ def run_campaign(
             offset = events_path.stat().st_size if events_path.exists() else 0
             started = time.monotonic()
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-            kill_at: float | None = None
-            if len([r for r in runs if r.killed]) < crashes:
-                if trace is not None:
-                    t_trace = (started - clock0) / time_scale
-                    nxt = trace.next_change(t_trace, above=True, bid=bid)
-                    if nxt is not None:
-                        kill_at = started + (nxt - t_trace) * time_scale
-                elif rng.random() < startup_kill_fraction:
-                    kill_at = started + rng.uniform(0.0, startup_estimate)
-                elif total_steps is not None:
-                    left = crashes - len([r for r in runs if r.killed])
-                    span = max(1, (total_steps - progress) // (left + 1))
-                    target = min(total_steps - 1, progress + rng.randint(1, 2 * span))
-                    per_step = _wait_for_step(proc, events_path, offset, 120.0, target)
-                    if per_step is not None:
-                        kill_at = time.monotonic() + rng.uniform(0.0, per_step)
-                else:
-                    if _wait_for_step(proc, events_path, offset, timeout=120.0) is not None:
-                        kill_at = time.monotonic() + rng.uniform(*window_s)
-            killed = False
-            if kill_at is not None:
-                while proc.poll() is None and time.monotonic() < kill_at:
-                    time.sleep(0.002)
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGKILL)
-                    killed = True
             try:
-                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired as exc:
-                proc.kill()
-                proc.wait()
-                raise PliniusError("the training process did not finish in time") from exc
+                kill_at: float | None = None
+                if len([r for r in runs if r.killed]) < crashes:
+                    if trace is not None:
+                        t_trace = (started - clock0) / time_scale
+                        nxt = trace.next_change(t_trace, above=True, bid=bid)
+                        if nxt is not None:
+                            kill_at = started + (nxt - t_trace) * time_scale
+                    elif rng.random() < startup_kill_fraction:
+                        kill_at = started + rng.uniform(0.0, startup_estimate)
+                    elif total_steps is not None:
+                        left = crashes - len([r for r in runs if r.killed])
+                        span = max(1, (total_steps - progress) // (left + 1))
+                        target = min(total_steps - 1, progress + rng.randint(1, 2 * span))
+                        wait_s = max(1.0, min(120.0, deadline - time.monotonic()))
+                        per_step = _wait_for_step(proc, events_path, offset, wait_s, target)
+                        if per_step is not None:
+                            kill_at = time.monotonic() + rng.uniform(0.0, per_step)
+                    else:
+                        wait_s = max(1.0, min(120.0, deadline - time.monotonic()))
+                        if _wait_for_step(proc, events_path, offset, timeout=wait_s) is not None:
+                            kill_at = time.monotonic() + rng.uniform(*window_s)
+                killed = False
+                if kill_at is not None:
+                    while proc.poll() is None and time.monotonic() < kill_at:
+                        time.sleep(0.002)
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGKILL)
+                        killed = True
+                try:
+                    code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired as exc:
+                    proc.kill()
+                    proc.wait()
+                    raise PliniusError("the training process did not finish in time") from exc
+            finally:
+                # Never leave a child behind: it could go on writing the mirror.
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
             rec = _record(len(runs), events_path, offset, started, killed, kill_at, code)
-            if rec.first_step_after_start_s is not None and not killed:
+            if rec.first_step_after_start_s is not None:
+                # Learn how long start-up and restore take from any run that got
+                # that far, so start-up kills land inside them.
                 startup_estimate = max(0.5, rec.first_step_after_start_s)
             if rec.steps:
                 progress = max(progress, max(st for st, _ in rec.steps))
@@ -325,8 +337,8 @@ def _record(
             rec.recovery_s = e.get("recovery_s")
         elif kind == "step":
             rec.steps.append((int(e["step"]), float(e["loss"])))
-            if e.get("committed"):
-                rec.last_committed = int(e["step"])
+            if e.get("saved"):
+                rec.last_saved = int(e["step"])
             if rec.first_step_after_start_s is None and t_start is not None:
                 rec.first_step_after_start_s = e["t"] - t_start
     return rec

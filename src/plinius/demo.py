@@ -156,10 +156,10 @@ def _compare(
     }
 
 
-def _timings(
-    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path, pm_dir: Path, workdir: Path
-) -> dict[str, float]:
-    """The demo job's final training state, restored from its mirror, then compared."""
+def _restored_state(
+    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path
+) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+    """The demo job's training state, built as ``plinius train`` builds it, restored."""
     import torch
 
     from .cli.train import build_job
@@ -178,6 +178,34 @@ def _timings(
     )
     with Mirror(mirror_path, key, readonly=True) as m:
         m.restore(state)
+    return state, spec, optimizer, scheduler, losses
+
+
+def _plain_differences(cfg: DemoConfig, key: Any, data: Path, a: Path, b: Path) -> list[str]:
+    """What differs between two mirrors beyond their tensors: step counters, sampler
+    position, scheduler, optimizer hyper-parameters, job settings."""
+    sa = _restored_state(cfg, key, data, a)
+    sb = _restored_state(cfg, key, data, b)
+    diffs = []
+    for name in ("total_steps", "dataset_id", "job"):
+        if sa[0][name] != sb[0][name]:
+            diffs.append(name)
+    if sa[0]["sampler"].state_dict() != sb[0]["sampler"].state_dict():
+        diffs.append("sampler")
+    if sa[2].state_dict()["param_groups"] != sb[2].state_dict()["param_groups"]:
+        diffs.append("optim.param_groups")
+    if (sa[3] is None) != (sb[3] is None) or (
+        sa[3] is not None and sa[3].state_dict() != sb[3].state_dict()
+    ):
+        diffs.append("sched")
+    return diffs
+
+
+def _timings(
+    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path, pm_dir: Path, workdir: Path
+) -> dict[str, float]:
+    """The demo job's final training state, restored from its mirror, then compared."""
+    state, spec, optimizer, scheduler, losses = _restored_state(cfg, key, data, mirror_path)
     ckpt_state = {
         "model": spec.module.state_dict(),
         "optim": optimizer.state_dict(),
@@ -207,13 +235,13 @@ def _timings_reference(
 
 
 def _accuracy(cfg: DemoConfig, key: Any, mirror_path: Path, test: Path, train: Path) -> float:
-    from .cli.train import build_job
+    from .cli.train import build_job, label_classes
     from .data import SealedDataset
     from .mirror import Mirror
     from .train import evaluate
 
     with SealedDataset(train, key) as tr:
-        classes = len(set(int(v) for v in tr.get_batch(list(range(len(tr))))[-1].tolist()))
+        classes = label_classes(tr)  # as `plinius train` counts them: max label + 1
     with SealedDataset(test, key) as ds:
         spec, _ = build_job(cfg.model, ds, classes, cfg.seed)
         with Mirror(mirror_path, key, readonly=True) as m:
@@ -330,6 +358,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             on_run=on_run,
         )
         diffs = _compare_mirrors(crash_mirror, clean_mirror, key)
+        diffs += _plain_differences(cfg, key, train, crash_mirror, clean_mirror)
         loss_names = [d for d in diffs if d.startswith("losses")]
         timing = _timings(cfg, key, train, crash_mirror, pm_dir, workdir)
         ref_timing = (

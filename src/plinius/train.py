@@ -24,6 +24,7 @@ the first moment parameters or optimizer state change again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +60,7 @@ class StepEvent:
     total: int
     loss: float
     lr: float
-    committed: bool  # whether a save of this step was started
+    saved: bool  # whether a save of this step was started (durable once the next one waits)
 
 
 @dataclass
@@ -132,15 +133,25 @@ class _BatchSource:
     def _start_epoch_iter(self) -> Iterator[Batch]:
         index_batches = list(self.sampler.batches(self.batch_size, drop_last=True))
         if self.num_workers <= 0:
+            # In this process: a random __getitem__ draws from the global RNGs,
+            # which are in the mirror, so a resumed job draws the same numbers.
             return (self._fetch(b) for b in index_batches)
-        # A DataLoader with workers draws its base seed from the generator it is
-        # given, else from torch's *global* RNG: that would shift every later
-        # dropout mask and break exact resume. Give it a private one.
+        # With workers, which worker fetches a batch (and where its RNG stands)
+        # depends on where in the epoch the job (re)started. So every batch is
+        # fetched with the generators seeded from (seed, epoch, batch number):
+        # a random __getitem__ gives the same batch however the job resumed.
+        first = self.sampler.consumed // self.batch_size
+        numbered = [
+            [(self.sampler.seed, self.sampler.epoch, first + k, i) for i in b]
+            for k, b in enumerate(index_batches)
+        ]
+        # A DataLoader draws its base seed from the generator it is given, else
+        # from torch's *global* RNG: that would shift every later dropout mask.
         gen = torch.Generator()
-        gen.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        gen.manual_seed(_seed_of(self.sampler.seed, self.sampler.epoch))
         loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=index_batches,
+            _SeededBatches(self.dataset),
+            batch_sampler=numbered,
             num_workers=self.num_workers,
             collate_fn=_collate_tuple,
             generator=gen,
@@ -162,6 +173,42 @@ class _BatchSource:
             f"the dataset has fewer records than one batch ({self.batch_size}); "
             "use a smaller --batch-size"
         )
+
+
+def _seed_of(*parts: int) -> int:
+    """A 64-bit seed from integers of any size (SeedSequence mixes them)."""
+    import numpy as np
+
+    words = np.random.SeedSequence([p % (1 << 64) for p in parts]).generate_state(2, np.uint32)
+    return int(words[0]) | (int(words[1]) << 32)
+
+
+class _SeededBatches(Dataset[Any]):
+    """Fetches a batch of ``(seed, epoch, batch, index)`` items with the global
+    generators of the (worker) process seeded from ``(seed, epoch, batch)``."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __getitems__(self, items: list[tuple[int, int, int, int]]) -> list[Any]:
+        import random
+
+        import numpy as np
+
+        seed, epoch, batch, _ = items[0]
+        s = _seed_of(seed, epoch, batch)
+        random.seed(s)
+        np.random.seed(s % (1 << 32))
+        torch.manual_seed(s)
+        idx = [i for *_, i in items]
+        if isinstance(self.dataset, SealedDataset):
+            # One decryption per batch; collate expects a list of records.
+            fields = self.dataset.get_batch(idx)
+            return [tuple(f[k] for f in fields) for k in range(len(idx))]
+        return [self.dataset[i] for i in idx]
+
+    def __getitem__(self, item: tuple[int, int, int, int]) -> Any:
+        return self.__getitems__([item])[0]
 
 
 def _collate_tuple(items: Sequence[Any]) -> Batch:
@@ -190,6 +237,7 @@ def training_state(
     losses: Tensor,
     total: int,
     dataset_id: str | None = None,
+    job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The dict :func:`fit` mirrors: everything the next step depends on.
 
@@ -206,6 +254,9 @@ def training_state(
         # Which sealed dataset the job trains on: a resumed job refuses another
         # one, even one of the same shape sealed under the same key.
         "dataset_id": dataset_id,
+        # The settings that decide what the job computes (batch size, seed,
+        # shuffle, ...): a resume with other ones is refused, not mixed in.
+        "job": dict(job or {}),
     }
     if scheduler is not None:
         state["sched"] = scheduler
@@ -233,6 +284,7 @@ def fit(
     callback: Callable[[StepEvent], None] | None = None,
     extra_state: dict[str, Any] | None = None,
     on_resume: Callable[[int | None, float], None] | None = None,
+    job_info: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
 
@@ -244,7 +296,9 @@ def fit(
     ``prepare`` maps the raw input field of a batch to the model's input;
     ``split`` maps a batch of fields to ``(input, target)`` (default: first and
     last field). ``callback`` receives a :class:`StepEvent` after each step.
-    ``extra_state`` adds user entries to the mirrored state. ``on_resume``
+    ``extra_state`` adds user entries to the mirrored state; ``job_info``
+    adds plain settings (say the model name and learning rate) to those a
+    resume must match (batch size, seed, shuffle, mirror_every). ``on_resume``
     is called once, after the restore, with the step resumed after (or None)
     and the seconds the restore took.
 
@@ -277,6 +331,13 @@ def fit(
     sampler = make_sampler(dataset, seed=seed, shuffle=shuffle)
     losses = torch.full((total,), math.nan, dtype=torch.float64)
     dataset_id = dataset.dataset_id if isinstance(dataset, SealedDataset) else None
+    job = {
+        "batch_size": batch_size,
+        "seed": seed,
+        "shuffle": shuffle if isinstance(shuffle, str) else bool(shuffle),
+        "mirror_every": mirror_every,
+        **(job_info or {}),
+    }
     state = training_state(
         model,
         optimizer,
@@ -285,6 +346,7 @@ def fit(
         losses=losses,
         total=total,
         dataset_id=dataset_id,
+        job=job,
     )
     if extra_state:
         overlap = set(extra_state) & set(state)
@@ -316,6 +378,18 @@ def fit(
                 raise IntegrityError(
                     f"the mirror was trained on dataset {state['dataset_id']}, "
                     f"not on {dataset_id}: resume with the job's own dataset"
+                )
+            if state["job"] != job:
+                saved = state["job"]
+                diff = [
+                    f"{k}={saved.get(k)!r} (now {job.get(k)!r})"
+                    for k in sorted(set(saved) | set(job))
+                    if saved.get(k) != job.get(k)
+                ]
+                raise StateMismatchError(
+                    "the mirror belongs to a job with other settings: "
+                    + ", ".join(diff)
+                    + "; rerun with the job's own settings or use a new mirror file"
                 )
             start = restored
             resumed_from = restored
@@ -370,12 +444,17 @@ def fit(
                         total=total,
                         loss=loss_value,
                         lr=float(optimizer.param_groups[0]["lr"]),
-                        committed=commit,
+                        saved=commit,
                     )
                 )
-    finally:
+    except BaseException:
+        # Finish the pending save, but never let its error hide the first one.
         if pending is not None:
-            pending.wait()
+            with contextlib.suppress(Exception):
+                pending.wait()
+        raise
+    if pending is not None:
+        pending.wait()
     return FitResult(
         losses=[float(v) for v in losses.tolist()],
         resumed_from=resumed_from,

@@ -18,6 +18,12 @@ def register(group: click.Group) -> None:
     group.add_command(crash_test)
 
 
+def _speedup(baseline_ms: float, plinius_ms: float) -> str:
+    """'N.Nx faster' (or slower) of plinius against the baseline."""
+    r = baseline_ms / max(plinius_ms, 1e-9)
+    return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
+
+
 def _yes(ok: bool) -> str:
     return "[green]yes[/green]" if ok else "[bold red]NO[/bold red]"
 
@@ -96,24 +102,24 @@ def demo(
     t.add_row(
         "save: mirror vs encrypted SSD checkpoint",
         f"{rep.mirror_save_ms:.2f} ms vs {rep.ssd_save_ms:.2f} ms "
-        f"({rep.ssd_save_ms / max(rep.mirror_save_ms, 1e-9):.1f}x faster)",
+        f"({_speedup(rep.ssd_save_ms, rep.mirror_save_ms)})",
     )
     t.add_row(
         "restore: mirror vs encrypted SSD checkpoint",
         f"{rep.mirror_restore_ms:.2f} ms vs {rep.ssd_restore_ms:.2f} ms "
-        f"({rep.ssd_restore_ms / max(rep.mirror_restore_ms, 1e-9):.1f}x faster)",
+        f"({_speedup(rep.ssd_restore_ms, rep.mirror_restore_ms)})",
     )
     if rep.reference is not None:
         ref = rep.reference
         t.add_row(
             f"same for the reference CNN ({ref['state_bytes'] / 1e6:.0f} MB state): save",
             f"{ref['mirror_save_ms']:.1f} ms vs {ref['ssd_save_ms']:.1f} ms "
-            f"({ref['ssd_save_ms'] / max(ref['mirror_save_ms'], 1e-9):.1f}x faster)",
+            f"({_speedup(ref['ssd_save_ms'], ref['mirror_save_ms'])})",
         )
         t.add_row(
             "  restore",
             f"{ref['mirror_restore_ms']:.1f} ms vs {ref['ssd_restore_ms']:.1f} ms "
-            f"({ref['ssd_restore_ms'] / max(ref['mirror_restore_ms'], 1e-9):.1f}x faster)",
+            f"({_speedup(ref['ssd_restore_ms'], ref['mirror_restore_ms'])})",
         )
     t.add_row(
         "test accuracy (crashed / uninterrupted)",

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import click
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StateMismatchError
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -282,7 +282,11 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Learning rate override.",
 )
 @click.option(
-    "--seed", default=0, show_default=True, type=int, help="Seed of the model init and data order."
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 2**63 - 1),
+    help="Seed of the model init and data order.",
 )
 @click.option(
     "--mirror-every",
@@ -421,12 +425,9 @@ def train(
             t_open = time.perf_counter() - t0
             show = sys.stdout.isatty() if progress is None else progress
             update, stop = make_progress(show, steps)
-            first_step_at: list[float] = []
 
             def on_step(ev: Any) -> None:
-                if not first_step_at:
-                    first_step_at.append(time.perf_counter())
-                events.write("step", step=ev.step, loss=ev.loss, committed=ev.committed)
+                events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
                 update(ev)
 
             try:
@@ -449,6 +450,8 @@ def train(
                     on_resume=lambda r, s: _report_resume(
                         events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
                     ),
+                    # A resume with another model or learning rate is refused.
+                    job_info={"model": model_name, "lr": lr, "classes": classes},
                 )
             finally:
                 stop()
@@ -541,7 +544,13 @@ def evaluate(
     with SealedDataset(data_path, key) as ds:
         spec, _ = build_job(model_name, ds, num_classes, 0)
         with Mirror(mirror_path, key, readonly=True) as mirror:
-            step = mirror.restore_model(spec.module)
+            try:
+                step = mirror.restore_model(spec.module)
+            except StateMismatchError as exc:
+                raise StateMismatchError(
+                    f"{exc}. Is MODEL the one the job trained? If this dataset lacks some "
+                    "classes, pass --num-classes with the training job's number of classes"
+                ) from exc
         if step is None:
             raise ConfigError(f"mirror {mirror_path} holds no saved state yet; train first")
         acc, loss = run_evaluate(
