@@ -269,3 +269,18 @@ def test_random_augmentation_resumes_exactly(shm_dir: Path, key: MasterKey, work
     with Mirror(shm_dir / "b.plm", key) as m:
         resumed = _job(m, ds, steps=18, init_seed=5, num_workers=workers)
     _assert_same(straight, resumed)
+
+
+def test_reduce_lr_on_plateau_steps_on_the_loss(shm_dir: Path, sealed: SealedDataset) -> None:
+    seed_everything(0)
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    key = MasterKey.generate()
+    with Mirror(shm_dir / "p.plm", key) as m:
+        res = fit(
+            model, opt, loss_fn=nn.functional.cross_entropy, dataset=sealed, batch_size=16,
+            steps=8, mirror=m, scheduler=sched, prepare=_prepare,
+        )  # fmt: skip
+    assert len(res.losses) == 8
+    assert sched.num_bad_epochs >= 0 and opt.param_groups[0]["lr"] <= 0.05

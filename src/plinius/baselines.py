@@ -5,6 +5,9 @@ buffer, encrypt it with AES-256-GCM, write it to a temporary file, fsync, rename
 over the old checkpoint and fsync the directory (so a crash leaves either the
 old or the new file); restore reads, decrypts and ``torch.load``s it back.
 Used by ``plinius demo`` and ``plinius bench``; each phase is timed separately.
+
+It uses ``torch.save`` (pickle) on purpose: that is what it stands for. No plinius
+format uses pickle, and this file is only ever read back by the benchmark that wrote it.
 """
 
 from __future__ import annotations

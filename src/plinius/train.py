@@ -421,11 +421,13 @@ def fit(
                 save_wait += time.perf_counter() - tw
                 pending = None
             optimizer.step()
-            if scheduler is not None:
+            loss_value = float(loss.detach())
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(loss_value)  # it steps on a metric: the training loss
+            elif scheduler is not None:
                 scheduler.step()
             # Only now is the batch really consumed: record it in the sampler.
             sampler.advance(len(batch[0]))
-            loss_value = float(loss.detach())
             losses[step] = loss_value
             done = step + 1
             commit = mirror is not None and (done % mirror_every == 0 or done == total)
@@ -483,6 +485,8 @@ def evaluate(
     """
     prepare = prepare or _identity
     split = split or _default_split
+    if batch_size <= 0:
+        raise ConfigError("batch size must be positive")
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ConfigError("cannot evaluate on an empty dataset")
