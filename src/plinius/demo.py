@@ -181,11 +181,9 @@ def _restored_state(
     return state, spec, optimizer, scheduler, losses
 
 
-def _plain_differences(cfg: DemoConfig, key: Any, data: Path, a: Path, b: Path) -> list[str]:
-    """What differs between two mirrors beyond their tensors: step counters, sampler
-    position, scheduler, optimizer hyper-parameters, job settings."""
-    sa = _restored_state(cfg, key, data, a)
-    sb = _restored_state(cfg, key, data, b)
+def _plain_differences(sa: tuple[Any, ...], sb: tuple[Any, ...]) -> list[str]:
+    """What differs between two restored states beyond their tensors: step counters,
+    sampler position, scheduler, optimizer hyper-parameters, job settings."""
     diffs = []
     for name in ("total_steps", "dataset_id", "job"):
         if sa[0][name] != sb[0][name]:
@@ -202,10 +200,10 @@ def _plain_differences(cfg: DemoConfig, key: Any, data: Path, a: Path, b: Path) 
 
 
 def _timings(
-    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path, pm_dir: Path, workdir: Path
+    cfg: DemoConfig, key: Any, restored: tuple[Any, ...], pm_dir: Path, workdir: Path
 ) -> dict[str, float]:
-    """The demo job's final training state, restored from its mirror, then compared."""
-    state, spec, optimizer, scheduler, losses = _restored_state(cfg, key, data, mirror_path)
+    """The demo job's final training state (restored from its mirror), then compared."""
+    state, spec, optimizer, scheduler, losses = restored
     ckpt_state = {
         "model": spec.module.state_dict(),
         "optim": optimizer.state_dict(),
@@ -358,9 +356,11 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             on_run=on_run,
         )
         diffs = _compare_mirrors(crash_mirror, clean_mirror, key)
-        diffs += _plain_differences(cfg, key, train, crash_mirror, clean_mirror)
+        crashed_state = _restored_state(cfg, key, train, crash_mirror)
+        clean_state = _restored_state(cfg, key, train, clean_mirror)
+        diffs += _plain_differences(crashed_state, clean_state)
         loss_names = [d for d in diffs if d.startswith("losses")]
-        timing = _timings(cfg, key, train, crash_mirror, pm_dir, workdir)
+        timing = _timings(cfg, key, crashed_state, pm_dir, workdir)
         ref_timing = (
             _timings_reference(cfg.reference_mb, key, pm_dir, workdir, cfg.timing_repeats)
             if cfg.reference_mb

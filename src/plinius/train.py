@@ -126,9 +126,7 @@ class _BatchSource:
     def _fetch(self, idx: list[int]) -> Batch:
         if isinstance(self.dataset, SealedDataset):
             return tuple(self.dataset.get_batch(idx))
-        items = [self.dataset[i] for i in idx]
-        collated = torch.utils.data.default_collate(items)
-        return tuple(collated) if isinstance(collated, list | tuple) else (collated,)
+        return _collate_tuple([self.dataset[i] for i in idx])
 
     def _start_epoch_iter(self) -> Iterator[Batch]:
         index_batches = list(self.sampler.batches(self.batch_size, drop_last=True))

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from .train import data_option, mirror_option
 
 
 def register(group: click.Group) -> None:
@@ -143,16 +144,8 @@ def demo(
 @click.option(
     "--key", "key_path", required=True, type=click.Path(path_type=Path), help="Master key file."
 )
-@click.option(
-    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
-)
-@click.option(
-    "--mirror",
-    "mirror_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Mirror file for the campaign.",
-)
+@data_option
+@mirror_option("Mirror file for the campaign.")
 @click.option(
     "--model", "model_name", default="cnn-tiny", show_default=True, help="Model name or .cfg."
 )

@@ -247,6 +247,25 @@ _key_options = [
 ]
 
 
+# Options shared by the commands that train or read a job (train, evaluate, crash-test).
+data_option = click.option(
+    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
+)
+num_classes_option = click.option(
+    "--num-classes",
+    default=None,
+    type=click.IntRange(min=2),
+    help="Classes (default: from the labels).",
+)
+
+
+def mirror_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The required ``--mirror`` option, with this command's help text."""
+    return click.option(
+        "--mirror", "mirror_path", required=True, type=click.Path(path_type=Path), help=help_text
+    )
+
+
 def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(_key_options):
         f = opt(f)
@@ -255,16 +274,8 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.command()
 @_with_key_options
-@click.option(
-    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
-)
-@click.option(
-    "--mirror",
-    "mirror_path",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Mirror file (persistent memory).",
-)
+@data_option
+@mirror_option("Mirror file (persistent memory).")
 @click.option(
     "--model", "model_name", required=True, help="Built-in model name or a Darknet .cfg path."
 )
@@ -305,12 +316,7 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="Data order: chunk-local shuffle (fast), uniform, or none.",
 )
-@click.option(
-    "--num-classes",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Classes (default: from the labels).",
-)
+@num_classes_option
 @click.option(
     "--threads",
     default=None,
@@ -502,22 +508,13 @@ def _report_resume(
 
 @click.command()
 @_with_key_options
-@click.option(
-    "--data", "data_path", required=True, type=click.Path(path_type=Path), help="Sealed dataset."
-)
-@click.option(
-    "--mirror", "mirror_path", required=True, type=click.Path(path_type=Path), help="Mirror file."
-)
+@data_option
+@mirror_option("Mirror file.")
 @click.option("--model", "model_name", required=True, help="The model the mirror was trained with.")
 @click.option(
     "--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Batch size."
 )
-@click.option(
-    "--num-classes",
-    default=None,
-    type=click.IntRange(min=2),
-    help="Classes (default: from the labels).",
-)
+@num_classes_option
 def evaluate(
     key_path: Path | None,
     key_server: str | None,
