@@ -156,7 +156,10 @@ _DTYPES = sorted(
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_every_cpu_dtype_and_odd_shapes_round_trip(shm_dir: Path, key: MasterKey) -> None:
+@pytest.mark.parametrize("save_async", [False, True])
+def test_every_cpu_dtype_and_odd_shapes_round_trip(
+    shm_dir: Path, key: MasterKey, save_async: bool
+) -> None:
     g = torch.Generator().manual_seed(0)
     state: dict[str, Any] = {n: _random_tensor(TORCH_DTYPES[n], (3, 5), g) for n in _DTYPES}
     base = torch.randn(6, 4, generator=g)
@@ -167,7 +170,10 @@ def test_every_cpu_dtype_and_odd_shapes_round_trip(shm_dir: Path, key: MasterKey
     state["np_int"] = np.array([1, 2, 3], dtype=">i8")  # big-endian: bytes kept as they are
     want = _snapshot(state)
     with Mirror(shm_dir / "d.plm", key) as m:
-        m.save(state, step=1)
+        if save_async:  # its capture copies every tensor that is not a parameter
+            m.save_async(state, step=1).wait()
+        else:
+            m.save(state, step=1)
     target = {
         k: (np.zeros_like(v) if isinstance(v, np.ndarray) else torch.zeros_like(v))
         for k, v in state.items()

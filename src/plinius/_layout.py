@@ -257,7 +257,7 @@ def round_up(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One tensor in a manifest: what it is and where its two slots are."""
 
@@ -301,10 +301,66 @@ class Manifest:
         ]
 
 
+def _dumps(doc: Any) -> str:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
 def encode_body(skeleton: dict[str, Any], entries: list[Entry]) -> bytes:
     """The manifest body's plaintext: compact JSON, ASCII."""
-    doc = {"state": skeleton, "tensors": [e.to_json() for e in entries]}
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    return _dumps({"state": skeleton, "tensors": [e.to_json() for e in entries]}).encode()
+
+
+class BodyEncoder:
+    """:func:`encode_body`, byte for byte, reusing what the last save encoded.
+
+    From one save to the next usually only the tags and the current slots
+    change, and maybe a few plain values: the skeleton's JSON is reused when
+    the skeleton is equal, and each entry's JSON up to its tags is cached.
+    :meth:`prepare` does all of it before the tags exist (before a save
+    encrypts, while the interpreter's data is still in the CPU caches);
+    :meth:`fill` then only places the tags.
+    """
+
+    def __init__(self) -> None:
+        self._skeleton: dict[str, Any] | None = None
+        self._skeleton_json = ""
+        self._heads: dict[tuple[Any, ...], str] = {}
+
+    def prepare(self, skeleton: dict[str, Any], entries: list[Entry]) -> list[str]:
+        """The body's text around the entries' tags: ``len(entries) + 1`` pieces."""
+        if skeleton != self._skeleton:
+            self._skeleton_json = _dumps(skeleton)
+            self._skeleton = skeleton
+        heads = self._heads
+        if len(heads) > 4 * len(entries) + 64:
+            heads.clear()  # the layout changed: forget the old entries
+        pieces = [f'{{"state":{self._skeleton_json},"tensors":[']
+        sep = ""
+        for e in entries:
+            k = (e.name, e.kind, e.dtype, e.shape, e.nbytes, e.slots, e.cap, e.cur)
+            head = heads.get(k)
+            if head is None:
+                # The entry's JSON without its last item (the tags) and "]".
+                head = heads[k] = _dumps([*e.to_json()[:-1], ""])[:-3]
+            pieces.append(f'"]{sep}{head}"' if sep else f'{head}"')
+            sep = ","
+        pieces.append('"]]}' if entries else "]}")
+        # pieces[0] + pieces[1] + tags[0] + pieces[2] + ... : shift so that
+        # piece i comes right before entry i's tags.
+        return [pieces[0] + pieces[1], *pieces[2:]] if entries else ["".join(pieces)]
+
+    @staticmethod
+    def fill(pieces: list[str], entries: list[Entry]) -> bytes:
+        """The body, with each entry's tags (hex) between the prepared pieces."""
+        parts = [pieces[0]]
+        for e, p in zip(entries, pieces[1:]):
+            parts.append(b"".join(e.tags).hex())
+            parts.append(p)
+        return "".join(parts).encode()
+
+    def encode(self, skeleton: dict[str, Any], entries: list[Entry]) -> bytes:
+        """:func:`encode_body` (prepare, then fill)."""
+        return self.fill(self.prepare(skeleton, entries), entries)
 
 
 def _itemsize(kind: str, dtype: str) -> int:
@@ -398,20 +454,19 @@ class Allocator:
     def __init__(self, committed: Manifest | None) -> None:
         self.committed = committed
         self.used: list[tuple[int, int]] = []
-        self.old: dict[str, deque[Entry]] = defaultdict(deque)
         if committed is not None:
-            for e in committed.entries:
-                self.used.append((e.offset, e.cap))  # the committed ciphertext
-                self.old[e.name].append(e)
+            self.used = [(e.offset, e.cap) for e in committed.entries]  # committed ciphertext
             r = committed.root
             self.used.append((r.body_off, r.body_cap))
             self.used.append((r.body_other, r.body_cap))  # kept for the next body
         self.end = DATA_START
         self.fresh = 0
-        self._gaps: list[list[int]] = []
+        self._gaps: list[list[int]] | None = None
 
     def _take(self, size: int) -> int:
         """First fit, ALIGN-aligned; the open-ended gap at the end always fits."""
+        if self._gaps is None:
+            self._gaps = _gaps(self.used)
         for g in self._gaps:
             start = round_up(g[0], ALIGN)
             if g[1] < 0 or start + size <= g[1]:
@@ -422,26 +477,40 @@ class Allocator:
 
     def place_tensors(self, wants: list[tuple[str, int]]) -> list[tuple[tuple[int, int], int, int]]:
         """``(slots, cap, cur)`` per ``(name, sealed length)`` wanted."""
-        out: list[tuple[tuple[int, int], int, int] | None] = []
+        c = self.committed
+        if c is not None and len(wants) == len(c.entries):
+            # The usual save: the same tensors as the committed generation, in
+            # the same order, each fitting its pair; each goes to its other slot.
+            # (The general case below gives the same answer, more slowly.)
+            es = c.entries
+            if all(w[0] == e.name and w[1] <= e.cap for w, e in zip(wants, es)):
+                out = [(e.slots, e.cap, 1 - e.cur) for e in es]
+                self.used += [(e.slots[1 - e.cur], e.cap) for e in es]
+                self.end = max([DATA_START] + [max(e.slots) + e.cap for e in es])
+                return out
+        old: dict[str, deque[Entry]] = defaultdict(deque)
+        for e in c.entries if c is not None else ():
+            old[e.name].append(e)
+        out2: list[tuple[tuple[int, int], int, int] | None] = []
         fresh: list[tuple[int, int]] = []
         for i, (name, need) in enumerate(wants):
-            q = self.old.get(name)
+            q = old.get(name)
             prev = q.popleft() if q else None
             if prev is not None and prev.cap >= need:
                 other = 1 - prev.cur
                 self.used.append((prev.slots[other], prev.cap))
-                out.append((prev.slots, prev.cap, other))
+                out2.append((prev.slots, prev.cap, other))
                 self.end = max(self.end, max(prev.slots) + prev.cap)
             else:
-                out.append(None)
+                out2.append(None)
                 fresh.append((i, round_up(max(need, 1), ALIGN)))
         self._gaps = _gaps(self.used)
         # All first slots, then all second slots: a save writes mostly sequentially.
         firsts = [(i, self._take(cap), cap) for i, cap in fresh]
         for i, a, cap in firsts:
-            out[i] = ((a, self._take(cap)), cap, 0)
+            out2[i] = ((a, self._take(cap)), cap, 0)
         self.fresh = len(fresh)
-        placed = [x for x in out if x is not None]
+        placed = [x for x in out2 if x is not None]
         assert len(placed) == len(wants)
         return placed
 

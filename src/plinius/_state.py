@@ -48,12 +48,15 @@ __all__ = [
     "TensorSrc",
     "decode_plain",
     "encode_plain",
+    "FlattenMemo",
     "flatten",
     "plan_restore",
     "check_tensor_refs",
 ]
 
 Node = dict[str, Any]
+_pack_d = struct.Struct("<d").pack
+_STRIDED = torch.strided
 
 # Every torch dtype by its canonical name ("float32", "bfloat16", ...).
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -61,6 +64,22 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     for d in (getattr(torch, n) for n in dir(torch))
     if isinstance(d, torch.dtype)
 }
+# The canonical name of each torch dtype (aliases such as torch.float included).
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    d: str(d).removeprefix("torch.") for d in TORCH_DTYPES.values()
+}
+
+
+# Dtypes whose CPU tensors Tensor.numpy() views without a copy (not bfloat16,
+# the float8s, quantized or bit types): the fast path of a save.
+_NUMPY_VIEWABLE: frozenset[torch.dtype] = frozenset(
+    TORCH_DTYPES[n]
+    for n in (
+        "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+    if n in TORCH_DTYPES
+)  # fmt: skip
 # How many differences a StateMismatchError names before "and N more".
 MAX_DIFFERENCES = 5
 # A plan collects at most this many before it stops looking.
@@ -68,20 +87,28 @@ _COLLECT_DIFFERENCES = 50
 
 
 # ---------------------------------------------------------------- tensors
-@dataclass(slots=True)
 class TensorSrc:
     """A tensor to save: metadata and a flat uint8 view of its bytes."""
 
-    name: str
-    kind: str  # "torch" or "numpy"
-    dtype: str
-    shape: tuple[int, ...]
-    data: np.ndarray[Any, np.dtype[np.uint8]]
+    __slots__ = ("data", "dtype", "kind", "name", "nbytes", "shape")
 
-    @property
-    def nbytes(self) -> int:
-        """Plaintext size in bytes."""
-        return int(self.data.size)
+    def __init__(
+        self,
+        name: str,
+        kind: str,  # "torch" or "numpy"
+        dtype: str,
+        shape: tuple[int, ...],
+        data: np.ndarray[Any, np.dtype[np.uint8]],
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.dtype = dtype
+        self.shape = shape
+        self.data = data
+        self.nbytes: int = data.size  # plaintext size in bytes
+
+    def __repr__(self) -> str:
+        return f"TensorSrc({self.name!r}, {self.kind}, {self.dtype}{list(self.shape)})"
 
 
 @dataclass(slots=True)
@@ -128,20 +155,45 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         )
 
 
+def _fast_view(t: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
+    """:func:`_byte_view` in a few microseconds for the common case, else None.
+
+    The common case: a plain dense CPU tensor that numpy can view as it is
+    (state_dict() values, optimizer state). Saves and restores do this for
+    every tensor, every iteration.
+    """
+    if (
+        type(t) is torch.Tensor
+        and t.dtype in _NUMPY_VIEWABLE
+        and t.is_cpu
+        and t.layout is _STRIDED
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+        and not t.is_nested
+    ):
+        a = (t.detach() if t.requires_grad else t).numpy()
+        return a.reshape(-1).view(np.uint8)
+    return None
+
+
 def _torch_src(t: torch.Tensor, name: str, copy: bool) -> TensorSrc:
+    view = None if copy else _fast_view(t)
+    if view is not None:
+        return TensorSrc(name, "torch", _DTYPE_NAMES[t.dtype], tuple(t.shape), view)
     _check_tensor(t, name)
     orig = t = t.detach()
     if not _direct(t):
         # Memory that cannot be read as it is (non-contiguous, another device,
         # a lazy conjugate or negative view): a contiguous CPU copy.
         t = t.resolve_conj().resolve_neg().to("cpu").contiguous()
+    data = _byte_view(t)
     if copy and t.data_ptr() == orig.data_ptr():
         # save_async's capture: the caller may change this tensor before the
-        # worker encrypts it, so take a private copy now.
-        t = t.clone()
-    return TensorSrc(
-        name, "torch", str(t.dtype).removeprefix("torch."), tuple(t.shape), _byte_view(t)
-    )
+        # worker encrypts it, so take a private copy of its bytes now (as
+        # bytes: torch cannot clone every dtype).
+        data = data.copy()
+    return TensorSrc(name, "torch", _DTYPE_NAMES[t.dtype], tuple(t.shape), data)
 
 
 def _numpy_src(a: np.ndarray[Any, Any], name: str, copy: bool) -> TensorSrc:
@@ -156,6 +208,14 @@ def _numpy_src(a: np.ndarray[Any, Any], name: str, copy: bool) -> TensorSrc:
 # ---------------------------------------------------------------- plain values
 def encode_plain(v: Any, path: str = "value") -> Node:
     """The skeleton node of a plain value, keeping its exact type."""
+    tv = type(v)
+    if tv is str:  # the commonest first: keys, then numbers (a save encodes hundreds)
+        return {"t": "str", "v": v}
+    if tv is int:
+        return {"t": "int", "v": v}
+    if tv is float:
+        # The IEEE bits, so inf, nan (with its payload) and -0.0 round-trip exactly.
+        return {"t": "float", "v": _pack_d(v).hex()}
     if v is None:
         return {"t": "none"}
     if type(v) is bool:
@@ -164,11 +224,6 @@ def encode_plain(v: Any, path: str = "value") -> Node:
         if v.dtype.hasobject or v.dtype.kind not in "biufcmMSV" or v.dtype.fields is not None:
             raise ConfigError(f"cannot save {path}: numpy scalar of dtype {v.dtype}")
         return {"t": "npscalar", "dtype": v.dtype.str, "v": v.tobytes().hex()}
-    if type(v) is int:
-        return {"t": "int", "v": v}
-    if type(v) is float:
-        # The IEEE bits, so inf, nan (with its payload) and -0.0 round-trip exactly.
-        return {"t": "float", "v": struct.pack("<d", v).hex()}
     if type(v) is complex:
         return {"t": "complex", "v": struct.pack("<dd", v.real, v.imag).hex()}
     if type(v) is str:
@@ -247,6 +302,10 @@ def decode_plain(node: Any) -> Any:
 
 
 # ---------------------------------------------------------------- flatten
+# Plain values that need no further look (not containers, never Stateful).
+_SCALARS = frozenset({str, int, float, bool, type(None), complex, bytes})
+
+
 def _stateful(v: Any) -> bool:
     return (
         not isinstance(v, type | torch.Tensor | Mapping)
@@ -267,11 +326,121 @@ def _key_str(k: Any) -> str:
     return k if isinstance(k, str) else repr(k)
 
 
+@dataclass(slots=True)
+class _Memo:
+    """The skeleton of one dict of tensors (or of dicts of tensors), as last flattened."""
+
+    cls: type
+    base: int  # index of its first tensor
+    keys: tuple[Any, ...]
+    inner: tuple[tuple[Any, ...], ...] | None  # keys of each inner dict, when nested
+    names: list[str]
+    node: Node
+
+
+class FlattenMemo:
+    """What one flatten learned of the state's structure, for the next one.
+
+    A training loop saves the same structure every iteration: the same module
+    keys, the same optimizer state keys. The skeleton of each such dict of
+    tensors is kept (structure and names only, never a tensor) and reused when
+    the next flatten finds the same keys at the same place, so that a save
+    spends its time encrypting rather than rebuilding the same skeleton.
+    """
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, str], _Memo] = {}
+
+
 class _Flattener:
-    def __init__(self, capture: bool) -> None:
+    def __init__(self, capture: bool, memo: FlattenMemo | None = None) -> None:
         self.capture = capture
         self.tensors: list[TensorSrc] = []
         self.names: set[str] = set()
+        self.memo = memo.entries if memo is not None else {}
+        self.next_memo: dict[tuple[int, str], _Memo] = {}
+
+    def _reuse(self, obj: Any, path: str, keys: tuple[Any, ...]) -> _Memo | None:
+        m = self.memo.get((id(obj), path))
+        if (
+            m is not None
+            and m.cls is type(obj)
+            and m.base == len(self.tensors)
+            and m.keys == keys
+            and self.names.isdisjoint(m.names)
+        ):
+            self.names.update(m.names)
+            return m
+        return None
+
+    def tensor_dict(self, obj: Any, d: Mapping[Any, Any], path: str, params: Any) -> Node | None:
+        """A module's state dict when every value is a tensor (else None), through the memo.
+
+        ``params``: data pointers of the module's parameters (for save_async's capture).
+        """
+        vals = list(d.values())
+        for t in vals:
+            if type(t) is not torch.Tensor:
+                return None
+        keys = tuple(d)
+        m = self._reuse(obj, path, keys)
+        if m is None:
+            base = len(self.tensors)
+            names = [self._name(_join(path, k)) for k in keys]
+            node: Node = {
+                "t": "dict",
+                "o": True,
+                "items": [
+                    [encode_plain(k, path), {"t": "tensor", "i": base + j}]
+                    for j, k in enumerate(keys)
+                ],
+            }
+            m = _Memo(type(obj), base, keys, None, names, node)
+        self.next_memo[(id(obj), path)] = m
+        cap = self.capture
+        for name, t in zip(m.names, vals):
+            live = cap and t.numel() > 0 and t.data_ptr() in params
+            self.tensors.append(_torch_src(t, name, cap and not live))
+        return m.node
+
+    def nested_tensor_dict(self, obj: Any, d: Any, path: str) -> Node | None:
+        """An optimizer's per-parameter state, ``{id: {key: tensor}}`` with every
+        value a tensor (else None), through the memo. All of it is live."""
+        if type(d) is not dict:
+            return None
+        inner = list(d.values())
+        for x in inner:
+            if type(x) is not dict:
+                return None
+            for t in x.values():
+                if type(t) is not torch.Tensor:
+                    return None
+        keys = tuple(d)
+        inner_keys = tuple(tuple(x) for x in inner)
+        m = self._reuse(obj, path, keys)
+        if m is not None and m.inner != inner_keys:
+            self.names.difference_update(m.names)
+            m = None
+        if m is None:
+            base = len(self.tensors)
+            names: list[str] = []
+            items = []
+            for k, ks in zip(keys, inner_keys):
+                p = _join(path, k)
+                sub = []
+                for k2 in ks:
+                    names.append(self._name(_join(p, k2)))
+                    sub.append([encode_plain(k2, p), {"t": "tensor", "i": base + len(names) - 1}])
+                items.append([encode_plain(k, path), {"t": "dict", "items": sub}])
+            m = _Memo(type(obj), base, keys, inner_keys, names, {"t": "dict", "items": items})
+        self.next_memo[(id(obj), path)] = m
+        it = iter(m.names)
+        for x in inner:
+            for t in x.values():
+                self.tensors.append(_torch_src(t, next(it), False))
+        return m.node
 
     def _name(self, path: str) -> str:
         # Names are for people (inspect, export); keep them unique anyway.
@@ -294,11 +463,12 @@ class _Flattener:
         return {"t": "tensor", "i": len(self.tensors) - 1}
 
     def value(self, v: Any, path: str, live: bool = False) -> Node:
-        if isinstance(v, torch.Tensor | np.ndarray):
+        tv = type(v)
+        if tv in _SCALARS:
+            return encode_plain(v, path)
+        if tv is torch.Tensor or tv is np.ndarray or isinstance(v, torch.Tensor | np.ndarray):
             return self.tensor(v, path, live)
-        if _stateful(v):
-            return self.stateful(v, path)
-        if type(v) in (dict, OrderedDict):
+        if tv is dict or tv is OrderedDict:
             node: Node = {
                 "t": "dict",
                 "items": [
@@ -306,14 +476,16 @@ class _Flattener:
                     for k, x in v.items()
                 ],
             }
-            if type(v) is OrderedDict:
+            if tv is OrderedDict:
                 node["o"] = True
             return node
-        if type(v) in (list, tuple):
+        if tv is list or tv is tuple:
             return {
-                "t": "list" if type(v) is list else "tuple",
+                "t": "list" if tv is list else "tuple",
                 "items": [self.value(x, _join(path, i), live) for i, x in enumerate(v)],
             }
+        if _stateful(v):
+            return self.stateful(v, path)
         return encode_plain(v, path)
 
     def stateful(self, obj: Any, path: str) -> Node:
@@ -323,28 +495,32 @@ class _Flattener:
         except Exception as exc:
             raise ConfigError(f"cannot save {path}: its state_dict() failed: {exc}") from exc
         if kind == "module":
-            params = {p.data_ptr() for p in obj.parameters() if p.numel()}
-            items = []
-            for k, t in sd.items():
-                p = _join(path, k)
-                if isinstance(t, torch.Tensor):
-                    live = t.numel() > 0 and t.data_ptr() in params
-                    items.append([encode_plain(k, path), self.tensor(t, p, live)])
-                else:
-                    items.append([encode_plain(k, path), self.value(t, p)])
-            inner: Node = {"t": "dict", "o": True, "items": items}
+            # Which tensors are parameters matters only to save_async's capture.
+            params = {p.data_ptr() for p in obj.parameters() if p.numel()} if self.capture else ()
+            fast = self.tensor_dict(obj, sd, path, params)
+            if fast is not None:
+                inner: Node = fast
+            else:
+                items = []
+                for k, t in sd.items():
+                    p = _join(path, k)
+                    if isinstance(t, torch.Tensor):
+                        live = t.numel() > 0 and t.data_ptr() in params
+                        items.append([encode_plain(k, path), self.tensor(t, p, live)])
+                    else:
+                        items.append([encode_plain(k, path), self.value(t, p)])
+                inner = {"t": "dict", "o": True, "items": items}
         elif kind == "optimizer":
             # Only per-parameter state changes in optimizer.step(); the rest
             # (param groups, possibly with tensor learning rates) is captured now.
             if not isinstance(sd, dict) or set(sd) < {"state", "param_groups"}:
                 raise ConfigError(f"cannot save {path}: unexpected optimizer state_dict()")
-            inner = {
-                "t": "dict",
-                "items": [
-                    [encode_plain(k), self.value(x, _join(path, k), live=(k == "state"))]
-                    for k, x in sd.items()
-                ],
-            }
+            items = []
+            for k, x in sd.items():
+                p = _join(path, k)
+                node = self.nested_tensor_dict(obj, x, p) if k == "state" else None
+                items.append([encode_plain(k), node or self.value(x, p, live=(k == "state"))])
+            inner = {"t": "dict", "items": items}
         else:
             inner = self.value(sd, path)
         cls = type(obj)
@@ -353,24 +529,30 @@ class _Flattener:
 
 
 def _join(path: str, k: Any) -> str:
-    return f"{path}.{_key_str(k)}" if path else _key_str(k)
+    ks = k if type(k) is str else _key_str(k)
+    return f"{path}.{ks}" if path else ks
 
 
-def flatten(state: Mapping[str, Any], *, capture: bool = False) -> tuple[Node, list[TensorSrc]]:
+def flatten(
+    state: Mapping[str, Any], *, capture: bool = False, memo: FlattenMemo | None = None
+) -> tuple[Node, list[TensorSrc]]:
     """Split ``state`` into a JSON skeleton and its tensors (flat uint8 views).
 
     With ``capture`` (for ``save_async``), every tensor except module
     parameters and optimizer per-parameter state is copied now, so that the
     caller may change it (a forward pass updates BatchNorm statistics) while the
-    copy is being encrypted.
+    copy is being encrypted. ``memo`` (kept by a Mirror from one save to the
+    next) makes flattening the same structure again cheap; it is updated.
     """
     if not isinstance(state, dict):
         raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
     for k in state:
         if not isinstance(k, str):
             raise ConfigError(f"the state's top-level keys must be strings, not {k!r}")
-    f = _Flattener(capture)
+    f = _Flattener(capture, memo)
     skeleton = {"t": "dict", "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()]}
+    if memo is not None:
+        memo.entries = f.next_memo  # only what this state still has
     return skeleton, f.tensors
 
 
@@ -476,7 +658,7 @@ class _Planner:
         st = self.tensors[i]
         if st.kind == "torch":
             if isinstance(target, torch.Tensor):
-                tdt = str(target.dtype).removeprefix("torch.")
+                tdt = _DTYPE_NAMES[target.dtype]
                 if tuple(target.shape) != st.shape or tdt != st.dtype:
                     self.diff(
                         path, f"saved {st.dtype}{list(st.shape)}, target {tdt}{list(target.shape)}"
@@ -487,7 +669,10 @@ class _Planner:
                         path, f"target is a {target.layout} tensor; it cannot be loaded in place"
                     )
                     return lambda: target
-                if _direct(target):
+                view = _fast_view(target)
+                if view is not None:
+                    dst = TensorDst(i, view, target, alias=True)
+                elif _direct(target):
                     dst = TensorDst(i, _byte_view(target), target, alias=True)
                 else:
                     buf = torch.empty(st.shape, dtype=TORCH_DTYPES[st.dtype])

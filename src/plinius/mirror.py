@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from . import _layout as L
-from ._state import RNGState, TensorSrc, flatten, plan_restore
+from ._state import FlattenMemo, RNGState, TensorSrc, flatten, plan_restore
 from .crypto import TAG_SIZE, Aead, MasterKey, aad, counter_nonce, hkdf
 from .errors import (
     ConfigError,
@@ -202,6 +202,9 @@ class Mirror:
         self._lock_fd = -1
         self._closed = False
         self._aad_cache: dict[tuple[Any, ...], bytes] = {}
+        self._body = L.BodyEncoder()
+        self._prefix_cache: tuple[int, bytes] = (-1, b"")
+        self._memo = FlattenMemo()  # the state's structure, as the last save saw it
         self._region: RegionLike
         if isinstance(path_or_region, str | os.PathLike):
             self._path: Path | None = Path(path_or_region)
@@ -347,7 +350,9 @@ class Mirror:
             chunk_bytes=CHUNK_BYTES,
         )  # fmt: skip
         text = L.encode_body({"t": "dict", "items": []}, [])
-        self._write_manifest(region, mkey, region_id, root, 0, text)
+        salt = os.urandom(16)
+        aead = Aead(hkdf(mkey, salt=salt, info="plinius/v1/mirror/save"))
+        self._write_manifest(region, aead, region_id, root, 0, text, salt)
         # The commit word last: until it is valid, the region does not open.
         self._commit(region, 0, 0)
 
@@ -520,7 +525,7 @@ class Mirror:
         with self._lock:
             self._join_pending()
             self._check_writable()
-            skeleton, srcs = flatten(state)
+            skeleton, srcs = flatten(state, memo=self._memo)
             self._save_locked(skeleton, srcs, step)
 
     def save_async(self, state: dict[str, Any], *, step: int) -> PendingSave:
@@ -534,7 +539,7 @@ class Mirror:
         with self._lock:
             self._join_pending()
             self._check_writable()
-            skeleton, srcs = flatten(state, capture=True)
+            skeleton, srcs = flatten(state, capture=True, memo=self._memo)
             if self._driver is None:
                 self._driver = ThreadPoolExecutor(1, thread_name_prefix="plinius-save")
             fut = self._driver.submit(self._save_in_background, skeleton, srcs, step)
@@ -721,7 +726,10 @@ class Mirror:
         if gen > L.MAX_GENERATION:
             raise ConfigError("this mirror has used every generation number; start a new mirror")
         alloc = L.Allocator(m)
-        placed = alloc.place_tensors([(s.name, L.ct_len(s.nbytes, chunk)) for s in srcs])
+        placed = alloc.place_tensors(
+            [(s.name, s.nbytes + TAG_SIZE if s.nbytes <= chunk else L.ct_len(s.nbytes, chunk))
+             for s in srcs]
+        )  # fmt: skip
         entries = [
             L.Entry(s.name, s.kind, s.dtype, s.shape, s.nbytes, slots, cap, cur)
             for s, (slots, cap, cur) in zip(srcs, placed)
@@ -732,18 +740,45 @@ class Mirror:
         buf = region.buf
         salt = os.urandom(16)
         aead = self._save_aead(salt)
-        prefix = aad("plinius/v1/mirror/tensor", self._sb.region_id, gen)
+        prefix = self._prefix(gen)
         jobs: list[_Job] = []
+        sealed: list[memoryview] = []  # each piece's sealed slice, its tag last
+        ranges: list[tuple[int, int]] = []
+        encrypt_into = aead.encrypt_into
         for i, (s, e) in enumerate(zip(srcs, entries)):
+            n = e.nbytes
+            off = e.slots[e.cur]
+            if n <= chunk:
+                # One piece (nearly every tensor): what _pieces makes, inlined.
+                dst = buf[off : off + n + TAG_SIZE]
+                ad = prefix + self._static_aad(i, e, 1)
+                run = functools.partial(encrypt_into, _nonce(i), _mv(s.data), ad, dst)
+                jobs.append(_Job(n, run))
+                sealed.append(dst)
+                ranges.append((off, n + TAG_SIZE))
+                continue
             for src, dst, nonce, ad in self._pieces(gen, prefix, chunk, i, e, buf, s.data):
                 jobs.append(_Job(len(src), _encrypt_job(aead, nonce, src, ad, dst)))
+                sealed.append(dst)
+            ranges.append((off, L.ct_len(n, chunk)))
+        # Whatever needs no tag is done before encrypting (which leaves the
+        # CPU caches full of ciphertext): the manifest body's text above all.
+        pieces = self._body.prepare(skeleton, entries)
         self._run(jobs)
-        for e in entries:
-            e.tags = [bytes(buf[end - TAG_SIZE : end]) for end in _tag_ends(e, chunk)]
+        tags = [bytes(d[-TAG_SIZE:]) for d in sealed]
+        if len(tags) == len(entries):
+            for e, tag in zip(entries, tags):
+                e.tags = [tag]
+        else:
+            k = 0
+            for e in entries:
+                c = L.nchunks(e.nbytes, chunk)
+                e.tags = tags[k : k + c]
+                k += c
         # IMPORTANT: the tensors are durable before the manifest that names them
         # is written, and that before the commit word that makes it current.
-        _persist_ranges(region, [(e.offset, L.ct_len(e.nbytes, chunk)) for e in entries])
-        text = L.encode_body(skeleton, entries)
+        _persist_ranges(region, ranges)
+        text = self._body.fill(pieces, entries)
         body_off, body_other, body_cap = alloc.place_body(len(text) + TAG_SIZE)
         self._grow_to(alloc.end)
         counter_expected, advance = self._next_counter()
@@ -755,7 +790,7 @@ class Mirror:
             num_tensors=len(entries), tensor_bytes=sum(e.nbytes for e in entries),
             extent_end=max(alloc.end, region.size), chunk_bytes=chunk,
         )  # fmt: skip
-        self._write_manifest(region, self._mirror_key, self._sb.region_id, root, slot, text, salt)
+        self._write_manifest(region, aead, self._sb.region_id, root, slot, text, salt)
         self._commit(region, gen, slot)
         self._manifest = L.Manifest(root, slot, skeleton, entries, salt)
         # The superseded root is wiped, so that rewriting the commit word alone
@@ -792,15 +827,14 @@ class Mirror:
     def _write_manifest(
         self,
         region: RegionLike,
-        mkey: bytes,
+        aead: Aead,
         region_id: bytes,
         root: L.Root,
         slot: int,
         text: bytes,
-        salt: bytes | None = None,
+        salt: bytes,
     ) -> None:
-        salt = salt if salt is not None else os.urandom(16)
-        aead = Aead(hkdf(mkey, salt=salt, info="plinius/v1/mirror/save"))
+        """Seal and persist the body, then the root; ``aead`` is the save's key (from ``salt``)."""
         n = len(text) + TAG_SIZE
         if n > root.body_cap:
             raise AssertionError("manifest body outgrew its planned slot")  # pragma: no cover
@@ -853,6 +887,17 @@ class Mirror:
         chunk's index and count (concatenated TLV fields, as ``crypto.aad``).
         """
         n = L.nchunks(e.nbytes, chunk)
+        if n == 1:
+            # The cached AAD of a one-piece tensor already ends with chunk 0's.
+            off = e.offset
+            return [
+                (
+                    data[: e.nbytes],
+                    buf[off : off + e.nbytes + TAG_SIZE],
+                    _nonce(i),
+                    prefix + self._static_aad(i, e, 1),
+                )
+            ]
         static = self._static_aad(i, e, n)
         out = []
         for c in range(n):
@@ -870,20 +915,30 @@ class Mirror:
         return out
 
     def _static_aad(self, i: int, e: L.Entry, n: int) -> bytes:
+        """The AAD after the prefix: the tensor's fields, and for a one-piece
+        tensor (``n == 1``) its chunk's too (cached: a save needs one per tensor)."""
         k = (i, e.name, e.kind, e.dtype, e.shape, e.nbytes, n)
         cached = self._aad_cache.get(k)
         if cached is None:
             cached = aad(i, e.name, e.kind, e.dtype, e.shape, e.nbytes, n)
+            if n == 1:
+                cached += _chunk_aad(0)
             if len(self._aad_cache) > 1 << 16:
                 self._aad_cache.clear()
             self._aad_cache[k] = cached
         return cached
 
+    def _prefix(self, gen: int) -> bytes:
+        """``aad(purpose, region id, gen)``, the start of every tensor AAD of generation ``gen``."""
+        if self._prefix_cache[0] != gen:
+            self._prefix_cache = (gen, aad("plinius/v1/mirror/tensor", self._sb.region_id, gen))
+        return self._prefix_cache[1]
+
     def _open_pieces(
         self, m: L.Manifest, i: int, e: L.Entry, dst: np.ndarray[Any, Any], shared: bool = False
     ) -> list[tuple[memoryview, Any, bytes, bytes]]:
         """(sealed slice, plaintext destination, nonce, aad) per chunk of committed tensor ``i``."""
-        prefix = aad("plinius/v1/mirror/tensor", self._sb.region_id, m.root.generation)
+        prefix = self._prefix(m.root.generation)
         pieces = self._pieces(
             m.root.generation, prefix, m.root.chunk_bytes, i, e, self._region.buf, dst, shared
         )
@@ -978,6 +1033,12 @@ def counter_bound(uses_counter: bool, every: int, interval: float) -> str:
 @functools.lru_cache(maxsize=4096)
 def _chunk_aad(c: int) -> bytes:
     return aad(c)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _nonce(i: int) -> bytes:
+    """The nonce of tensor ``i``'s first chunk (``_pieces`` makes the same)."""
+    return counter_nonce(i, _DOMAIN_TENSOR)
 
 
 def _tag_ends(e: L.Entry, chunk: int) -> list[int]:
