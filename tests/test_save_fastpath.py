@@ -221,3 +221,47 @@ def test_saves_after_structure_changes_restore_exactly(shm_dir: Path, key: Maste
                 target["more"] = np.zeros(3, dtype=np.int64)
             assert mirror.restore(target) == i
             assert _flat(target, None) == want
+
+
+def test_memo_reuses_views_of_the_same_memory_and_only_those() -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    memo = FlattenMemo()
+    state = {"m": model, "o": opt}
+    _, first = flatten(state, memo=memo)
+    _, second = flatten(state, memo=memo)
+    assert all(a.data is b.data for a, b in zip(first, second))  # the views were reused
+
+    # Another tensor in the parameter (the old storage is freed), another
+    # momentum buffer: the next flatten must read the new memory.
+    with torch.no_grad():
+        model.weight.data = torch.full((2, 3), 7.0)
+    opt.state[model.bias]["momentum_buffer"] = torch.full((2,), 5.0)
+    _, third = flatten(state, memo=memo)
+    by_name = {s.name: s for s in third}
+    assert bytes(by_name["m.weight"].data) == torch.full((2, 3), 7.0).numpy().tobytes()
+    assert (
+        bytes(by_name["o.state.1.momentum_buffer"].data) == torch.full((2,), 5.0).numpy().tobytes()
+    )
+    assert by_name["m.weight"].data.ctypes.data == model.weight.data_ptr()
+    assert _flat(state, memo) == _flat(state, None)
+
+    # A transposed view of a square tensor has the same pointer, dtype and
+    # shape but other bytes in order: never the cached view.
+    sq = torch.nn.Linear(2, 2, bias=False)
+    s2 = {"sq": sq}
+    flatten(s2, memo=memo)
+    with torch.no_grad():
+        sq.weight.data = sq.weight.data.t()
+    assert _flat(s2, memo) == _flat(s2, None)
+
+
+def test_a_closed_mirror_holds_no_views(shm_dir: Path, key: MasterKey) -> None:
+    model = torch.nn.Linear(3, 2)
+    m = Mirror(shm_dir / "v.plm", key)
+    m.save({"m": model}, step=1)
+    assert m._memo.entries  # white box: the views of the last save are kept while open
+    m.close()
+    assert not m._memo.entries

@@ -90,7 +90,7 @@ _COLLECT_DIFFERENCES = 50
 class TensorSrc:
     """A tensor to save: metadata and a flat uint8 view of its bytes."""
 
-    __slots__ = ("data", "dtype", "kind", "name", "nbytes", "shape")
+    __slots__ = ("data", "dtype", "kind", "name", "nbytes", "owner", "shape")
 
     def __init__(
         self,
@@ -99,12 +99,14 @@ class TensorSrc:
         dtype: str,
         shape: tuple[int, ...],
         data: np.ndarray[Any, np.dtype[np.uint8]],
+        owner: Any = None,  # what keeps ``data``'s memory alive, if not ``data`` itself
     ) -> None:
         self.name = name
         self.kind = kind
         self.dtype = dtype
         self.shape = shape
         self.data = data
+        self.owner = owner
         self.nbytes: int = data.size  # plaintext size in bytes
 
     def __repr__(self) -> str:
@@ -336,6 +338,36 @@ class _Memo:
     inner: tuple[tuple[Any, ...], ...] | None  # keys of each inner dict, when nested
     names: list[str]
     node: Node
+    # Per tensor, how its memory was last viewed: (data_ptr, dtype, torch shape,
+    # dtype name, shape, uint8 view), or None where it could not be viewed.
+    views: list[tuple[Any, ...] | None] = field(default_factory=list)
+
+    def src(self, j: int, t: torch.Tensor, name: str) -> TensorSrc:
+        """Tensor ``j``'s TensorSrc, reusing last time's view of the same memory."""
+        c = self.views[j] if j < len(self.views) else None
+        if (
+            c is not None
+            and t.data_ptr() == c[0]
+            and t.dtype is c[1]
+            and t.shape == c[2]
+            and t.is_cpu
+            and t.is_contiguous()
+            and not t.is_conj()
+            and not t.is_neg()
+        ):
+            # The same bytes, seen the same way (a live tensor occupies them
+            # now: its pointer, dtype, shape and layout say so). ``t`` keeps
+            # them alive while the save reads them.
+            return TensorSrc(name, "torch", c[3], c[4], c[5], owner=t)
+        while len(self.views) <= j:
+            self.views.append(None)
+        view = _fast_view(t)
+        if view is None:
+            self.views[j] = None
+            return _torch_src(t, name, False)
+        dn, shape = _DTYPE_NAMES[t.dtype], tuple(t.shape)
+        self.views[j] = (t.data_ptr(), t.dtype, t.shape, dn, shape, view)
+        return TensorSrc(name, "torch", dn, shape, view)
 
 
 class FlattenMemo:
@@ -343,15 +375,22 @@ class FlattenMemo:
 
     A training loop saves the same structure every iteration: the same module
     keys, the same optimizer state keys. The skeleton of each such dict of
-    tensors is kept (structure and names only, never a tensor) and reused when
-    the next flatten finds the same keys at the same place, so that a save
-    spends its time encrypting rather than rebuilding the same skeleton.
+    tensors is kept and reused when the next flatten finds the same keys at the
+    same place, with the numpy view of each tensor's memory, reused when the
+    tensor still occupies the same memory the same way; so that a save spends
+    its time encrypting rather than rebuilding the same skeleton. Only what the
+    last flatten saw is kept: a view that a tensor no longer uses is dropped at
+    the next flatten (or by :meth:`clear`).
     """
 
     __slots__ = ("entries",)
 
     def __init__(self) -> None:
         self.entries: dict[tuple[int, str], _Memo] = {}
+
+    def clear(self) -> None:
+        """Forget everything (and release the views)."""
+        self.entries = {}
 
 
 class _Flattener:
@@ -399,10 +438,14 @@ class _Flattener:
             }
             m = _Memo(type(obj), base, keys, None, names, node)
         self.next_memo[(id(obj), path)] = m
-        cap = self.capture
-        for name, t in zip(m.names, vals):
-            live = cap and t.numel() > 0 and t.data_ptr() in params
-            self.tensors.append(_torch_src(t, name, cap and not live))
+        append = self.tensors.append
+        if self.capture:
+            for j, (name, t) in enumerate(zip(m.names, vals)):
+                live = t.numel() > 0 and t.data_ptr() in params
+                append(m.src(j, t, name) if live else _torch_src(t, name, True))
+        else:
+            for j, (name, t) in enumerate(zip(m.names, vals)):
+                append(m.src(j, t, name))
         return m.node
 
     def nested_tensor_dict(self, obj: Any, d: Any, path: str) -> Node | None:
@@ -436,10 +479,13 @@ class _Flattener:
                 items.append([encode_plain(k, path), {"t": "dict", "items": sub}])
             m = _Memo(type(obj), base, keys, inner_keys, names, {"t": "dict", "items": items})
         self.next_memo[(id(obj), path)] = m
-        it = iter(m.names)
+        append = self.tensors.append
+        j = 0
+        names = m.names
         for x in inner:
             for t in x.values():
-                self.tensors.append(_torch_src(t, next(it), False))
+                append(m.src(j, t, names[j]))
+                j += 1
         return m.node
 
     def _name(self, path: str) -> str:

@@ -1007,6 +1007,9 @@ class Mirror:
         for ex in (self._driver, self._pool):
             if ex is not None:
                 ex.shutdown(wait=True)
+        memo = getattr(self, "_memo", None)
+        if memo is not None:
+            memo.clear()
         region = getattr(self, "_region", None)
         if region is not None:
             with contextlib.suppress(PliniusError, BufferError, ValueError):
