@@ -1096,15 +1096,13 @@ def _run_all(jobs: list[_Job]) -> None:
 
 
 def _split(jobs: list[_Job], n: int) -> list[list[_Job]]:
-    """Contiguous groups of roughly equal bytes."""
-    total = sum(j.nbytes for j in jobs)
-    groups: list[list[_Job]] = [[]]
-    acc = 0
-    for j in jobs:
-        if acc >= total * len(groups) / n and len(groups) < n:
-            groups.append([])
-        groups[-1].append(j)
-        acc += j.nbytes
+    """``n`` groups of nearly equal bytes: each job, largest first, to the least loaded group."""
+    groups: list[list[_Job]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for j in sorted(jobs, key=lambda j: -j.nbytes):
+        g = loads.index(min(loads))
+        groups[g].append(j)
+        loads[g] += j.nbytes
     return [g for g in groups if g]
 
 
