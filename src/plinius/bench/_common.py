@@ -240,6 +240,7 @@ def machine_info(pm_dir: Path, disk_dir: Path) -> dict[str, Any]:
     import numpy
     import torch
 
+    from .._runtime import openmp_settings
     from ..pmem import describe_path
 
     cpu = platform.processor() or platform.machine()
@@ -283,6 +284,7 @@ def machine_info(pm_dir: Path, disk_dir: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "openmp": openmp_settings(),
         "numpy": numpy.__version__,
         "cryptography": cryptography.__version__,
         "pm_dir": str(pm_dir),

@@ -84,6 +84,7 @@ def _machine(md: list[str], meta: dict[str, Any]) -> None:
         f"| kernel | {m['kernel']} |",
         f"| versions | Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} threads), NumPy {m['numpy']}, cryptography {m['cryptography']} |",
+        f"| OpenMP | {_openmp(m.get('openmp'))} |",
         f"| PM directory | `{m['pm_dir']}`: {m['pm_kind']} |",
         f"| PM is DAX | {'yes' if meta['pm_is_dax'] else 'no'}; "
         f"`Mirror.info().is_pmem`: {meta.get('mirror_is_pmem')} |",
@@ -94,6 +95,13 @@ def _machine(md: list[str], meta: dict[str, Any]) -> None:
     ]
     md += [f"- {line}" for line in meta["storage_notes"]]
     md.append("")
+
+
+def _openmp(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return "not recorded"
+    shown = [f"{k}={v}" for k, v in settings.items() if v is not None]
+    return ", ".join(shown) if shown else "library defaults (nothing set)"
 
 
 def _latency(md: list[str], lat: dict[str, Any]) -> None:

@@ -13,9 +13,14 @@ import os
 import sys
 from typing import Any
 
-import click
+from .._runtime import tune_openmp
 
-from ..errors import PliniusError
+# Before any command module can import torch (see plinius._runtime: why).
+tune_openmp()
+
+import click  # noqa: E402
+
+from ..errors import PliniusError  # noqa: E402
 
 # Modules that define commands; each has a ``register(group)`` function.
 _COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", "bench"]
