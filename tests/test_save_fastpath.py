@@ -21,6 +21,7 @@ import torch
 from plinius import _layout as L
 from plinius._state import TORCH_DTYPES, FlattenMemo, _torch_src, flatten
 from plinius.crypto import MasterKey
+from plinius.errors import ConfigError
 from plinius.mirror import Mirror, RNGState
 
 
@@ -265,3 +266,47 @@ def test_a_closed_mirror_holds_no_views(shm_dir: Path, key: MasterKey) -> None:
     assert m._memo.entries  # white box: the views of the last save are kept while open
     m.close()
     assert not m._memo.entries
+
+
+class _KeyedModule(torch.nn.Module):
+    """A module whose state_dict key is whatever ``self.k`` is (a custom state_dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k: Any = 1
+        self.t = torch.ones(2)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:  # type: ignore[override]
+        return {self.k: self.t}
+
+    def load_state_dict(self, sd: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return None
+
+
+def test_memo_never_mixes_keys_that_are_equal_but_of_other_types() -> None:
+    mod = _KeyedModule()
+    memo = FlattenMemo()
+    state = {"m": mod}
+    for k in (1, True, 1.0, 1, -0.0, 0.0, "1"):
+        mod.k = k
+        assert _flat(state, memo) == _flat(state, None), k
+
+
+def test_a_sparse_tensor_in_a_memoised_place_is_refused_cleanly() -> None:
+    model = torch.nn.BatchNorm1d(3)
+    memo = FlattenMemo()
+    flatten({"m": model}, memo=memo)
+    model.running_mean = model.running_mean.to_sparse()
+    for capture in (False, True):
+        with pytest.raises(ConfigError, match=r"sparse|not supported"):
+            flatten({"m": model}, memo=memo, capture=capture)
+
+
+def test_capture_drops_the_views_it_does_not_use() -> None:
+    model = torch.nn.BatchNorm1d(3)
+    memo = FlattenMemo()
+    flatten({"m": model}, memo=memo)  # a synchronous save: every view kept
+    flatten({"m": model}, memo=memo, capture=True)  # buffers copied: their views dropped
+    (m,) = memo.entries.values()
+    kept = [n for n, v in zip(m.names, m.views) if v is not None]
+    assert kept == ["m.weight", "m.bias"]

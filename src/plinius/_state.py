@@ -342,15 +342,21 @@ class _Memo:
     # dtype name, shape, uint8 view), or None where it could not be viewed.
     views: list[tuple[Any, ...] | None] = field(default_factory=list)
 
+    def forget(self, j: int) -> None:
+        """Drop tensor ``j``'s view."""
+        if j < len(self.views):
+            self.views[j] = None
+
     def src(self, j: int, t: torch.Tensor, name: str) -> TensorSrc:
         """Tensor ``j``'s TensorSrc, reusing last time's view of the same memory."""
         c = self.views[j] if j < len(self.views) else None
         if (
             c is not None
+            and t.layout is _STRIDED  # first: a sparse tensor has no data pointer
+            and t.is_cpu
             and t.data_ptr() == c[0]
             and t.dtype is c[1]
             and t.shape == c[2]
-            and t.is_cpu
             and t.is_contiguous()
             and not t.is_conj()
             and not t.is_neg()
@@ -424,6 +430,8 @@ class _Flattener:
             if type(t) is not torch.Tensor:
                 return None
         keys = tuple(d)
+        if not _exact_keys(keys):
+            return None
         m = self._reuse(obj, path, keys)
         if m is None:
             base = len(self.tensors)
@@ -441,8 +449,12 @@ class _Flattener:
         append = self.tensors.append
         if self.capture:
             for j, (name, t) in enumerate(zip(m.names, vals)):
-                live = t.numel() > 0 and t.data_ptr() in params
-                append(m.src(j, t, name) if live else _torch_src(t, name, True))
+                if t.layout is _STRIDED and t.numel() > 0 and t.data_ptr() in params:
+                    append(m.src(j, t, name))
+                else:
+                    # Copied now; a view from an earlier save must not keep old memory.
+                    m.forget(j)
+                    append(_torch_src(t, name, True))
         else:
             for j, (name, t) in enumerate(zip(m.names, vals)):
                 append(m.src(j, t, name))
@@ -462,6 +474,8 @@ class _Flattener:
                     return None
         keys = tuple(d)
         inner_keys = tuple(tuple(x) for x in inner)
+        if not (_exact_keys(keys) and all(_exact_keys(ks) for ks in inner_keys)):
+            return None
         m = self._reuse(obj, path, keys)
         if m is not None and m.inner != inner_keys:
             self.names.difference_update(m.names)
@@ -551,7 +565,7 @@ class _Flattener:
                 for k, t in sd.items():
                     p = _join(path, k)
                     if isinstance(t, torch.Tensor):
-                        live = t.numel() > 0 and t.data_ptr() in params
+                        live = t.layout is _STRIDED and t.numel() > 0 and t.data_ptr() in params
                         items.append([encode_plain(k, path), self.tensor(t, p, live)])
                     else:
                         items.append([encode_plain(k, path), self.value(t, p)])
@@ -572,6 +586,15 @@ class _Flattener:
         cls = type(obj)
         return {"t": "stateful", "kind": kind, "cls": f"{cls.__module__}.{cls.__qualname__}",
                 "v": inner}  # fmt: skip
+
+
+def _exact_keys(keys: tuple[Any, ...]) -> bool:
+    """Whether ``==`` on these keys is exact: str and int only (1 == 1.0 == True, 0.0 == -0.0)."""
+    for k in keys:
+        tk = type(k)
+        if tk is not str and tk is not int:
+            return False
+    return True
 
 
 def _join(path: str, k: Any) -> str:
