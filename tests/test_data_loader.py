@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,20 @@ from plinius.data import SealedDataset, SealedSampler, seal_dataset
 from plinius.errors import ConfigError, IntegrityError
 
 N = 300
+
+
+@pytest.fixture(autouse=True)
+def _private_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Worker processes leave multiprocessing's ``pymp-*`` directories behind (torch hands
+    tensors over through a listener socket there, and a worker is ended without its exit
+    handlers): keep them in a directory of this test's, removed afterwards."""
+    d = tempfile.mkdtemp(prefix="plinius-test-mp-")
+    monkeypatch.setenv("TMPDIR", d)  # spawned workers
+    monkeypatch.setattr(tempfile, "tempdir", d)  # forked workers inherit the cached value
+    try:
+        yield
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
