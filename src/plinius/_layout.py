@@ -334,20 +334,18 @@ class BodyEncoder:
         heads = self._heads
         if len(heads) > 4 * len(entries) + 64:
             heads.clear()  # the layout changed: forget the old entries
+        # Piece i is the text right before entry i's tags; the last one closes the body.
         pieces = [f'{{"state":{self._skeleton_json},"tensors":[']
-        sep = ""
         for e in entries:
             k = (e.name, e.kind, e.dtype, e.shape, e.nbytes, e.slots, e.cap, e.cur)
             head = heads.get(k)
             if head is None:
                 # The entry's JSON without its last item (the tags) and "]".
                 head = heads[k] = _dumps([*e.to_json()[:-1], ""])[:-3]
-            pieces.append(f'"]{sep}{head}"' if sep else f'{head}"')
-            sep = ","
-        pieces.append('"]]}' if entries else "]}")
-        # pieces[0] + pieces[1] + tags[0] + pieces[2] + ... : shift so that
-        # piece i comes right before entry i's tags.
-        return [pieces[0] + pieces[1], *pieces[2:]] if entries else ["".join(pieces)]
+            pieces[-1] += f'{head}"'
+            pieces.append('"],')
+        pieces[-1] = '"]]}' if entries else pieces[-1] + "]}"
+        return pieces
 
     @staticmethod
     def fill(pieces: list[str], entries: list[Entry]) -> bytes:

@@ -228,8 +228,6 @@ def encode_plain(v: Any, path: str = "value") -> Node:
         return {"t": "npscalar", "dtype": v.dtype.str, "v": v.tobytes().hex()}
     if type(v) is complex:
         return {"t": "complex", "v": struct.pack("<dd", v.real, v.imag).hex()}
-    if type(v) is str:
-        return {"t": "str", "v": v}
     if type(v) is bytes:
         return {"t": "bytes", "v": v.hex()}
     if isinstance(v, torch.dtype):
@@ -449,7 +447,7 @@ class _Flattener:
         append = self.tensors.append
         if self.capture:
             for j, (name, t) in enumerate(zip(m.names, vals)):
-                if t.layout is _STRIDED and t.numel() > 0 and t.data_ptr() in params:
+                if _is_param(t, params):
                     append(m.src(j, t, name))
                 else:
                     # Copied now; a view from an earlier save must not keep old memory.
@@ -565,7 +563,7 @@ class _Flattener:
                 for k, t in sd.items():
                     p = _join(path, k)
                     if isinstance(t, torch.Tensor):
-                        live = t.layout is _STRIDED and t.numel() > 0 and t.data_ptr() in params
+                        live = _is_param(t, params)
                         items.append([encode_plain(k, path), self.tensor(t, p, live)])
                     else:
                         items.append([encode_plain(k, path), self.value(t, p)])
@@ -586,6 +584,11 @@ class _Flattener:
         cls = type(obj)
         return {"t": "stateful", "kind": kind, "cls": f"{cls.__module__}.{cls.__qualname__}",
                 "v": inner}  # fmt: skip
+
+
+def _is_param(t: torch.Tensor, params: Any) -> bool:
+    """Whether ``t`` holds a module parameter's memory (``params``: their data pointers)."""
+    return t.layout is _STRIDED and t.numel() > 0 and t.data_ptr() in params
 
 
 def _exact_keys(keys: tuple[Any, ...]) -> bool:

@@ -726,10 +726,7 @@ class Mirror:
         if gen > L.MAX_GENERATION:
             raise ConfigError("this mirror has used every generation number; start a new mirror")
         alloc = L.Allocator(m)
-        placed = alloc.place_tensors(
-            [(s.name, s.nbytes + TAG_SIZE if s.nbytes <= chunk else L.ct_len(s.nbytes, chunk))
-             for s in srcs]
-        )  # fmt: skip
+        placed = alloc.place_tensors([(s.name, L.ct_len(s.nbytes, chunk)) for s in srcs])
         entries = [
             L.Entry(s.name, s.kind, s.dtype, s.shape, s.nbytes, slots, cap, cur)
             for s, (slots, cap, cur) in zip(srcs, placed)
@@ -746,10 +743,9 @@ class Mirror:
         ranges: list[tuple[int, int]] = []
         encrypt_into = aead.encrypt_into
         for i, (s, e) in enumerate(zip(srcs, entries)):
-            n = e.nbytes
-            off = e.slots[e.cur]
+            n, off = e.nbytes, e.slots[e.cur]
             if n <= chunk:
-                # One piece (nearly every tensor): what _pieces makes, inlined.
+                # One piece (nearly every tensor): what _pieces makes, without the lists.
                 dst = buf[off : off + n + TAG_SIZE]
                 ad = prefix + self._static_aad(i, e, 1)
                 run = functools.partial(encrypt_into, _nonce(i), _mv(s.data), ad, dst)
@@ -758,23 +754,20 @@ class Mirror:
                 ranges.append((off, n + TAG_SIZE))
                 continue
             for src, dst, nonce, ad in self._pieces(gen, prefix, chunk, i, e, buf, s.data):
-                jobs.append(_Job(len(src), _encrypt_job(aead, nonce, src, ad, dst)))
+                run = functools.partial(encrypt_into, nonce, _mv(src), ad, dst)
+                jobs.append(_Job(len(src), run))
                 sealed.append(dst)
             ranges.append((off, L.ct_len(n, chunk)))
         # Whatever needs no tag is done before encrypting (which leaves the
         # CPU caches full of ciphertext): the manifest body's text above all.
         pieces = self._body.prepare(skeleton, entries)
         self._run(jobs)
-        tags = [bytes(d[-TAG_SIZE:]) for d in sealed]
-        if len(tags) == len(entries):
-            for e, tag in zip(entries, tags):
-                e.tags = [tag]
-        else:
-            k = 0
-            for e in entries:
-                c = L.nchunks(e.nbytes, chunk)
-                e.tags = tags[k : k + c]
-                k += c
+        tags = [bytes(d[-TAG_SIZE:]) for d in sealed]  # in the order of the pieces
+        k = 0
+        for e in entries:
+            c = L.nchunks(e.nbytes, chunk)
+            e.tags = tags[k : k + c]
+            k += c
         # IMPORTANT: the tensors are durable before the manifest that names them
         # is written, and that before the commit word that makes it current.
         _persist_ranges(region, ranges)
@@ -887,17 +880,6 @@ class Mirror:
         chunk's index and count (concatenated TLV fields, as ``crypto.aad``).
         """
         n = L.nchunks(e.nbytes, chunk)
-        if n == 1:
-            # The cached AAD of a one-piece tensor already ends with chunk 0's.
-            off = e.offset
-            return [
-                (
-                    data[: e.nbytes],
-                    buf[off : off + e.nbytes + TAG_SIZE],
-                    _nonce(i),
-                    prefix + self._static_aad(i, e, 1),
-                )
-            ]
         static = self._static_aad(i, e, n)
         out = []
         for c in range(n):
@@ -909,7 +891,8 @@ class Mirror:
                     data[:size] if shared else data[lo : lo + size],
                     buf[off : off + size + TAG_SIZE],
                     counter_nonce(i, _DOMAIN_TENSOR + c),
-                    prefix + static + _chunk_aad(c),
+                    # (a one-piece tensor's cached AAD already ends with chunk 0's)
+                    prefix + static + (_chunk_aad(c) if n > 1 else b""),
                 )
             )
         return out
@@ -1072,15 +1055,6 @@ def _decrypt_job(
         except IntegrityError as exc:
             failed.append(exc)
             stop.set()
-
-    return run
-
-
-def _encrypt_job(
-    aead: Aead, nonce: bytes, src: Any, ad: bytes, dst: memoryview
-) -> Callable[[], None]:
-    def run() -> None:
-        aead.encrypt_into(nonce, _mv(src), ad, dst)
 
     return run
 
