@@ -32,12 +32,14 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from plinius._sources import load_csv, load_idx, load_npz
+from plinius.bench.crashtest import PriceTrace
 from plinius.cli import main
-from plinius.crashtest import PriceTrace
+from plinius.counters import FileCounter
+from plinius.counters.tpm import TPMCounter
 from plinius.crypto import MasterKey
 from plinius.darknet import load_cfg, parse_input_spec
 from plinius.data import SealedDataset, seal_dataset
+from plinius.data._sources import load_csv, load_idx, load_npz
 from plinius.errors import (
     ConfigError,
     DarknetConfigError,
@@ -48,12 +50,10 @@ from plinius.errors import (
     StorageError,
     WrongKeyError,
 )
-from plinius.freshness import FileCounter
 from plinius.mirror import Mirror
 from plinius.tee.policy import Policy
 from plinius.tee.protocol import load_identity
 from plinius.tee.sealing import unseal_master_key
-from plinius.tpm import TPMCounter
 
 # ---------------------------------------------------------------- the workspace
 
@@ -485,7 +485,7 @@ def _sim(w: W) -> Any:
 
 def _ks_counter(w: W, url: str = "http://127.0.0.1:9", pubkey: str = "00" * 32,
                 job: str = "job") -> object:  # fmt: skip
-    from plinius.tee import KeyServerCounter
+    from plinius.counters import KeyServerCounter
 
     return KeyServerCounter(url, pubkey, job_id=job, key=w.key)
 
@@ -723,8 +723,9 @@ def test_bad_command_lines_fail_clearly_and_lose_nothing(w: W, row: BadCli) -> N
 def _keyserver(tmp_path: Path, key: MasterKey) -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from plinius.tee.counters import CounterStore
-    from plinius.tee.keyserver import AuditLog, KeyServer
+    from plinius.tee.audit import AuditLog
+    from plinius.tee.counter_service import CounterStore
+    from plinius.tee.keyserver import KeyServer
     from plinius.tee.policy import Policy
 
     store = CounterStore(tmp_path / "counters")
@@ -786,7 +787,7 @@ def test_bad_counter_requests_are_refused_and_change_nothing(tmp_path: Path, nam
 
 
 def test_a_damaged_counter_state_file_is_refused(tmp_path: Path) -> None:
-    from plinius.tee.counters import CounterStore
+    from plinius.tee.counter_service import CounterStore
 
     store = CounterStore(tmp_path / "counters")
     try:

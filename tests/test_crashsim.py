@@ -7,7 +7,8 @@ import itertools
 import pytest
 
 from plinius.errors import StorageError
-from plinius.pmem import CACHE_LINE, CrashSimRegion, RegionLike
+from plinius.pmem import CACHE_LINE, RegionLike
+from plinius.testing import CrashSimRegion
 
 
 def test_is_region_like_and_starts_clean() -> None:

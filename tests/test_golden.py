@@ -110,8 +110,8 @@ def test_golden_dataset_reads_every_record(golden: Path) -> None:
 def test_golden_mirror_structures_reencode_to_the_same_bytes() -> None:
     # Read the committed generation with the primitives FORMAT.md names, then
     # re-encode each plaintext structure with today's code: the bytes must match.
-    from plinius import _layout as fmt
     from plinius.crypto import TAG_SIZE, Aead, aad, counter_nonce, hkdf
+    from plinius.mirror import _format as fmt
 
     raw = (GOLDEN / "mirror.plm").read_bytes()
     sb = fmt.unpack_superblock(raw[: fmt.DATA_START], "golden")
@@ -144,7 +144,7 @@ def test_golden_mirror_structures_reencode_to_the_same_bytes() -> None:
 
 
 def test_golden_dataset_header_reencodes_to_the_same_bytes() -> None:
-    from plinius import _dataformat as dfmt
+    from plinius.data import _format as dfmt
 
     raw = (GOLDEN / "data.pld").read_bytes()
     hdr = dfmt.read_prefix(memoryview(raw), GOLDEN / "data.pld")

@@ -49,8 +49,8 @@ _LAZY = {
     "SealedSampler": "data",
     "fit": "train",
     "FitResult": "train",
-    "Counter": "freshness",
-    "FileCounter": "freshness",
+    "Counter": "counters",
+    "FileCounter": "counters",
 }
 
 __all__ = [
@@ -80,9 +80,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .counters import Counter, FileCounter
     from .crypto import MasterKey
     from .data import SealedDataset, SealedSampler, seal_dataset
-    from .freshness import Counter, FileCounter
     from .mirror import Mirror, RNGState
     from .train import FitResult, fit
 

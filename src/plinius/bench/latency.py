@@ -14,7 +14,7 @@ Methods and their phases:
   (measured in the same round), ``write`` the rest of the save (stores into
   the mapped region beyond what a scratch buffer costs, persist, manifest,
   commit). Likewise ``decrypt`` and ``read`` for a restore.
-- ``ssd_encrypted``: :mod:`plinius.baselines` (torch.save to a buffer,
+- ``ssd_encrypted``: :mod:`plinius.bench.baselines` (torch.save to a buffer,
   AES-256-GCM, temp file, fsync, rename, fsync the directory; and back, then
   ``load_state_dict``), with its own phase timers.
 - ``torch_save``: plain ``torch.save`` to a file plus fsync; ``torch.load``
@@ -225,13 +225,13 @@ class _Methods:
         return {"total": dt}
 
     def ssd_save(self) -> dict[str, float]:
-        from ..baselines import encrypted_checkpoint_save
+        from .baselines import encrypted_checkpoint_save
 
         t = encrypted_checkpoint_save(self._sd(), self.ckpt, self.key)
         return {"serialize": t.serialize, "encrypt": t.crypt, "write": t.io}
 
     def ssd_restore(self) -> dict[str, float]:
-        from ..baselines import encrypted_checkpoint_load
+        from .baselines import encrypted_checkpoint_load
 
         sd, t = encrypted_checkpoint_load(self.ckpt, self.key)
         t0 = time.perf_counter()
@@ -240,7 +240,7 @@ class _Methods:
         return {"read": t.io, "decrypt": t.crypt, "deserialize": t.serialize, "apply": apply}
 
     def ssd_cold_save(self) -> dict[str, float]:
-        from ..baselines import encrypted_checkpoint_save
+        from .baselines import encrypted_checkpoint_save
 
         t = encrypted_checkpoint_save(self._sd(), self.ckpt_cold, self.key)
         return {"serialize": t.serialize, "encrypt": t.crypt, "write": t.io}
@@ -248,7 +248,7 @@ class _Methods:
     def ssd_cold_restore(self) -> dict[str, float]:
         """The same restore after the file's pages were dropped from the page cache,
         as after a reboot or on a new machine: the read comes from the disk."""
-        from ..baselines import encrypted_checkpoint_load
+        from .baselines import encrypted_checkpoint_load
 
         fd = os.open(self.ckpt_cold, os.O_RDONLY)
         try:
@@ -373,7 +373,8 @@ def run_latency(
             "plinius": "Mirror.save/restore in the PM dir; encrypt/decrypt phases estimated "
             "from raw AES-GCM over the same tensors, write/read = the rest",
             "ssd_encrypted": "torch.save to a buffer, AES-256-GCM, temp file, fsync, rename, "
-            "fsync dir (plinius.baselines); restore: read, decrypt, torch.load, load_state_dict",
+            "fsync dir (plinius.bench.baselines); restore: read, decrypt, torch.load, "
+            "load_state_dict",
             "torch_save": "torch.save to a file + fsync; torch.load + load_state_dict "
             "(unencrypted)",
             "dcp": "torch.distributed.checkpoint save/load, one process, FileSystemWriter "

@@ -99,9 +99,9 @@ def _measure(fn: Callable[[], object], reset: bool) -> int:
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from ..baselines import encrypted_checkpoint_load, encrypted_checkpoint_save
     from ..crypto import MasterKey
     from ..mirror import Mirror
+    from .baselines import encrypted_checkpoint_load, encrypted_checkpoint_save
     from .latency import build_state, tensor_views
 
     size = SizeSpec(float(spec["mb"]), str(spec["optimizer"]))

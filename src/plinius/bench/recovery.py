@@ -1,6 +1,6 @@
 """Recovery time after SIGKILL, from process start to the first resumed step.
 
-A crash campaign (:func:`plinius.crashtest.run_campaign`) runs ``plinius train``
+A crash campaign (:func:`plinius.bench.crashtest.run_campaign`) runs ``plinius train``
 in a child process and kills it with SIGKILL a few times, each time after it
 has logged a training step. Every run that resumed from a committed state is
 split, from the JSON-lines events the child writes (``--events``), into:
@@ -69,8 +69,8 @@ def run_recovery(
     cfg: BenchConfig, key: MasterKey, key_path: Path, pm: Path, disk: Path, progress: Progress
 ) -> dict[str, Any]:
     """Kill ``plinius train`` ``cfg.recovery_crashes`` times and time every recovery."""
-    from ..crashtest import read_events, run_campaign
     from ..data import seal_dataset
+    from .crashtest import read_events, run_campaign
 
     records = max(256, cfg.recovery_batch * 16)
     data = pm / "recovery.pld"

@@ -105,8 +105,8 @@ def seal(
         if given is not None and _same_file(out, given):
             raise click.UsageError(f"--out {out} is the {flag} file; give another --out path")
 
-    from .. import _sources
     from ..crypto import MasterKey
+    from ..data import _sources
 
     # Fail fast, before a possibly long load of the input.
     if out.exists() and not overwrite:

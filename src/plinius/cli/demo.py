@@ -72,7 +72,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ..demo import DemoConfig, run_demo
+    from ..bench.demo import DemoConfig, run_demo
 
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -227,9 +227,9 @@ def crash_test(
     and restore) or the replay of a spot-price trace, as preemptible cloud
     instances are killed whenever the price rises above the bid.
     """
-    from ..crashtest import PriceTrace, run_campaign, synthetic_trace
+    from ..bench.crashtest import PriceTrace, run_campaign, synthetic_trace
+    from ..bench.demo import _compare_mirrors
     from ..crypto import MasterKey
-    from ..demo import _compare_mirrors
 
     if schedule != "trace":
         ctx = click.get_current_context()
@@ -264,7 +264,7 @@ def crash_test(
     env = dict(os.environ, PYTHONHASHSEED="0")
 
     def on_run(r: object) -> None:
-        from ..crashtest import RunRecord
+        from ..bench.crashtest import RunRecord
 
         assert isinstance(r, RunRecord)
         where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"

@@ -49,7 +49,7 @@ def _magic(path: Path) -> bytes:
 
 def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
     """What ``plinius inspect`` prints for a mirror file."""
-    from .. import _layout as L
+    from ..mirror import _format as L
     from ..pmem import describe_path
 
     size = path.stat().st_size

@@ -161,8 +161,9 @@ def keyserver(
     import ipaddress
 
     from ..crypto import MasterKey
-    from ..tee.counters import CounterStore
-    from ..tee.keyserver import AuditLog, KeyServer, serve
+    from ..tee.audit import AuditLog
+    from ..tee.counter_service import CounterStore
+    from ..tee.keyserver import KeyServer, serve
     from ..tee.policy import Policy
     from ..tee.protocol import load_identity
     from ..tee.verify import load_verifier

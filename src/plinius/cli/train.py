@@ -149,11 +149,11 @@ def make_counter(
         return None, 1
     kind, _, arg = spec.partition(":")
     if kind == "file" and arg:
-        from ..freshness import FileCounter
+        from ..counters import FileCounter
 
         return FileCounter(arg), 1
     if kind == "tpm":
-        from ..tpm import DEFAULT_TCTI, TPMCounter
+        from ..counters.tpm import DEFAULT_TCTI, TPMCounter
 
         # for_key: the index password derives from the master key, so a host
         # that forges or replays TPM answers is caught (HMAC sessions).
@@ -161,7 +161,7 @@ def make_counter(
     if kind == "keyserver" and not arg:
         if not key_server or not key_server_pubkey:
             raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")
-        from ..tee import KeyServerCounter
+        from ..counters import KeyServerCounter
 
         return KeyServerCounter(key_server, key_server_pubkey, job_id=job_id, key=key), 1
     raise ConfigError(

@@ -15,8 +15,9 @@ with a TOML :class:`Policy`. Modules, in the order data flows: ``devices``
 (the /dev/attestation and configfs-tsm files), ``platform`` (detection),
 ``quotes`` (parsing), ``evidence`` (collection), ``verify`` (pluggable quote
 verifiers), ``policy``, ``protocol`` (messages, key wrapping, signatures),
-``keyserver``, ``client``, ``sealing``; ``counters`` and ``counter_client``
-(the key server's per-job freshness counter, :class:`KeyServerCounter`). See docs/TEE.md.
+``keyserver``, ``client``, ``sealing``; ``counter_service`` (the key server's
+per-job freshness counters; their client is :class:`plinius.counters.KeyServerCounter`).
+See docs/TEE.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .client import obtain_master_key, request_master_key
-from .counter_client import KeyServerCounter
 from .evidence import Evidence, collect_evidence, simulation_measurement
 from .platform import KINDS, Platform, detect_platform
 from .policy import Policy
@@ -44,7 +44,6 @@ __all__ = [
     "Evidence",
     "KINDS",
     "KeyServer",
-    "KeyServerCounter",
     "Platform",
     "Policy",
     "QuoteVerifier",

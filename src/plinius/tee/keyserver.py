@@ -14,7 +14,7 @@ a 4xx status):
 * ``GET /v1/info`` -> ``{"version", "public_key"}``
 * ``POST /v1/counter`` ``{"version", "job_id", "op", "nonce", ["target"], "mac"}``
   -> ``{"payload", "signature"}``: the per-job freshness counters (see
-  :mod:`.counters`; only when the server was given a :class:`.counters.CounterStore`)
+  :mod:`.counter_service`; only when the server was given a :class:`.counter_service.CounterStore`)
 
 Limits: request bodies of at most 64 KiB, read within 10 s; at most 64
 connections at once; 10,000 outstanding nonces. Every release and every
@@ -30,13 +30,10 @@ import os
 import secrets
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -49,8 +46,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ..crypto import MasterKey
-from ..errors import ConfigError, PliniusError, storage_error
-from .counters import MAX_COUNTER_REQUEST, CounterRefusal, CounterService, CounterStore
+from ..errors import ConfigError, PliniusError
+from .audit import AuditLog
+from .counter_service import MAX_COUNTER_REQUEST, CounterRefusal, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
 from .protocol import (
@@ -136,42 +134,6 @@ class NonceStore:
                 self._spent.popitem(last=False)
             if expiry <= now:
                 raise Refusal(403, "nonce_expired", "the nonce expired; ask for a new one")
-
-
-class AuditLog:
-    """Append-only JSON lines, one per release or refusal (stderr when no path)."""
-
-    def __init__(self, path: str | os.PathLike[str] | None) -> None:
-        self.path = Path(path) if path is not None else None
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        if self.path is not None:
-            try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            except OSError as exc:
-                raise storage_error(exc, f"cannot open audit log {self.path}") from exc
-
-    def write(self, event: dict[str, Any]) -> None:
-        """Append one event, durably; raises StorageError when it cannot."""
-        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **event}
-        line = (json.dumps(record, sort_keys=True, ensure_ascii=True) + "\n").encode()
-        with self._lock:
-            if self._fd is None:
-                sys.stderr.write(line.decode())
-                sys.stderr.flush()
-                return
-            try:
-                os.write(self._fd, line)
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise storage_error(exc, f"cannot write audit log {self.path}") from exc
-
-    def close(self) -> None:
-        """Close the file."""
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
 
 
 _REQUEST_FIELDS = {"version", "job_id", "nonce", "client_public_key", "evidence"}

@@ -1,0 +1,101 @@
+"""Freshness counters: trusted monotonic counters that catch a rolled-back mirror file.
+
+A host that keeps an old copy of a mirror file and puts it back defeats every
+authentication tag: the old file is authentic. A counter kept where the host
+cannot rewind it (a TPM NV counter, the data owner's key server) closes that
+hole: each manifest records the counter value it expects, and the mirror
+advances the counter to it after the commit.
+
+Three counters implement the :class:`Counter` protocol, one module each:
+
+* :class:`FileCounter` (here): a plain file; INSECURE, for simulation and tests;
+* :class:`TPMCounter` (``plinius.counters.tpm``): a TPM 2.0 NV counter;
+* :class:`KeyServerCounter` (``plinius.counters.keyserver``): the data owner's
+  key server (its store is ``plinius.tee.counter_service``).
+
+The last two are imported on first use (they need tpm2-pytss, or the key
+server's protocol).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .._fsutil import write_atomic
+from ..errors import FormatError
+
+__all__ = ["Counter", "FileCounter", "KeyServerCounter", "TPMCounter"]
+
+_LAZY = {"KeyServerCounter": "keyserver", "TPMCounter": "tpm"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .keyserver import KeyServerCounter
+    from .tpm import TPMCounter
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'plinius.counters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+@runtime_checkable
+class Counter(Protocol):
+    """A monotonic counter. ``increment`` returns the new value.
+
+    ``wears`` is True for counters with limited write endurance (TPM NV
+    indices); the mirror then advances them only every K commits or T seconds.
+    ``trusted`` says whether the host can rewind it (False for the file counter).
+    A counter may also set ``first_increment_may_jump = True`` (optional; a TPM
+    NV index does) when its first increment can go from 0 to any value: the
+    mirror then advances it once when it creates a mirror, to learn that base.
+    """
+
+    wears: bool
+    trusted: bool
+
+    def read(self) -> int: ...
+
+    def increment(self) -> int: ...
+
+
+class FileCounter:
+    """A counter in a plain file. INSECURE: the host can rewrite it.
+
+    For simulation and tests only; a real deployment uses a TPM NV counter or
+    the key server. Updates are atomic (write a temp file, fsync, rename).
+    """
+
+    wears = False
+    trusted = False
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def read(self) -> int:
+        """The current value (0 if the file does not exist yet)."""
+        try:
+            text = self.path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FormatError(f"counter file {self.path} is unreadable: {exc}") from exc
+        # At most 20 digits (any 64-bit value): int() refuses very long digit strings.
+        if not text.isdigit() or len(text) > 20:
+            raise FormatError(f"counter file {self.path} does not hold a counter value")
+        return int(text)
+
+    def increment(self) -> int:
+        """Advance by one, durably; returns the new value."""
+        value = self.read() + 1
+        write_atomic(self.path, f"{value}\n".encode("ascii"), what="counter file", mode=0o644)
+        return value
+
+    def __repr__(self) -> str:
+        return f"FileCounter({str(self.path)!r})  # insecure: simulation only"
