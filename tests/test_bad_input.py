@@ -30,10 +30,9 @@ from unittest.mock import ANY
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from plinius.bench.crashtest import PriceTrace
-from plinius.cli import main
 from plinius.counters import FileCounter
 from plinius.counters.tpm import TPMCounter
 from plinius.crypto import MasterKey
@@ -54,6 +53,7 @@ from plinius.mirror import Mirror
 from plinius.tee.policy import Policy
 from plinius.tee.protocol import load_identity
 from plinius.tee.sealing import unseal_master_key
+from tests.conftest import run_cli
 
 # ---------------------------------------------------------------- the workspace
 
@@ -693,11 +693,9 @@ CLI_ROWS = [
            env={"PLINIUS_DEBUG": "yes"}),
 ]  # fmt: skip
 
-_CLEAN_ENV = {"PLINIUS_KEY_SERVER": None, "PLINIUS_KEY_SERVER_PUBKEY": None, "PLINIUS_DEBUG": None}
-
 
 def _invoke(args: list[str], env: dict[str, str]) -> Result:
-    return CliRunner().invoke(main, args, env={**_CLEAN_ENV, **env}, prog_name="plinius")
+    return run_cli(*args, env=env)
 
 
 @pytest.mark.parametrize("row", CLI_ROWS, ids=[r.id for r in CLI_ROWS])

@@ -224,8 +224,17 @@ def test_persist_refuses_ranges_outside_the_region(shm_dir: Path, offset: int, l
     ("offset", "length"), [(0, 0), (2 * PAGE, 0), (0, 1), (1, 1), (PAGE - 1, 2), (7, 2 * PAGE - 7)]
 )
 def test_persist_accepts_any_range_inside(shm_dir: Path, offset: int, length: int) -> None:
+    # Unaligned ranges are widened to whole pages for msync; what was written
+    # must be in the file afterwards, and nothing outside the range changes.
+    data = bytes((offset + i) % 251 for i in range(length))
     with Region.create(shm_dir / "r", 2 * PAGE) as r:
+        r.buf[offset : offset + length] = data
         r.persist(offset, length)
+    raw = (shm_dir / "r").read_bytes()
+    assert raw[offset : offset + length] == data
+    assert raw[:offset] == bytes(offset) and raw[offset + length :] == bytes(
+        2 * PAGE - offset - length
+    )
 
 
 def test_is_pmem_is_false_without_dax(shm_dir: Path) -> None:

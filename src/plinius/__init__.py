@@ -43,12 +43,15 @@ __version__ = "0.1.0"
 _LAZY = {
     "MasterKey": "crypto",
     "Mirror": "mirror",
+    "MirrorInfo": "mirror",
+    "PendingSave": "mirror",
     "RNGState": "mirror",
     "seal_dataset": "data",
     "SealedDataset": "data",
     "SealedSampler": "data",
     "fit": "train",
     "FitResult": "train",
+    "StepEvent": "train",
     "Counter": "counters",
     "FileCounter": "counters",
 }
@@ -66,12 +69,15 @@ __all__ = [
     "KeyReleaseError",
     "MasterKey",
     "Mirror",
+    "MirrorInfo",
+    "PendingSave",
     "PliniusError",
     "RNGState",
     "RollbackError",
     "SealedDataset",
     "SealedSampler",
     "StateMismatchError",
+    "StepEvent",
     "StorageError",
     "WrongKeyError",
     "__version__",
@@ -83,8 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counter, FileCounter
     from .crypto import MasterKey
     from .data import SealedDataset, SealedSampler, seal_dataset
-    from .mirror import Mirror, RNGState
-    from .train import FitResult, fit
+    from .mirror import Mirror, MirrorInfo, PendingSave, RNGState
+    from .train import FitResult, StepEvent, fit
 
 
 def __getattr__(name: str) -> Any:

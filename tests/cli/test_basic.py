@@ -10,15 +10,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import click
-import pytest
-from click.testing import CliRunner
 
 from plinius.cli import main
 from plinius.crypto import MasterKey
-
-
-def _run(*args: str) -> click.testing.Result:
-    return CliRunner().invoke(main, list(args), prog_name="plinius")
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -35,18 +30,49 @@ def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
 
 def test_help_lists_keygen() -> None:
     for flag in ("--help", "-h"):
-        res = _run(flag)
+        res = run_cli(flag)
         assert res.exit_code == 0, res.output
         assert "Usage: plinius" in res.output and "keygen" in res.output
 
 
-def test_no_arguments_shows_usage() -> None:
-    res = _run()
-    assert res.exit_code in (0, 2) and "Usage: plinius" in res.output
+def test_no_arguments_shows_usage_and_is_a_usage_error() -> None:
+    res = run_cli()
+    assert res.exit_code == 2
+    assert "Usage: plinius" in res.output and "keygen" in res.output
+
+
+# The command list is the CLI's contract: a command added, renamed or lost fails here
+# (and the README's command table must follow).
+COMMANDS = [
+    ("bench",),
+    ("crash-test",),
+    ("demo",),
+    ("evaluate",),
+    ("export",),
+    ("inspect",),
+    ("keygen",),
+    ("keyserver",),
+    ("models",),
+    ("seal",),
+    ("tee",),
+    ("tee", "status"),
+    ("train",),
+]
+
+
+def test_the_command_list_is_pinned() -> None:
+    assert sorted(_all_commands(main)) == COMMANDS
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    leaves = [c for c in COMMANDS if not any(o[: len(c)] == c and o != c for o in COMMANDS)]
+    missing = [" ".join(c) for c in leaves if f"`plinius {' '.join(c)}" not in readme]
+    assert missing == [], f"commands missing from README.md's command table: {missing}"
 
 
 def test_version() -> None:
-    res = _run("--version")
+    res = run_cli("--version")
     assert res.exit_code == 0
     assert res.output.strip() == f"plinius, version {version('plinius')}"
 
@@ -82,7 +108,7 @@ def test_every_command_has_help_text() -> None:
         cmd = _command(path)
         assert (cmd.help or "").strip(), f"'plinius {' '.join(path)}' has no help text"
         assert cmd.get_short_help_str().strip()
-        res = _run(*path, "--help")
+        res = run_cli(*path, "--help")
         assert res.exit_code == 0, f"plinius {' '.join(path)} --help: {res.output}"
         assert f"Usage: plinius {' '.join(path)}" in res.output
 
@@ -99,7 +125,7 @@ def test_every_option_has_help_text() -> None:
 
 def test_keygen_writes_a_0600_key(tmp_path: Path) -> None:
     out = tmp_path / "owner.key"
-    res = _run("keygen", str(out))
+    res = run_cli("keygen", str(out))
     assert res.exit_code == 0, res.output
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     key = MasterKey.load(out)
@@ -108,54 +134,40 @@ def test_keygen_writes_a_0600_key(tmp_path: Path) -> None:
     assert res.stderr == ""
 
 
-def _assert_one_line_error(res: click.testing.Result, *needles: str) -> None:
-    assert res.exit_code == 1, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0]
-
-
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "owner.key"
-    assert _run("keygen", str(out)).exit_code == 0
+    assert run_cli("keygen", str(out)).exit_code == 0
     first = out.read_bytes()
-    res = _run("keygen", str(out))
-    _assert_one_line_error(res, "already exists", str(out))
+    res = run_cli("keygen", str(out))
+    assert_one_line_error(res, "already exists", str(out))
     assert out.read_bytes() == first
 
 
 def test_keygen_missing_directory(tmp_path: Path) -> None:
-    res = _run("keygen", str(tmp_path / "nope" / "owner.key"))
-    _assert_one_line_error(res, "directory exist")
+    res = run_cli("keygen", str(tmp_path / "nope" / "owner.key"))
+    assert_one_line_error(res, "directory exist")
     assert not (tmp_path / "nope").exists()
 
 
 def test_keygen_to_a_directory_is_a_usage_error(tmp_path: Path) -> None:
-    res = _run("keygen", str(tmp_path))
+    res = run_cli("keygen", str(tmp_path))
     assert res.exit_code == 2 and "Traceback" not in res.output
 
 
 def test_keygen_needs_an_argument() -> None:
-    res = _run("keygen")
+    res = run_cli("keygen")
     assert res.exit_code == 2 and "Missing argument" in res.output
 
 
 def test_unknown_command_is_a_usage_error() -> None:
-    res = _run("no-such-command")
+    res = run_cli("no-such-command")
     assert res.exit_code == 2 and "No such command" in res.output
 
 
-def test_debug_variable_shows_the_real_exception(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_debug_variable_shows_the_real_exception(tmp_path: Path) -> None:
     out = tmp_path / "owner.key"
     out.write_bytes(b"x")
-    monkeypatch.setenv("PLINIUS_DEBUG", "1")
-    res = _run("keygen", str(out))
+    res = run_cli("keygen", str(out), env={"PLINIUS_DEBUG": "1"})
     assert res.exit_code == 1 and res.exception is not None
     assert type(res.exception).__name__ == "KeyFileError"
-    monkeypatch.delenv("PLINIUS_DEBUG")
     assert os.environ.get("PLINIUS_DEBUG") is None

@@ -6,24 +6,16 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from plinius.cli import main
 from plinius.models import CNN_SIZES_MB
+from tests.conftest import assert_one_line_error, run_cli
 
 MNIST_CFG = str(files("plinius") / "cfg" / "mnist.cfg")
 
 
 def _run(*args: str) -> Result:
-    return CliRunner().invoke(main, ["models", *args], prog_name="plinius")
-
-
-def _one_line_error(res: Result) -> str:
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output
-    err = res.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
+    return run_cli("models", *args)
 
 
 def test_help() -> None:
@@ -64,10 +56,10 @@ def test_cfg_with_another_input_size() -> None:
 def test_bad_cfg_is_one_line_naming_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.cfg"
     bad.write_text("[net]\nheight=4\nwidth=4\nchannels=1\n[convolutional]\nfliters=3\n[softmax]\n")
-    err = _one_line_error(_run("--cfg", str(bad)))
+    err = assert_one_line_error(_run("--cfg", str(bad)))
     assert "bad.cfg line 6: unknown key 'fliters'" in err
     bad.write_text("[net]\nheight=4\nwidth=4\nchannels=1\n[yolo]\n")
-    assert "line 5: unknown or unsupported section [yolo]" in _one_line_error(
+    assert "line 5: unknown or unsupported section [yolo]" in assert_one_line_error(
         _run("--cfg", str(bad))
     )
 
@@ -82,7 +74,7 @@ def test_bad_cfg_is_one_line_naming_the_line(tmp_path: Path) -> None:
     ],
 )
 def test_bad_input_is_one_line(args: list[str], expect: str) -> None:
-    assert expect in _one_line_error(_run(*args))
+    assert expect in assert_one_line_error(_run(*args))
 
 
 def test_a_cfg_that_shrinks_to_nothing(tmp_path: Path) -> None:
@@ -90,6 +82,6 @@ def test_a_cfg_that_shrinks_to_nothing(tmp_path: Path) -> None:
     cfg.write_text(
         "[net]\nheight=28\nwidth=28\nchannels=1\n[convolutional]\nfilters=2\nsize=5\n[softmax]\n"
     )
-    assert "line 7: a 5x5 kernel does not fit the 3x3 input" in _one_line_error(
+    assert "line 7: a 5x5 kernel does not fit the 3x3 input" in assert_one_line_error(
         _run("--cfg", str(cfg), "--input", "3x3x1")
     )

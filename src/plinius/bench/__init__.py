@@ -50,6 +50,9 @@ __all__ = [
     "run_bench",
 ]
 
+# Public names report their public home, not the private module that defines them.
+BenchConfig.__module__ = SizeSpec.__module__ = parse_sizes.__module__ = __name__
+
 
 def _storage_notes(pm_kind: str, is_dax: bool, disk_device: str) -> list[str]:
     notes = []

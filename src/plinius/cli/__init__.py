@@ -29,6 +29,14 @@ _COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", 
 class _Group(click.Group):
     """A group that turns every error into one line and a non-zero exit."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # A bare `plinius` is a usage error on every click version: the help,
+        # then exit 2 (click 8.1 exits 0 here, 8.2 and later 2).
+        if not args:
+            click.echo(ctx.get_help())
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -69,10 +77,4 @@ def main() -> None:
 
 
 for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as _exc:  # a command module not written yet
-        if _exc.name != f"{__name__}.{_name}":
-            raise
-        continue
-    _mod.register(main)
+    importlib.import_module(f".{_name}", __name__).register(main)

@@ -108,6 +108,9 @@ __all__ = [
     "seal_dataset",
 ]
 
+# Public names report their public home, not the private module that defines them.
+FieldInfo.__module__ = SealedSampler.__module__ = __name__
+
 
 # -- reading -------------------------------------------------------------------
 
