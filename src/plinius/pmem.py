@@ -119,7 +119,15 @@ def _dax_option(opts: str) -> str | None:
 
 
 def describe_path(path: str | os.PathLike[str]) -> str:
-    """How persistent a region at ``path`` is, in words (for reports and ``inspect``)."""
+    """How persistent a region at ``path`` is, in words (for reports and ``inspect``).
+
+    Args:
+        path: a file or directory; its mount (from ``/proc/mounts``) decides.
+
+    Returns:
+        One line, e.g. ``"tmpfs /dev/shm: emulated persistent memory in RAM
+        (survives a process crash, not a power cut)"``.
+    """
     p = Path(path)
     probe = p if p.is_dir() else p.parent
     mnt, fstype, opts = _mount_of(probe)
@@ -142,6 +150,12 @@ class Region:
     Use :meth:`create` or :meth:`open`; ``buf`` is a memoryview of the whole
     mapping (read-only for a read-only region). ``grow`` remaps: views taken
     from ``buf`` before it still refer to the old mapping and must be dropped.
+
+    Example::
+
+        with Region.create("/dev/shm/r", 1 << 20) as r:
+            r.buf[:5] = b"hello"
+            r.persist(0, 5)  # durable as the medium allows (describe_path)
     """
 
     def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
@@ -170,7 +184,19 @@ class Region:
         The file is built under a temporary name in the same directory, ``init``
         fills it, everything is persisted, and only then does it appear under
         ``path``: a crash while creating never leaves a half-made file there.
-        Refuses an existing ``path`` unless ``overwrite``.
+
+        Args:
+            path: the file to create (mode 0600).
+            size: bytes, allocated now (a full disk fails here, not on a later store).
+            init: fills the new region before it gets its name.
+            overwrite: replace an existing ``path`` (refused otherwise).
+
+        Returns:
+            The open, writable region.
+
+        Raises:
+            StorageError: ``path`` exists, its directory is missing, or the
+                file system refused (disk full, permissions); nothing is left behind.
         """
         if size <= 0:
             raise ValueError("a region needs a positive size")
@@ -220,7 +246,18 @@ class Region:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Region:
-        """Map an existing file; ``readonly`` maps it without write access."""
+        """Map an existing file.
+
+        Args:
+            path: a regular, non-empty file (a FIFO or device is refused, never opened blocking).
+            readonly: map it without write access (``persist`` then raises).
+
+        Returns:
+            The open region.
+
+        Raises:
+            StorageError: missing, not a regular file, empty, or not accessible.
+        """
         p = Path(path)
         # O_NONBLOCK: opening a FIFO read-only would otherwise block forever;
         # it has no effect on the regular files that pass the check below.

@@ -139,22 +139,39 @@ class SealedDataset(Dataset[tuple[torch.Tensor, ...]]):
 
     ``ds[i]`` is a tuple of tensors, one per field in field order (the first
     field is the model input, the last the label); ``ds.get_batch(indices)``
-    returns the batched tensors and is the fast path. Opening checks the key
-    fingerprint (:class:`WrongKeyError`) and the header MAC
-    (:class:`IntegrityError`), and with ``expect_id`` that the file is the
-    dataset the caller wants. Chunks are authenticated when first decrypted;
-    :meth:`verify` checks them all.
+    returns the batched tensors and is the fast path. Chunks are authenticated
+    when first decrypted; :meth:`verify` checks them all.
+
+    Args:
+        path: the file :func:`seal_dataset` (or ``plinius seal``) wrote.
+        key: the master key it was sealed under.
+        expect_id: the dataset id (32 hex digits) the caller requires; a file
+            sealed under the same key but holding another dataset is refused.
+        cache_chunks: decrypted chunks kept in an LRU cache (at most 64 MiB).
+
+    Raises:
+        WrongKeyError: the file was sealed under another master key.
+        IntegrityError: the header fails authentication, or the file is not
+            ``expect_id``, or (on reading) a chunk fails authentication.
+        FormatError: not a sealed dataset, or an unsupported version.
+        StorageError: the file is missing or unreadable.
+        ConfigError: a bad argument.
 
     Only the chunks a batch needs are decrypted, straight from the mapped file
-    into reusable buffers; a small LRU cache (``cache_chunks`` chunks, at most
-    64 MiB) keeps sequential and chunk-shuffled reading from decrypting a
-    chunk twice. Reads from several threads are serialized by an internal lock.
+    into reusable buffers, so sequential and chunk-shuffled reading never
+    decrypts a chunk twice. Reads from several threads are serialized by an
+    internal lock.
 
     With a :class:`~torch.utils.data.DataLoader`: ``num_workers=0`` or forked
     workers (Linux' default) inherit the mapping; spawn and forkserver workers
     receive the dataset's derived keys (never the master key) when the
     DataLoader starts them. Pickling it anywhere else is refused, so the keys
     cannot end up in a file by accident.
+
+    Example::
+
+        ds = SealedDataset("/dev/shm/mnist.pld", key, expect_id=ds_id)
+        images, labels = ds.get_batch([0, 5, 7])
     """
 
     def __init__(
@@ -345,8 +362,18 @@ class SealedDataset(Dataset[tuple[torch.Tensor, ...]]):
         """The records at ``indices`` as one batched tensor per field (the fast path).
 
         Decrypts each chunk the batch touches once (or finds it in the cache),
-        then copies the requested records out; the result is freshly allocated
-        and owned by the caller. Negative indices count from the end.
+        then copies the requested records out.
+
+        Args:
+            indices: record numbers; negative ones count from the end.
+
+        Returns:
+            One tensor per field, of shape ``(len(indices), *field shape)``,
+            freshly allocated and owned by the caller.
+
+        Raises:
+            DatasetIndexError: an index out of range (also an ``IndexError``).
+            IntegrityError: a chunk fails authentication (nothing of it is returned).
         """
         idx = self._indices(indices)
         lay = self._layout
@@ -421,7 +448,14 @@ class SealedDataset(Dataset[tuple[torch.Tensor, ...]]):
         return [tuple(t[i] for t in batch) for i in range(len(indices))]
 
     def verify(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Authenticate every chunk of every field; :class:`IntegrityError` names a bad one."""
+        """Authenticate every chunk of every field.
+
+        Args:
+            progress: called as ``progress(chunks done, chunks in all)``.
+
+        Raises:
+            IntegrityError: names the first chunk and field that fail.
+        """
         lay = self._layout
         self._check_process()
         with self._lock:
@@ -594,19 +628,31 @@ def seal_dataset(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> str:
-    """Seal ``fields`` (name -> array; dimension 0 indexes the records) into ``path``.
-
-    Returns the new dataset id (32 hex digits), which a trainer can require
-    with ``SealedDataset(path, key, expect_id=...)``. Field order is kept: the
-    first field is the model input, the last the label. ``progress(done,
-    total)`` is called with records sealed so far.
+    """Seal ``fields`` into a new sealed dataset file at ``path``.
 
     The file is built under a temporary name in the same directory, persisted,
     renamed into place and the directory fsynced, so an interrupted seal never
-    leaves a file that opens; an existing ``path`` is refused unless
-    ``overwrite``. Bad input (record counts that differ, object or unsupported
-    dtypes, no records, a missing directory) raises a :class:`PliniusError`
-    before anything is written.
+    leaves a file that opens.
+
+    Args:
+        path: the file to write (a ``/dev/shm`` path keeps it in emulated PM).
+        key: the data owner's master key.
+        fields: name -> array or tensor; dimension 0 indexes the records, and
+            every field has the same record count. Order is kept: the first
+            field is the model input, the last the label.
+        chunk_records: records per AES-GCM chunk (default: about 256 KiB a chunk).
+        overwrite: replace an existing ``path`` (refused otherwise).
+        progress: called as ``progress(records sealed, records in all)``.
+
+    Returns:
+        The new dataset id (32 hex digits); a trainer can require it with
+        ``SealedDataset(path, key, expect_id=...)``.
+
+    Raises:
+        ConfigError: record counts that differ, object or unsupported dtypes,
+            no records, bad names; all checked before anything is written.
+        StorageError: ``path`` exists (without ``overwrite``), its directory is
+            missing, or the disk is full (the temporary file is removed).
     """
     if not isinstance(key, MasterKey):
         raise ConfigError("key must be a plinius MasterKey (see MasterKey.load)")
@@ -702,10 +748,18 @@ def seal_dataset(
 
 
 def inspect_dataset(path: str | os.PathLike[str], key: MasterKey | None = None) -> list[str]:
-    """Lines describing a sealed dataset for ``plinius inspect``.
+    """Lines describing a sealed dataset (what ``plinius inspect`` prints).
 
-    Without a key the header is read but cannot be authenticated (and says
-    so); with the key, the header MAC and every chunk are verified.
+    Args:
+        path: the sealed dataset.
+        key: with it, the header MAC and every chunk are verified; without it
+            the header is read but cannot be authenticated, and the lines say so.
+
+    Returns:
+        Human-readable lines: id, key fingerprint, fields, size, verification status.
+
+    Raises:
+        FormatError, WrongKeyError, IntegrityError, StorageError: as :class:`SealedDataset`.
     """
     p = Path(path)
     if key is not None:

@@ -41,9 +41,26 @@ class SealedSampler(Sampler[int]):
     seed, epoch and consumed: a restored sampler yields exactly the rest of the
     order the original would have yielded. ``len(sampler)`` is what remains.
 
-    ``ds_or_len`` is a :class:`SealedDataset` (its chunking is used), any sized
-    dataset or a record count; without ``chunk_records`` a plain dataset is
-    treated as chunks of one record, so ``"chunk"`` shuffles uniformly there.
+    Args:
+        ds_or_len: a :class:`SealedDataset` (its chunking is used), any sized
+            dataset, or a record count.
+        seed: the order of epoch ``e`` derives from ``(seed, e)`` only.
+        shuffle: ``"chunk"``, ``"full"`` or ``False`` (above).
+        chunk_records: records per chunk for a plain dataset (default 1, so
+            ``"chunk"`` shuffles uniformly there).
+        window_chunks: chunks shuffled together in ``"chunk"`` mode.
+
+    Raises:
+        ConfigError: a bad argument.
+        StateMismatchError: :meth:`load_state_dict` of another dataset's order.
+
+    Example::
+
+        sampler = SealedSampler(ds, seed=0)
+        state = {"model": model, "optim": optim, "sampler": sampler}  # mirrored
+        for batch in sampler.batches(128):
+            ...
+            sampler.advance(len(batch))
     """
 
     def __init__(
