@@ -397,3 +397,33 @@ def test_persisted_data_survives_sigkill(shm_dir: Path) -> None:
         # On tmpfs a process crash loses nothing: even unpersisted stores are in
         # the shared page cache. (A power cut would lose everything there.)
         assert bytes(r.buf[5000:5008]) == b"unpersis"
+
+
+# --- long names (issue 17, item 6) -----------------------------------------------
+
+
+def test_a_legal_250_character_name_is_created(shm_dir: Path) -> None:
+    # The temporary name used to be the final name plus 14 characters: over
+    # NAME_MAX (255), so a legal name failed with "File name too long".
+    long = shm_dir / ("m" * 250)
+    with Region.create(long, PAGE) as r:
+        assert r.path == long
+    assert long.exists()
+    assert [p.name for p in shm_dir.iterdir()] == [long.name]  # no temporary left
+
+
+def test_a_255_byte_multibyte_name_is_created(shm_dir: Path) -> None:
+    name = "é" * 127 + "x"  # 255 bytes in UTF-8: the temporary name is cut at a byte
+    with Region.create(shm_dir / name, PAGE):
+        pass
+    assert [p.name for p in shm_dir.iterdir()] == [name]
+
+
+def test_write_atomic_takes_a_legal_250_character_name(shm_dir: Path) -> None:
+    from plinius._fsutil import write_atomic
+
+    target = shm_dir / ("c" * 250)
+    write_atomic(target, b"7\n", what="counter file")
+    write_atomic(target, b"8\n", what="counter file")
+    assert target.read_bytes() == b"8\n"
+    assert [p.name for p in shm_dir.iterdir()] == [target.name]

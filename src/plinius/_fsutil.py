@@ -15,7 +15,11 @@ from pathlib import Path
 
 from .errors import storage_error
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "temp_prefix", "write_atomic"]
+
+# Room a temporary name needs beside the final name's prefix: "." + "." + 8
+# random characters (mkstemp's, or token_hex(4)) + ".tmp".
+_TEMP_EXTRA = 14
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -27,6 +31,28 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(dfd)
 
 
+def temp_prefix(path: Path) -> str:
+    """The hidden prefix of a temporary file for ``path``, in ``path``'s directory.
+
+    ``"." + name + "."``, with the name cut (at a byte, as the file system
+    counts) so that prefix, 8 random characters and ``".tmp"`` stay within the
+    directory's NAME_MAX: a legal 250-character final name must not fail
+    because its temporary name is too long.
+
+    Args:
+        path: the final file.
+
+    Returns:
+        The prefix; add 8 random characters and ``".tmp"``.
+    """
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    raw = os.fsencode(path.name)[: max(1, name_max - _TEMP_EXTRA)]
+    return f".{os.fsdecode(raw)}."
+
+
 def write_atomic(path: Path, data: bytes, *, what: str, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, whole.
 
@@ -34,7 +60,7 @@ def write_atomic(path: Path, data: bytes, *, what: str, mode: int = 0o600) -> No
     when the file system refuses (disk full, read-only, ...); the temporary
     file is removed then.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{temp_prefix(path)}{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ._fsutil import fsync_dir
+from ._fsutil import fsync_dir, temp_prefix
 from .errors import StorageError, storage_error
 
 __all__ = [
@@ -207,7 +207,7 @@ class Region:
         if p.exists() and not overwrite:
             raise StorageError(f"cannot create {p}: it already exists")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=d)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(p), suffix=".tmp", dir=d)
         except OSError as exc:
             raise storage_error(exc, f"cannot create a file in {d}") from exc
         tmp_path = Path(tmp)

@@ -197,3 +197,22 @@ def test_csv_not_utf8(tmp_path: Path) -> None:
     p.write_bytes(b"a,label\n\xff\xfe,1\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_csv(p, "label")
+
+
+@pytest.mark.parametrize("value", ["1e39", "-1e39", "3.5e38"])
+def test_csv_value_beyond_float32_is_refused_naming_line_and_column(
+    tmp_path: Path, value: str
+) -> None:
+    # Issue 17, item 11: such a value used to be sealed as +-inf (with a
+    # RuntimeWarning), while the text "inf" itself was refused.
+    p = tmp_path / "d.csv"
+    p.write_text(f"a,b,label\n1,2,0\n3,{value},1\n")
+    with pytest.raises(ConfigError, match=r"line 3: column 'b': .* outside the float32 range"):
+        load_csv(p, "label")
+
+
+def test_csv_largest_float32_is_kept_exactly(tmp_path: Path) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text("a,label\n3.4028234663852886e38,0\n-1.5,1\n")
+    f = load_csv(p, "label")
+    assert f["features"][0, 0] == np.finfo(np.float32).max

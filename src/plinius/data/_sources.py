@@ -242,6 +242,9 @@ def _parse_csv(f: IO[str], p: Path, label_column: str) -> Fields:
     }
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(text: str, p: Path, line: int, col: str) -> float:
     try:
         v = float(text)
@@ -249,6 +252,12 @@ def _number(text: str, p: Path, line: int, col: str) -> float:
         raise ConfigError(f"{p}, line {line}: column {col!r}: {text!r} is not a number") from None
     if not math.isfinite(v):
         raise ConfigError(f"{p}, line {line}: column {col!r}: {text!r} is not a finite number")
+    # Features are sealed as float32: a larger magnitude would become +-inf silently.
+    if abs(v) > _FLOAT32_MAX:
+        raise ConfigError(
+            f"{p}, line {line}: column {col!r}: {text!r} is outside the float32 range of the "
+            f"features field (magnitude at most {_FLOAT32_MAX:.7g}); rescale the column"
+        )
     return v
 
 
