@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .darknet import Policy, darknet_sgd, load_cfg
+from .darknet import LRPolicy, darknet_sgd, load_cfg
 from .errors import ConfigError
 
 __all__ = [
@@ -245,7 +245,7 @@ def _cnn_spec(
     else:
         module = reference_cnn(target_mb, shape[0], num_classes)
     lr0, momentum, decay = 0.1, 0.9, 0.0005
-    policy = Policy("poly", power=4.0)
+    policy = LRPolicy("poly", power=4.0)
 
     def make_optimizer(lr: float | None) -> torch.optim.Optimizer:
         return darknet_sgd(module, lr0 if lr is None else lr, momentum, decay)
@@ -291,7 +291,7 @@ def _mlp_spec(
         prepare=_image_prepare((n,), input_scale),
         loss=_classification_loss,
         make_optimizer=make_optimizer,
-        make_scheduler=Policy("constant").scheduler,
+        make_scheduler=LRPolicy("constant").scheduler,
         hyper={
             "batch": 128,
             "learning_rate": lr0,
@@ -372,7 +372,7 @@ def _lm_spec(name: str, raw: tuple[int, ...], vocab: int) -> ModelSpec:
         prepare=_lm_prepare,
         loss=_lm_loss,
         make_optimizer=make_optimizer,
-        make_scheduler=Policy("constant").scheduler,
+        make_scheduler=LRPolicy("constant").scheduler,
         hyper={
             "batch": 32,
             "optimizer": "adamw",
@@ -462,14 +462,29 @@ def build_model(
     num_classes: int,
     input_scale: float | None = None,
 ) -> ModelSpec:
-    """Build a built-in model by name, or a Darknet cfg by path.
+    """Build a built-in model by name, or a Darknet cfg by path, for a dataset.
 
-    ``input_shape`` is the per-record shape of the dataset's first field
-    (``(28, 28)`` for MNIST, ``(T + 1,)`` token records for ``tiny-lm``);
-    ``num_classes`` the number of classes (the vocabulary for ``tiny-lm``);
-    ``input_scale`` divides integer inputs instead of their dtype's maximum
-    (16 for scikit-learn's digits). Parameters are drawn from torch's global
-    generator, so the same ``torch.manual_seed`` gives the same model.
+    Parameters are drawn from torch's global generator, so the same
+    ``torch.manual_seed`` gives the same model.
+
+    Args:
+        spec: A built-in name (``mlp``, ``cnn-tiny``, ``cnn-10mb`` ...
+            ``cnn-100mb``, ``tiny-lm``; :func:`list_models`) or the path of a
+            Darknet ``.cfg`` file.
+        input_shape: The per-record shape of the dataset's first field
+            (``(28, 28)`` for MNIST, ``(T + 1,)`` token records for ``tiny-lm``).
+        num_classes: The number of classes (the vocabulary for ``tiny-lm``).
+        input_scale: What integer inputs are divided by, instead of their
+            dtype's maximum (16 for scikit-learn's digits); ``None`` for that maximum.
+
+    Returns:
+        A :class:`ModelSpec`: the module and how to feed, optimise and schedule it.
+
+    Raises:
+        ConfigError: An unknown name, a shape or class count the model cannot
+            take, or a non-positive ``input_scale``.
+        DarknetConfigError: A cfg that cannot be built (it names the line).
+        StorageError: A cfg file that cannot be read.
     """
     raw = tuple(int(d) for d in input_shape)
     if not raw or any(d < 1 for d in raw):

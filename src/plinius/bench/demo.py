@@ -21,10 +21,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .crashtest import CampaignResult, RunRecord, run_campaign
+from .crashtest import CampaignResult, RunRecord, mirror_differences, run_campaign
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelSpec
 
 __all__ = ["DemoConfig", "DemoReport", "run_demo"]
 
@@ -92,25 +95,6 @@ def _seal_digits(pm_dir: Path, key: Any) -> tuple[Path, Path]:
     return train, test
 
 
-def _compare_mirrors(a: Path, b: Path, key: Any) -> list[str]:
-    """Names of tensors that differ (dtype, shape or any bit) between two mirrors."""
-    from ..mirror import Mirror
-
-    with Mirror(a, key, readonly=True) as ma, Mirror(b, key, readonly=True) as mb:
-        ta, tb = ma.read_tensors(""), mb.read_tensors("")
-    diffs = sorted(set(ta) ^ set(tb))
-    for name in sorted(set(ta) & set(tb)):
-        x, y = ta[name], tb[name]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            diffs.append(name)
-            continue
-        xb = x.contiguous().reshape(-1).view(__import__("torch").uint8)
-        yb = y.contiguous().reshape(-1).view(__import__("torch").uint8)
-        if not bool((xb == yb).all()):
-            diffs.append(name)
-    return diffs
-
-
 def _compare(
     state: dict[str, Any],
     ckpt_state: dict[str, Any],
@@ -156,14 +140,24 @@ def _compare(
     }
 
 
-def _restored_state(
-    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path
-) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+@dataclass(frozen=True)
+class _FinalState:
+    """A demo job's training state, rebuilt as ``plinius train`` builds it and restored
+    from its mirror: the mirrored dict and the objects in it."""
+
+    state: dict[str, Any]
+    spec: ModelSpec
+    optimizer: Any
+    scheduler: Any | None
+    losses: Any  # the float64 tensor of every step's loss
+
+
+def _restored_state(cfg: DemoConfig, key: Any, data: Path, mirror_path: Path) -> _FinalState:
     """The demo job's training state, built as ``plinius train`` builds it, restored."""
     import torch
 
-    from ..cli.train import build_job
     from ..data import SealedDataset
+    from ..job import build_job
     from ..mirror import Mirror
     from ..train import make_sampler, training_state
 
@@ -178,39 +172,39 @@ def _restored_state(
     )
     with Mirror(mirror_path, key, readonly=True) as m:
         m.restore(state)
-    return state, spec, optimizer, scheduler, losses
+    return _FinalState(state, spec, optimizer, scheduler, losses)
 
 
-def _plain_differences(sa: tuple[Any, ...], sb: tuple[Any, ...]) -> list[str]:
+def _plain_differences(a: _FinalState, b: _FinalState) -> list[str]:
     """What differs between two restored states beyond their tensors: step counters,
     sampler position, scheduler, optimizer hyper-parameters, job settings."""
     diffs = []
     for name in ("total_steps", "dataset_id", "job"):
-        if sa[0][name] != sb[0][name]:
+        if a.state[name] != b.state[name]:
             diffs.append(name)
-    if sa[0]["sampler"].state_dict() != sb[0]["sampler"].state_dict():
+    if a.state["sampler"].state_dict() != b.state["sampler"].state_dict():
         diffs.append("sampler")
-    if sa[2].state_dict()["param_groups"] != sb[2].state_dict()["param_groups"]:
+    if a.optimizer.state_dict()["param_groups"] != b.optimizer.state_dict()["param_groups"]:
         diffs.append("optim.param_groups")
-    if (sa[3] is None) != (sb[3] is None) or (
-        sa[3] is not None and sa[3].state_dict() != sb[3].state_dict()
-    ):
+    if a.scheduler is None or b.scheduler is None:
+        if (a.scheduler is None) != (b.scheduler is None):
+            diffs.append("sched")
+    elif a.scheduler.state_dict() != b.scheduler.state_dict():
         diffs.append("sched")
     return diffs
 
 
 def _timings(
-    cfg: DemoConfig, key: Any, restored: tuple[Any, ...], pm_dir: Path, workdir: Path
+    cfg: DemoConfig, key: Any, final: _FinalState, pm_dir: Path, workdir: Path
 ) -> dict[str, float]:
     """The demo job's final training state (restored from its mirror), then compared."""
-    state, spec, optimizer, scheduler, losses = restored
     ckpt_state = {
-        "model": spec.module.state_dict(),
-        "optim": optimizer.state_dict(),
-        "sched": scheduler.state_dict() if scheduler is not None else None,
-        "losses": losses,
+        "model": final.spec.module.state_dict(),
+        "optim": final.optimizer.state_dict(),
+        "sched": final.scheduler.state_dict() if final.scheduler is not None else None,
+        "losses": final.losses,
     }
-    return _compare(state, ckpt_state, key, pm_dir, workdir, cfg.timing_repeats)
+    return _compare(final.state, ckpt_state, key, pm_dir, workdir, cfg.timing_repeats)
 
 
 def _timings_reference(
@@ -233,8 +227,8 @@ def _timings_reference(
 
 
 def _accuracy(cfg: DemoConfig, key: Any, mirror_path: Path, test: Path, train: Path) -> float:
-    from ..cli.train import build_job, label_classes
     from ..data import SealedDataset
+    from ..job import build_job, label_classes
     from ..mirror import Mirror
     from ..train import evaluate
 
@@ -259,8 +253,8 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     clean_pts = [p for r in clean.runs for p in r.steps]
     ax.plot(
-        [s for s, _ in clean_pts],
-        [v for _, v in clean_pts],
+        [p.step for p in clean_pts],
+        [p.loss for p in clean_pts],
         color="#999999",
         lw=3.0,
         label="uninterrupted run",
@@ -272,8 +266,8 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
             continue
         c = colors[r.index % len(colors)]
         ax.plot(
-            [s for s, _ in r.steps],
-            [v for _, v in r.steps],
+            [p.step for p in r.steps],
+            [p.loss for p in r.steps],
             color=c,
             lw=1.2,
             label=f"run {r.index + 1}" + (" (killed)" if r.killed else ""),
@@ -282,7 +276,7 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
     first = True
     for r in crashed.runs:
         if r.killed and r.steps:
-            s = r.steps[-1][0]
+            s = r.steps[-1].step
             ax.axvline(s, color="red", ls="--", lw=0.8, label="SIGKILL" if first else None)
             first = False
     ax.set_xlabel("training step")
@@ -332,7 +326,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             what = "killed" if r.killed else f"finished (exit {r.exit_code})"
             where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
             rec = "" if r.recovery_s is None else f", restore {r.recovery_s * 1e3:.1f} ms"
-            last = r.steps[-1][0] if r.steps else "-"
+            last = r.steps[-1].step if r.steps else "-"
             log(f"  run {r.index + 1}: {where}{rec}, reached step {last}, {what}")
 
         log(f"training {cfg.model} for {cfg.steps} steps with {cfg.crashes} SIGKILLs ...")
@@ -355,7 +349,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             env=env,
             on_run=on_run,
         )
-        diffs = _compare_mirrors(crash_mirror, clean_mirror, key)
+        diffs = mirror_differences(crash_mirror, clean_mirror, key)
         crashed_state = _restored_state(cfg, key, train, crash_mirror)
         clean_state = _restored_state(cfg, key, train, clean_mirror)
         diffs += _plain_differences(crashed_state, clean_state)

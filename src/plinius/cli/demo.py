@@ -227,8 +227,7 @@ def crash_test(
     and restore) or the replay of a spot-price trace, as preemptible cloud
     instances are killed whenever the price rises above the bid.
     """
-    from ..bench.crashtest import PriceTrace, run_campaign, synthetic_trace
-    from ..bench.demo import _compare_mirrors
+    from ..bench.crashtest import PriceTrace, mirror_differences, run_campaign, synthetic_trace
     from ..crypto import MasterKey
 
     if schedule != "trace":
@@ -268,7 +267,7 @@ def crash_test(
 
         assert isinstance(r, RunRecord)
         where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
-        last = r.steps[-1][0] if r.steps else "-"
+        last = r.steps[-1].step if r.steps else "-"
         click.echo(
             f"run {r.index + 1}: {where}, reached step {last}, "
             f"{'killed' if r.killed else 'finished'}"
@@ -297,7 +296,7 @@ def crash_test(
                 crashes=0,
                 env=env,
             )
-            diffs = _compare_mirrors(mirror_path, ref, key)
+            diffs = mirror_differences(mirror_path, ref, key)
         finally:
             ref.unlink(missing_ok=True)
         if diffs:
