@@ -7,7 +7,8 @@ time, train the same job again without interruption, and report: crashes,
 recovery time of each resume, mirror save/restore time against an encrypted SSD
 checkpoint of the same state, accuracy, and whether the two final states are
 bit-for-bit identical. A PNG shows the loss curves with the crashes marked
-(the original Plinius paper's Fig. 9).
+(the original Plinius paper's Fig. 9) where matplotlib (the ``plots`` extra) is
+installed; without it the demo says so and skips only the PNG.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .crashtest import CampaignResult, RunRecord, mirror_differences, run_campaign
+from .report import PLOTS_MISSING, plots_available
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSpec
@@ -363,9 +365,13 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
         acc_crashed = _accuracy(cfg, key, crash_mirror, test, train)
         acc_clean = _accuracy(cfg, key, clean_mirror, test, train)
         plot_path: Path | None = None
-        if cfg.plot:
+        notes: list[str] = []
+        if cfg.plot and plots_available():
             plot_path = workdir / "loss_curve.png"
             _plot(plot_path, crashed, clean, cfg.steps)
+        elif cfg.plot:  # a bare install: everything but the PNG
+            notes.append(f"loss curve skipped: {PLOTS_MISSING}")
+            log(notes[-1])
         resumes = [
             {
                 "run": r.index + 1,
@@ -401,6 +407,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
                 f"torch threads {cfg.threads}",
                 "SSD checkpoint = torch.save to a buffer, AES-256-GCM, write temp file, fsync, "
                 f"rename, fsync directory, in {workdir}",
+                *notes,
             ],
         )
         (workdir / "report.json").write_text(json.dumps(asdict(report), indent=2))

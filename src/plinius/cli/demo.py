@@ -88,7 +88,8 @@ def demo(
         batch_size=batch_size,
         seed=seed,
     )
-    rep = run_demo(cfg, log=lambda s: console.print(s))
+    # markup=False: the lines are plain text ("pip install 'plinius[plots]'" included).
+    rep = run_demo(cfg, log=lambda s: console.print(s, markup=False))
     t = Table(title="plinius demo", show_header=False)
     t.add_row("crashes (SIGKILL)", str(rep.crashes))
     for r in rep.resumes:
