@@ -116,11 +116,21 @@ class Section:
 
 
 def parse_cfg(text: str, source: str = "<cfg>") -> list[Section]:
-    """Split cfg ``text`` into sections; ``source`` names the file in errors.
+    """Split the text of a cfg into its sections.
 
     Like Darknet, whitespace anywhere in a line is ignored and ``#`` or ``;``
     start a comment line. A key given twice in a section is an error (Darknet
     would silently use the first).
+
+    Args:
+        text: The cfg's text.
+        source: The name of the file, for error messages.
+
+    Returns:
+        The sections in order, each with its ``key -> (value, line)`` options.
+
+    Raises:
+        DarknetConfigError: A malformed line (the message names it).
     """
     sections: list[Section] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -753,7 +763,17 @@ def _input_shape(
 
 
 def parse_input_spec(text: str) -> tuple[int, int, int]:
-    """Parse ``HxWxC`` (e.g. ``28x28x1``) into ``(C, H, W)``."""
+    """Parse an input size written ``HxWxC`` (``plinius models --input``).
+
+    Args:
+        text: Height, width and channels, e.g. ``28x28x1``.
+
+    Returns:
+        ``(C, H, W)``.
+
+    Raises:
+        DarknetConfigError: Not three positive integers within bounds.
+    """
     parts = text.lower().replace(" ", "").split("x")
     try:
         h, w, c = (int(p) for p in parts)
@@ -821,10 +841,18 @@ def load_cfg(
 
 
 def darknet_sgd(module: nn.Module, lr: float, momentum: float, decay: float) -> torch.optim.SGD:
-    """SGD as Darknet updates: weight decay on convolution/linear weights only.
+    """SGD as Darknet updates: weight decay on convolution and linear weights only.
 
-    Two parameter groups, in module order: weights (with ``decay``) and
-    everything else (biases, batch-norm scales and shifts; no decay).
+    Args:
+        module: The network.
+        lr: The learning rate.
+        momentum: The momentum.
+        decay: The weight decay of convolution and linear weights.
+
+    Returns:
+        A ``torch.optim.SGD`` with two parameter groups, in module order:
+        the weights (with ``decay``) and everything else (biases, batch-norm
+        scales and shifts; no decay).
     """
     decayed: list[Tensor] = []
     seen: set[int] = set()

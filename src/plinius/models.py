@@ -224,7 +224,19 @@ def reference_cnn(target_mb: float, in_channels: int = 1, num_classes: int = 10)
     then two ``width`` x ``width`` convolutions, a 1x1 convolution to the
     classes and global average pooling. ``width`` is chosen so the parameter
     count is the closest to the target; the wide layers see a 2x2 map (for
-    28x28 inputs), so most parameters cost little compute. Output: logits.
+    28x28 inputs), so most parameters cost little compute.
+
+    Args:
+        target_mb: The size wanted, in MB (10**6 bytes) of float32 parameters.
+        in_channels: Channels of the input images.
+        num_classes: The number of classes.
+
+    Returns:
+        The network; it outputs logits.
+
+    Raises:
+        ConfigError: ``target_mb`` is not a positive number, or below the
+            smallest network of this shape (use ``cnn-tiny``).
     """
     if not math.isfinite(target_mb) or target_mb <= 0:
         raise ConfigError(f"the model size must be a positive number of MB, not {target_mb}")
@@ -392,6 +404,18 @@ def tiny_corpus(num_sequences: int, seq_len: int, vocab: int = 64, seed: int = 0
     learn it well below the uniform loss ``log(vocab)``. Seal it as one integer
     field (say ``tokens``): ``tiny-lm`` splits each record into input
     ``tokens[:-1]`` and target ``tokens[1:]``.
+
+    Args:
+        num_sequences: Records to make.
+        seq_len: Tokens of input per record (each record holds one more).
+        vocab: The vocabulary size, at least 4.
+        seed: Seed of the chain and the walks.
+
+    Returns:
+        An int64 array of shape ``(num_sequences, seq_len + 1)``.
+
+    Raises:
+        ConfigError: A size below its minimum.
     """
     if num_sequences < 1 or seq_len < 1 or vocab < 4:
         raise ConfigError("tiny_corpus needs num_sequences >= 1, seq_len >= 1 and vocab >= 4")

@@ -103,7 +103,11 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
+    """Seed Python's, NumPy's and torch's global generators.
+
+    Args:
+        seed: Any non-negative integer (NumPy gets it modulo 2**32).
+    """
     import random
 
     import numpy as np
@@ -270,6 +274,21 @@ def training_state(
 
     The whole loss history lives in the mirror as one float64 tensor, so a
     resumed job returns the same losses as one that never crashed.
+
+    Args:
+        model: The module trained.
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler, or ``None``.
+        sampler: The data order (:func:`make_sampler`).
+        losses: A float64 tensor with one entry per step of the job.
+        total: The job's total steps.
+        dataset_id: The sealed dataset's id, or ``None``; a resume refuses another one.
+        job: The settings a resume must match (batch size, seed, ...).
+
+    Returns:
+        The state dict, for :meth:`~plinius.mirror.Mirror.save` and
+        :meth:`~plinius.mirror.Mirror.restore`; the global generators
+        (:class:`~plinius.mirror.RNGState`) are in it.
     """
     state: dict[str, Any] = {
         "model": model,

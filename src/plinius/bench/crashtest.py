@@ -169,9 +169,18 @@ def synthetic_trace(seed: int, duration_s: float, mean_gap_s: float) -> PriceTra
 
 
 def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines from byte offset ``start``; returns them and the next offset.
+    """The complete JSON-lines events of a file, from a byte offset on.
 
-    A line cut short by a SIGKILL is left for later (or ignored at the end).
+    A line cut short by a SIGKILL is left for later (or ignored at the end);
+    lines that are not events are skipped.
+
+    Args:
+        path: The events file (``plinius train --events``); a missing one holds none.
+        start: The byte offset to read from (the offset a previous call returned).
+
+    Returns:
+        ``(events, offset)``: the events read, and the offset after the last
+        complete line.
     """
     try:
         with open(path, "rb") as f:
@@ -248,6 +257,31 @@ def run_campaign(
     killed when the replayed price rises above ``bid`` and restarted once it
     falls back (``time_scale`` compresses trace seconds into wall seconds);
     ``crashes`` caps the kills.
+
+    Args:
+        train_args: The ``plinius train`` options (key, data, mirror, model, steps, ...).
+        events_path: Where the child appends its JSON-lines events (``--events``).
+        log_path: Where the child's stdout and stderr are appended.
+        crashes: The most runs to kill.
+        seed: Seed of the random schedule.
+        window_s: Random schedule without ``total_steps``: the range of delays
+            after the first logged step.
+        startup_kill_fraction: Random schedule: the fraction of kills aimed at
+            start-up and restore.
+        trace: A spot-price trace to replay instead of the random schedule.
+        bid: Trace schedule: the run is killed while the price is above this.
+        time_scale: Trace schedule: wall seconds per trace second.
+        timeout_s: The most the whole campaign may take.
+        env: The child's environment (default: this process's).
+        on_run: Called with each :class:`RunRecord` as the run ends.
+        total_steps: The job's total steps, to spread the kills over the job.
+
+    Returns:
+        A :class:`CampaignResult`: every run, in order.
+
+    Raises:
+        PliniusError: A run failed on its own (the message names the log), or
+            the campaign ran past ``timeout_s``.
     """
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "plinius", "train", *train_args]

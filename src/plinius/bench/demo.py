@@ -36,7 +36,27 @@ __all__ = ["DemoConfig", "DemoReport", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults finish in well under 3 minutes on 2 cores."""
+    """Knobs of the demo; the defaults finish in well under 3 minutes on 2 cores.
+
+    Attributes:
+        workdir: Where the key, logs, events, report and PNG go (default: a new
+            temporary directory, kept).
+        pm_dir: The persistent-memory directory for the datasets and mirrors
+            (default ``/dev/shm``, else ``workdir``); a private directory is
+            made inside it and removed unless ``keep``.
+        crashes: SIGKILLs during the crashed run.
+        steps: Steps of the job.
+        model: A built-in model or a Darknet ``.cfg`` path.
+        batch_size: Records per step.
+        seed: Seed of training and of the kills.
+        threads: torch threads of the training processes (exact resume needs the same).
+        timing_repeats: Repetitions of each save/restore timing (the median is kept).
+        keep: Keep the mirrors and sealed datasets.
+        plot: Draw the loss curves (needs matplotlib, the ``plots`` extra;
+            skipped with a note without it).
+        reference_mb: Also time save/restore for a reference CNN of this many
+            MB (0: skip).
+    """
 
     workdir: Path | None = None
     pm_dir: Path | None = None
@@ -49,12 +69,19 @@ class DemoConfig:
     timing_repeats: int = 5
     keep: bool = False
     plot: bool = True
-    reference_mb: float = 10.0  # also compare save/restore for a reference CNN this big
+    reference_mb: float = 10.0
 
 
 @dataclass
 class DemoReport:
-    """Everything the demo measured."""
+    """Everything the demo measured (also written as ``report.json``).
+
+    Times are medians in milliseconds; ``identical`` is the verdict: the
+    crashed-and-resumed job's final state equals the uninterrupted one's bit
+    for bit (``differences`` names what differs otherwise, at most 20).
+    ``reference`` holds the same timings for the reference CNN (or ``None``),
+    ``plot`` the PNG's path (``None`` when not drawn; ``notes`` says why).
+    """
 
     workdir: str
     pm_dir: str
@@ -294,7 +321,20 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
 
 
 def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
-    """Run the whole demonstration and return its report (see the module docstring)."""
+    """Run the whole demonstration (see the module docstring) and report what it measured.
+
+    Args:
+        cfg: The demo's settings.
+        log: Called with each progress line (plain text).
+
+    Returns:
+        The :class:`DemoReport`, also written as ``report.json`` into the work directory.
+
+    Raises:
+        ConfigError: Fewer than 10 steps or a negative number of crashes, or a
+            model the digits cannot train.
+        PliniusError: A training run failed (the message names its log).
+    """
     from ..crypto import MasterKey
     from ..pmem import describe_path
 

@@ -16,6 +16,7 @@ def register(group: click.Group) -> None:
     group.add_command(bench)
 
 
+# plinius.bench.SECTIONS, repeated so that building the help does not import the bench package.
 _SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
 
 
