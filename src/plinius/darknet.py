@@ -39,7 +39,7 @@ scales. That is exactly :class:`torch.optim.SGD` (no dampening) with
 ``lr=learning_rate``, ``momentum``, ``weight_decay=decay`` on the weights, and
 the loss averaged over the batch; :func:`darknet_sgd` builds it. Darknet counts
 an update as batch number ``k + 1`` when it applies update ``k``, so
-:meth:`Policy.factor` does the same. The ``[softmax]`` layer's backward pass is
+:meth:`LRPolicy.factor` does the same. The ``[softmax]`` layer's backward pass is
 a pass-through of ``truth - p``, i.e. the gradient of cross-entropy on the
 logits, so the module outputs logits and the loss is cross-entropy (computed by
 log-softmax, numerically safe); a ``[cost]`` after a ``[softmax]`` adds
@@ -67,9 +67,9 @@ from .errors import DarknetConfigError, storage_error
 __all__ = [
     "ACTIVATIONS",
     "DarknetModel",
+    "LRPolicy",
     "LayerInfo",
     "NetConfig",
-    "Policy",
     "Section",
     "build_network",
     "darknet_sgd",
@@ -116,11 +116,21 @@ class Section:
 
 
 def parse_cfg(text: str, source: str = "<cfg>") -> list[Section]:
-    """Split cfg ``text`` into sections; ``source`` names the file in errors.
+    """Split the text of a cfg into its sections.
 
     Like Darknet, whitespace anywhere in a line is ignored and ``#`` or ``;``
     start a comment line. A key given twice in a section is an error (Darknet
     would silently use the first).
+
+    Args:
+        text: The cfg's text.
+        source: The name of the file, for error messages.
+
+    Returns:
+        The sections in order, each with its ``key -> (value, line)`` options.
+
+    Raises:
+        DarknetConfigError: A malformed line (the message names it).
     """
     sections: list[Section] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -242,10 +252,18 @@ class _Options:
 
 
 @dataclass(frozen=True)
-class Policy:
-    """A Darknet learning-rate policy, as a factor of the base learning rate.
+class LRPolicy:
+    """A Darknet learning-rate policy (``[net]``'s ``policy=``), as a factor of the base rate.
 
-    ``max_batches`` is the ``poly`` horizon; 0 means the job's total steps.
+    Not to be confused with :class:`plinius.tee.Policy`, the key server's release policy.
+
+    Args:
+        name: ``"constant"``, ``"steps"`` or ``"poly"``.
+        power: The ``poly`` exponent, and the burn-in's.
+        steps: For ``steps``: the batch numbers at which the rate is multiplied...
+        scales: ...by these factors, one per entry of ``steps``.
+        max_batches: The ``poly`` horizon; 0 means the job's total steps.
+        burn_in: Batches over which the rate ramps up as ``(batch / burn_in) ** power``.
     """
 
     name: str = "constant"
@@ -256,10 +274,18 @@ class Policy:
     burn_in: int = 0
 
     def factor(self, update: int, total_steps: int) -> float:
-        """The learning-rate factor of update ``update`` (0-based) of ``total_steps``.
+        """The learning-rate factor of one update.
 
         Darknet computes the rate of an update from the number of batches seen
         *including* the one being applied, so update 0 uses batch number 1.
+
+        Args:
+            update: The update's index in the job, from 0.
+            total_steps: The job's total steps (the ``poly`` horizon when
+                ``max_batches`` is 0).
+
+        Returns:
+            The factor of the base learning rate, from 0 to 1 for ``poly``.
         """
         batch_num = update + 1
         if batch_num < self.burn_in:
@@ -280,10 +306,20 @@ class Policy:
     def scheduler(
         self, optimizer: torch.optim.Optimizer, total_steps: int
     ) -> torch.optim.lr_scheduler.LambdaLR | None:
-        """A ``LambdaLR`` applying :meth:`factor`, or ``None`` for a constant rate.
+        """A torch scheduler applying :meth:`factor` after every update.
 
         The lambda is a plain closure, so ``state_dict()`` holds only numbers
         (LambdaLR stores ``None`` for functions) and the state mirrors safely.
+
+        Args:
+            optimizer: The optimizer whose learning rate it sets.
+            total_steps: The job's total steps.
+
+        Returns:
+            A ``LambdaLR``, or ``None`` for a constant rate (nothing to schedule).
+
+        Raises:
+            DarknetConfigError: ``total_steps`` is below 1.
         """
         if total_steps < 1:
             raise DarknetConfigError(f"the job needs at least one step, not {total_steps}")
@@ -323,7 +359,7 @@ class NetConfig:
     learning_rate: float = 0.001
     momentum: float = 0.9
     decay: float = 0.0001
-    policy: Policy = Policy()
+    policy: LRPolicy = LRPolicy()
     height: int = 0
     width: int = 0
     channels: int = 0
@@ -376,7 +412,7 @@ def _parse_net(opts: _Options) -> NetConfig:
             )
         if any(s < 0 for s in steps) or steps != sorted(steps):
             raise opts.error("steps", "steps must be non-negative and increasing")
-    policy = Policy(name, power, tuple(steps), tuple(scales), max_batches, burn_in)
+    policy = LRPolicy(name, power, tuple(steps), tuple(scales), max_batches, burn_in)
     height = opts.get_int("height", 0)
     width = opts.get_int("width", 0)
     channels = opts.get_int("channels", 0)
@@ -727,7 +763,17 @@ def _input_shape(
 
 
 def parse_input_spec(text: str) -> tuple[int, int, int]:
-    """Parse ``HxWxC`` (e.g. ``28x28x1``) into ``(C, H, W)``."""
+    """Parse an input size written ``HxWxC`` (``plinius models --input``).
+
+    Args:
+        text: Height, width and channels, e.g. ``28x28x1``.
+
+    Returns:
+        ``(C, H, W)``.
+
+    Raises:
+        DarknetConfigError: Not three positive integers within bounds.
+    """
     parts = text.lower().replace(" ", "").split("x")
     try:
         h, w, c = (int(p) for p in parts)
@@ -746,7 +792,30 @@ def load_cfg(
     num_classes: int | None = None,
     resize: bool = False,
 ) -> DarknetModel:
-    """Read and build the Darknet cfg at ``path`` (see :func:`build_network`)."""
+    """Read a Darknet ``.cfg`` file and build it into a PyTorch module.
+
+    The file is read as it is (at most 16 MiB of UTF-8 text); see the module
+    docstring for the sections and keys supported.
+
+    Args:
+        path: The ``.cfg`` file.
+        input_shape: The per-record shape of the data, ``(H, W)``,
+            ``(C, H, W)`` or ``(N,)``, with as many values as ``[net]``
+            declares; ``None`` takes ``[net]``'s height, width and channels
+            (or ``inputs``).
+        num_classes: The number of classes, which must equal the network's
+            output size; ``None`` checks nothing.
+        resize: Let ``input_shape`` replace ``[net]``'s input size (as
+            Darknet's ``resize_network`` does; ``plinius models --input``).
+
+    Returns:
+        The :class:`DarknetModel`: module, ``[net]`` settings, layer table and head.
+
+    Raises:
+        DarknetConfigError: The cfg cannot be built (the message names the file
+            and line), is not a regular text file, or is too large.
+        StorageError: The file cannot be read.
+    """
     p = Path(path)
     try:
         # Only a regular file, and never more than the cap: a FIFO or /dev/zero
@@ -772,10 +841,18 @@ def load_cfg(
 
 
 def darknet_sgd(module: nn.Module, lr: float, momentum: float, decay: float) -> torch.optim.SGD:
-    """SGD as Darknet updates: weight decay on convolution/linear weights only.
+    """SGD as Darknet updates: weight decay on convolution and linear weights only.
 
-    Two parameter groups, in module order: weights (with ``decay``) and
-    everything else (biases, batch-norm scales and shifts; no decay).
+    Args:
+        module: The network.
+        lr: The learning rate.
+        momentum: The momentum.
+        decay: The weight decay of convolution and linear weights.
+
+    Returns:
+        A ``torch.optim.SGD`` with two parameter groups, in module order:
+        the weights (with ``decay``) and everything else (biases, batch-norm
+        scales and shifts; no decay).
     """
     decayed: list[Tensor] = []
     seen: set[int] = set()

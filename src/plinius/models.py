@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .darknet import Policy, darknet_sgd, load_cfg
+from .darknet import LRPolicy, darknet_sgd, load_cfg
 from .errors import ConfigError
 
 __all__ = [
@@ -224,7 +224,19 @@ def reference_cnn(target_mb: float, in_channels: int = 1, num_classes: int = 10)
     then two ``width`` x ``width`` convolutions, a 1x1 convolution to the
     classes and global average pooling. ``width`` is chosen so the parameter
     count is the closest to the target; the wide layers see a 2x2 map (for
-    28x28 inputs), so most parameters cost little compute. Output: logits.
+    28x28 inputs), so most parameters cost little compute.
+
+    Args:
+        target_mb: The size wanted, in MB (10**6 bytes) of float32 parameters.
+        in_channels: Channels of the input images.
+        num_classes: The number of classes.
+
+    Returns:
+        The network; it outputs logits.
+
+    Raises:
+        ConfigError: ``target_mb`` is not a positive number, or below the
+            smallest network of this shape (use ``cnn-tiny``).
     """
     if not math.isfinite(target_mb) or target_mb <= 0:
         raise ConfigError(f"the model size must be a positive number of MB, not {target_mb}")
@@ -245,7 +257,7 @@ def _cnn_spec(
     else:
         module = reference_cnn(target_mb, shape[0], num_classes)
     lr0, momentum, decay = 0.1, 0.9, 0.0005
-    policy = Policy("poly", power=4.0)
+    policy = LRPolicy("poly", power=4.0)
 
     def make_optimizer(lr: float | None) -> torch.optim.Optimizer:
         return darknet_sgd(module, lr0 if lr is None else lr, momentum, decay)
@@ -291,7 +303,7 @@ def _mlp_spec(
         prepare=_image_prepare((n,), input_scale),
         loss=_classification_loss,
         make_optimizer=make_optimizer,
-        make_scheduler=Policy("constant").scheduler,
+        make_scheduler=LRPolicy("constant").scheduler,
         hyper={
             "batch": 128,
             "learning_rate": lr0,
@@ -372,7 +384,7 @@ def _lm_spec(name: str, raw: tuple[int, ...], vocab: int) -> ModelSpec:
         prepare=_lm_prepare,
         loss=_lm_loss,
         make_optimizer=make_optimizer,
-        make_scheduler=Policy("constant").scheduler,
+        make_scheduler=LRPolicy("constant").scheduler,
         hyper={
             "batch": 32,
             "optimizer": "adamw",
@@ -392,6 +404,18 @@ def tiny_corpus(num_sequences: int, seq_len: int, vocab: int = 64, seed: int = 0
     learn it well below the uniform loss ``log(vocab)``. Seal it as one integer
     field (say ``tokens``): ``tiny-lm`` splits each record into input
     ``tokens[:-1]`` and target ``tokens[1:]``.
+
+    Args:
+        num_sequences: Records to make.
+        seq_len: Tokens of input per record (each record holds one more).
+        vocab: The vocabulary size, at least 4.
+        seed: Seed of the chain and the walks.
+
+    Returns:
+        An int64 array of shape ``(num_sequences, seq_len + 1)``.
+
+    Raises:
+        ConfigError: A size below its minimum.
     """
     if num_sequences < 1 or seq_len < 1 or vocab < 4:
         raise ConfigError("tiny_corpus needs num_sequences >= 1, seq_len >= 1 and vocab >= 4")
@@ -462,14 +486,29 @@ def build_model(
     num_classes: int,
     input_scale: float | None = None,
 ) -> ModelSpec:
-    """Build a built-in model by name, or a Darknet cfg by path.
+    """Build a built-in model by name, or a Darknet cfg by path, for a dataset.
 
-    ``input_shape`` is the per-record shape of the dataset's first field
-    (``(28, 28)`` for MNIST, ``(T + 1,)`` token records for ``tiny-lm``);
-    ``num_classes`` the number of classes (the vocabulary for ``tiny-lm``);
-    ``input_scale`` divides integer inputs instead of their dtype's maximum
-    (16 for scikit-learn's digits). Parameters are drawn from torch's global
-    generator, so the same ``torch.manual_seed`` gives the same model.
+    Parameters are drawn from torch's global generator, so the same
+    ``torch.manual_seed`` gives the same model.
+
+    Args:
+        spec: A built-in name (``mlp``, ``cnn-tiny``, ``cnn-10mb`` ...
+            ``cnn-100mb``, ``tiny-lm``; :func:`list_models`) or the path of a
+            Darknet ``.cfg`` file.
+        input_shape: The per-record shape of the dataset's first field
+            (``(28, 28)`` for MNIST, ``(T + 1,)`` token records for ``tiny-lm``).
+        num_classes: The number of classes (the vocabulary for ``tiny-lm``).
+        input_scale: What integer inputs are divided by, instead of their
+            dtype's maximum (16 for scikit-learn's digits); ``None`` for that maximum.
+
+    Returns:
+        A :class:`ModelSpec`: the module and how to feed, optimise and schedule it.
+
+    Raises:
+        ConfigError: An unknown name, a shape or class count the model cannot
+            take, or a non-positive ``input_scale``.
+        DarknetConfigError: A cfg that cannot be built (it names the line).
+        StorageError: A cfg file that cannot be read.
     """
     raw = tuple(int(d) for d in input_shape)
     if not raw or any(d < 1 for d in raw):

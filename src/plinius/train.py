@@ -54,23 +54,42 @@ Batch = tuple[Tensor, ...]
 
 @dataclass(frozen=True)
 class StepEvent:
-    """What the progress callback receives after each completed step."""
+    """One completed training step, as :func:`fit` reports it to its ``callback``.
 
-    step: int  # steps completed in the job so far (1-based count)
+    Attributes:
+        step: Steps completed in the job so far, counting those restored from
+            the mirror (1 after the first step).
+        total: The job's total steps.
+        loss: This step's training loss.
+        lr: The learning rate of the first parameter group after the step
+            (after the scheduler stepped).
+        saved: Whether a save of this step was started. It is durable once
+            the next step has joined it (or at once with ``async_save=False``
+            and on the last step).
+    """
+
+    step: int
     total: int
     loss: float
     lr: float
-    saved: bool  # whether a save of this step was started (durable once the next one waits)
+    saved: bool
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns.
+    """What :func:`fit` returns: the job's losses and how this call ran it.
 
-    ``losses`` is the loss of every step of the job, including steps run
-    before a crash and restored from the mirror, so it can be compared with an
-    uninterrupted run. ``resumed_from`` is the step the job resumed after
-    (``None`` for a fresh start) and ``recovery_s`` how long the restore took.
+    Attributes:
+        losses: The loss of every step of the job, including steps run before a
+            crash and restored from the mirror, so it compares with an
+            uninterrupted run.
+        resumed_from: The step the job resumed after, or ``None`` for a fresh start.
+        recovery_s: Seconds the restore took (0 without a mirror).
+        steps_run: Steps this call ran (the total minus those restored).
+        final_step: The job's total steps.
+        saves: Saves this call made into the mirror.
+        save_wait_s: Seconds the loop waited for background saves to finish.
+        step_times_s: The wall time of each step this call ran, save included.
     """
 
     losses: list[float]
@@ -84,7 +103,11 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
+    """Seed Python's, NumPy's and torch's global generators.
+
+    Args:
+        seed: Any non-negative integer (NumPy gets it modulo 2**32).
+    """
     import random
 
     import numpy as np
@@ -217,7 +240,17 @@ def _collate_tuple(items: Sequence[Any]) -> Batch:
 def make_sampler(
     dataset: Dataset[Any], *, seed: int, shuffle: Literal["chunk", "full"] | bool
 ) -> SealedSampler:
-    """The sampler :func:`fit` uses: order from ``(seed, epoch)``, chunk-aware for sealed data."""
+    """The sampler :func:`fit` uses: order from ``(seed, epoch)``, chunk-aware for sealed data.
+
+    Args:
+        dataset: The dataset; a :class:`~plinius.data.SealedDataset` gets a
+            sampler that knows its chunks, any other one a plain index order.
+        seed: Seed of the order.
+        shuffle: ``"chunk"``, ``"full"`` or ``False`` (file order).
+
+    Returns:
+        A :class:`~plinius.data.SealedSampler` at the start of epoch 0.
+    """
     if isinstance(dataset, SealedDataset):
         sampler = SealedSampler(dataset, seed=seed, shuffle=shuffle)
     else:
@@ -241,6 +274,21 @@ def training_state(
 
     The whole loss history lives in the mirror as one float64 tensor, so a
     resumed job returns the same losses as one that never crashed.
+
+    Args:
+        model: The module trained.
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler, or ``None``.
+        sampler: The data order (:func:`make_sampler`).
+        losses: A float64 tensor with one entry per step of the job.
+        total: The job's total steps.
+        dataset_id: The sealed dataset's id, or ``None``; a resume refuses another one.
+        job: The settings a resume must match (batch size, seed, ...).
+
+    Returns:
+        The state dict, for :meth:`~plinius.mirror.Mirror.save` and
+        :meth:`~plinius.mirror.Mirror.restore`; the global generators
+        (:class:`~plinius.mirror.RNGState`) are in it.
     """
     state: dict[str, Any] = {
         "model": model,
@@ -290,19 +338,52 @@ def fit(
     mirror is empty) and mirrored after every ``mirror_every`` steps and after
     the last one. ``steps`` is the job's total: calling ``fit`` again with the
     same arguments after a crash finishes the same job, with the same result.
+    With ``async_save`` the save of step *n* runs while step *n+1* computes its
+    forward and backward pass and is joined before its ``optimizer.step()``.
 
-    ``prepare`` maps the raw input field of a batch to the model's input;
-    ``split`` maps a batch of fields to ``(input, target)`` (default: first and
-    last field). ``callback`` receives a :class:`StepEvent` after each step.
-    ``extra_state`` adds user entries to the mirrored state; ``job_info``
-    adds plain settings (say the model name and learning rate) to those a
-    resume must match (batch size, seed, shuffle, mirror_every). ``on_resume``
-    is called once, after the restore, with the step resumed after (or None)
-    and the seconds the restore took.
+    Args:
+        model: The module to train (put in training mode).
+        optimizer: Its optimizer.
+        loss_fn: ``(model output, target) -> scalar loss``.
+        dataset: A map-style dataset with a length; a
+            :class:`~plinius.data.SealedDataset` is read a batch at a time.
+        batch_size: Records per step; an epoch's last incomplete batch is dropped.
+        steps: The job's total steps. Give this or ``epochs``.
+        epochs: The job's length in whole epochs instead.
+        seed: Seed of the data order (and of DataLoader workers' generators).
+        mirror: Where the training state is mirrored, or ``None`` for none.
+        scheduler: A learning-rate scheduler, stepped after every step
+            (``ReduceLROnPlateau`` with the step's loss), or ``None``.
+        mirror_every: Mirror every this many steps (and after the last one).
+        async_save: Overlap each save with the next step (``save_async``).
+        shuffle: ``"chunk"`` (chunk-local, fast on sealed data), ``"full"``
+            (uniform) or ``False`` (file order); see :class:`~plinius.data.SealedSampler`.
+        prepare: Maps a batch's raw input field to the model's input.
+        split: Maps a batch of fields to ``(input, target)``; default: the
+            first and the last field.
+        num_workers: DataLoader worker processes; 0 reads in this process.
+        callback: Receives a :class:`StepEvent` after each step.
+        extra_state: More entries for the mirrored state (their names must
+            not be ``fit``'s own).
+        on_resume: Called once, after the restore, with the step resumed
+            after (or ``None``) and the seconds the restore took.
+        job_info: Plain settings (say the model name and learning rate) added
+            to those a resume must match (batch size, seed, shuffle,
+            ``mirror_every``).
 
-    Mirroring uses ``save_async``: the save of step *n* runs while step *n+1*
-    computes its forward and backward pass and is joined before its
-    ``optimizer.step()``.
+    Returns:
+        A :class:`FitResult`: the loss of every step of the job, how it resumed,
+        how many saves this call made.
+
+    Raises:
+        ConfigError: Bad arguments: a non-positive ``batch_size`` or
+            ``mirror_every``, both or neither of ``steps`` and ``epochs``, a
+            dataset smaller than one batch, reserved names in ``extra_state``.
+        StateMismatchError: The mirror holds another job: another model,
+            optimizer, number of steps or settings (the message names them).
+        IntegrityError: The mirror was trained on another dataset, or fails
+            authentication.
+        RollbackError: The mirror is older than its freshness counter allows.
     """
     if batch_size <= 0:
         raise ConfigError("batch size must be positive")
@@ -477,9 +558,27 @@ def evaluate(
     prepare: Callable[[Tensor], Tensor] | None = None,
     split: Callable[[Batch], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[float, float]:
-    """``(accuracy, mean loss)`` of ``model`` over ``dataset``, in order, in eval mode.
+    """The accuracy and mean loss of ``model`` over ``dataset``, in order, in eval mode.
 
     Accuracy compares the arg-max of the last output dimension with the target.
+    The model's training mode is restored afterwards.
+
+    Args:
+        model: The module to evaluate.
+        dataset: A map-style dataset (a :class:`~plinius.data.SealedDataset`
+            is read a batch at a time).
+        loss_fn: ``(model output, target) -> scalar loss``, averaged over a batch.
+        batch_size: Records per forward pass.
+        prepare: Maps a batch's raw input field to the model's input.
+        split: Maps a batch of fields to ``(input, target)``; default: the
+            first and the last field.
+
+    Returns:
+        ``(accuracy, loss)``: the fraction of targets predicted, from 0 to 1,
+        and the loss averaged over every target.
+
+    Raises:
+        ConfigError: A non-positive ``batch_size``, or an empty dataset.
     """
     prepare = prepare or _identity
     split = split or _default_split

@@ -7,13 +7,14 @@ has the expected structure, and that nothing is left in the PM and disk dirs.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from plinius.bench import BenchConfig, SizeSpec, parse_sizes, run_bench
-from plinius.bench.recovery import PHASES, _breakdown, split_runs
+from plinius.bench.recovery import PHASES, phase_breakdown, split_runs
 from plinius.cli import main
 from plinius.errors import ConfigError
 
@@ -177,8 +178,8 @@ def test_recovery_breakdown_from_events() -> None:
     ]  # fmt: skip
     runs = split_runs(events)
     assert [len(r) for r in runs] == [3, 3]
-    assert _breakdown(runs[0]) is None  # a fresh start is not a recovery
-    b = _breakdown(runs[1])
+    assert phase_breakdown(runs[0]) is None  # a fresh start is not a recovery
+    b = phase_breakdown(runs[1])
     assert b is not None
     assert b["resumed_from"] == 7
     assert b["interpreter"] == pytest.approx(0.4)
@@ -232,3 +233,36 @@ def test_cli_runs_only_the_sections_and_sizes_asked(tmp_path: Path, shm_dir: Pat
     assert not list(out.glob("*.png"))
     assert list(shm_dir.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+
+
+def test_cli_without_matplotlib_skips_the_plots_and_says_how(
+    tmp_path: Path, shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bare `pip install plinius` has no matplotlib (the `plots` extra).
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "o"
+    res = CliRunner().invoke(
+        main,
+        ["bench", "--only", "latency", "--sizes", "2", "--repeats", "1",
+         "--out", str(out), "--pm-dir", str(shm_dir), "--disk-dir", str(tmp_path),
+         "--threads", "1", "--no-progress"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "plots skipped: matplotlib is not installed (pip install 'plinius[plots]')" in (
+        res.output.splitlines()
+    )
+    assert (out / "results.md").exists()
+    assert json.loads((out / "results.json").read_text())["plots"] == []
+    assert not list(out.glob("*.png"))
+
+
+def test_write_plots_without_matplotlib_draws_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plinius.bench.report import plots_available, write_plots
+
+    assert plots_available()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert not plots_available()
+    assert write_plots({"meta": {}}, tmp_path) == []
+    assert list(tmp_path.iterdir()) == []

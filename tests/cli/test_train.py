@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,24 @@ def test_train_with_file_counter_refuses_a_deleted_mirror(job: dict[str, Path]) 
 def test_train_bad_counter_spec(job: dict[str, Path]) -> None:
     r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", "sometimes"))
     assert r.exit_code == 1 and "file:PATH" in r.output
+
+
+@pytest.mark.slow
+def test_demo_without_matplotlib_skips_only_the_png(
+    tmp_path: Path, shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bare `pip install plinius` has no matplotlib (the `plots` extra): the demo
+    # still succeeds, says how to get the loss curve, and draws nothing.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    r = CliRunner().invoke(
+        main,
+        ["demo", "--workdir", str(tmp_path), "--pm-dir", str(shm_dir), "--crashes", "1",
+         "--steps", "20", "--batch-size", "32"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    note = "loss curve skipped: matplotlib is not installed (pip install 'plinius[plots]')"
+    assert note in r.output.splitlines()
+    assert "final state bit-for-bit identical" in r.output
+    assert not (tmp_path / "loss_curve.png").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plot"] is None and note in report["notes"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from plinius.darknet import (
     DarknetModel,
-    Policy,
+    LRPolicy,
     build_network,
     darknet_sgd,
     load_cfg,
@@ -84,7 +84,7 @@ def test_net_defaults_are_darknets() -> None:
         0.9,
         0.0001,
     )
-    assert net.policy == Policy("constant", 4.0)
+    assert net.policy == LRPolicy("constant", 4.0)
     hyper = net.hyper()
     assert hyper["batch"] == 4 and hyper["policy"] == "constant"
 
@@ -328,11 +328,11 @@ def test_poly_policy() -> None:
     assert pol.factor(4, 99) == pytest.approx(0.25)
     assert pol.factor(9, 99) == 0.0 and pol.factor(30, 99) == 0.0  # never grows again
     # Without max_batches the horizon is the job's total steps.
-    assert Policy("poly", 4.0).factor(49, 100) == pytest.approx(0.5**4)
+    assert LRPolicy("poly", 4.0).factor(49, 100) == pytest.approx(0.5**4)
 
 
 def test_burn_in() -> None:
-    pol = Policy("constant", power=2.0, burn_in=4)
+    pol = LRPolicy("constant", power=2.0, burn_in=4)
     assert [pol.factor(k, 10) for k in range(5)] == pytest.approx([1 / 16, 4 / 16, 9 / 16, 1, 1])
 
 

@@ -24,18 +24,35 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ConfigError, PliniusError
 
 __all__ = [
     "CampaignResult",
+    "PricePoint",
     "PriceTrace",
     "RunRecord",
+    "StepLoss",
+    "mirror_differences",
     "read_events",
     "run_campaign",
     "synthetic_trace",
 ]
+
+
+class StepLoss(NamedTuple):
+    """One training step a run computed, as its ``step`` event reported it."""
+
+    step: int  # steps completed in the job (1-based)
+    loss: float
+
+
+class PricePoint(NamedTuple):
+    """One point of a spot-price trace: from ``t`` seconds on, the price is ``price``."""
+
+    t: float
+    price: float
 
 
 @dataclass
@@ -50,7 +67,7 @@ class RunRecord:
     resumed_from: int | None = None
     recovery_s: float | None = None
     first_step_after_start_s: float | None = None
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as computed
+    steps: list[StepLoss] = field(default_factory=list)  # as computed, in order
     last_saved: int | None = None  # the last step whose save was started
 
 
@@ -75,12 +92,15 @@ class CampaignResult:
 class PriceTrace:
     """A spot-price trace: ``(seconds, price)`` points, replayed with a time scale."""
 
-    points: list[tuple[float, float]]
+    points: list[PricePoint]
+
+    def __post_init__(self) -> None:
+        self.points = [PricePoint(*p) for p in self.points]  # plain pairs are welcome too
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PriceTrace:
         """Read a CSV of ``seconds,price`` rows (a header row is allowed)."""
-        pts: list[tuple[float, float]] = []
+        pts: list[PricePoint] = []
         try:
             if not Path(path).is_file():  # a FIFO would block; a directory is no trace
                 raise ConfigError(f"the price trace {path} is not a regular file")
@@ -103,20 +123,20 @@ class PriceTrace:
                             f"{path}, line {lineno}: times must be finite and non-negative "
                             f"and prices finite, got {row!r}"
                         )
-                    pts.append((t, price))
+                    pts.append(PricePoint(t, price))
         except OSError as exc:
             raise ConfigError(f"cannot read the price trace {path}: {exc.strerror}") from exc
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ConfigError(f"the price trace {path} is not a CSV text file ({exc})") from exc
         if len(pts) < 2:
             raise ConfigError(f"the price trace {path} needs at least two points")
-        if any(b[0] <= a[0] for a, b in itertools.pairwise(pts)):
+        if any(b.t <= a.t for a, b in itertools.pairwise(pts)):
             raise ConfigError(f"the price trace {path} must have increasing times")
         return cls(pts)
 
     def price_at(self, t: float) -> float:
         """The price in force at time ``t`` (step function)."""
-        price = self.points[0][1]
+        price = self.points[0].price
         for ts, p in self.points:
             if ts > t:
                 break
@@ -138,20 +158,29 @@ def synthetic_trace(seed: int, duration_s: float, mean_gap_s: float) -> PriceTra
     exponential gaps of mean ``mean_gap_s`` and last a short while.
     """
     rng = random.Random(seed)
-    pts: list[tuple[float, float]] = [(0.0, 1.0)]
+    pts = [PricePoint(0.0, 1.0)]
     t = 0.0
     while t < duration_s:
         t += rng.expovariate(1.0 / mean_gap_s)
-        pts.append((t, 1.3 + rng.random() * 0.5))
+        pts.append(PricePoint(t, 1.3 + rng.random() * 0.5))
         t += 0.2 + rng.random() * 0.4
-        pts.append((t, 0.9 + rng.random() * 0.2))
+        pts.append(PricePoint(t, 0.9 + rng.random() * 0.2))
     return PriceTrace(pts)
 
 
 def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines from byte offset ``start``; returns them and the next offset.
+    """The complete JSON-lines events of a file, from a byte offset on.
 
-    A line cut short by a SIGKILL is left for later (or ignored at the end).
+    A line cut short by a SIGKILL is left for later (or ignored at the end);
+    lines that are not events are skipped.
+
+    Args:
+        path: The events file (``plinius train --events``); a missing one holds none.
+        start: The byte offset to read from (the offset a previous call returned).
+
+    Returns:
+        ``(events, offset)``: the events read, and the offset after the last
+        complete line.
     """
     try:
         with open(path, "rb") as f:
@@ -181,18 +210,18 @@ def _wait_for_step(
     """
     deadline = time.monotonic() + timeout
     pos = offset
-    first: tuple[int, float] | None = None
+    first_step, first_t = -1, 0.0  # the first step logged, and when
     while time.monotonic() < deadline:
         evs, pos = read_events(events, pos)
         for e in evs:
             if e.get("event") != "step":
                 continue
             step, t = int(e["step"]), float(e["t"])
-            if first is None:
-                first = (step, t)
+            if first_step < 0:
+                first_step, first_t = step, t
             if step >= target:
-                n = step - first[0]
-                return (t - first[1]) / n if n > 0 else 0.0
+                n = step - first_step
+                return (t - first_t) / n if n > 0 else 0.0
         if proc.poll() is not None:
             return None
         time.sleep(0.002)
@@ -228,6 +257,31 @@ def run_campaign(
     killed when the replayed price rises above ``bid`` and restarted once it
     falls back (``time_scale`` compresses trace seconds into wall seconds);
     ``crashes`` caps the kills.
+
+    Args:
+        train_args: The ``plinius train`` options (key, data, mirror, model, steps, ...).
+        events_path: Where the child appends its JSON-lines events (``--events``).
+        log_path: Where the child's stdout and stderr are appended.
+        crashes: The most runs to kill.
+        seed: Seed of the random schedule.
+        window_s: Random schedule without ``total_steps``: the range of delays
+            after the first logged step.
+        startup_kill_fraction: Random schedule: the fraction of kills aimed at
+            start-up and restore.
+        trace: A spot-price trace to replay instead of the random schedule.
+        bid: Trace schedule: the run is killed while the price is above this.
+        time_scale: Trace schedule: wall seconds per trace second.
+        timeout_s: The most the whole campaign may take.
+        env: The child's environment (default: this process's).
+        on_run: Called with each :class:`RunRecord` as the run ends.
+        total_steps: The job's total steps, to spread the kills over the job.
+
+    Returns:
+        A :class:`CampaignResult`: every run, in order.
+
+    Raises:
+        PliniusError: A run failed on its own (the message names the log), or
+            the campaign ran past ``timeout_s``.
     """
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "plinius", "train", *train_args]
@@ -297,7 +351,7 @@ def run_campaign(
                 # that far, so start-up kills land inside them.
                 startup_estimate = max(0.5, rec.first_step_after_start_s)
             if rec.steps:
-                progress = max(progress, max(st for st, _ in rec.steps))
+                progress = max(progress, max(p.step for p in rec.steps))
             runs.append(rec)
             if on_run is not None:
                 on_run(rec)
@@ -336,9 +390,49 @@ def _record(
             rec.resumed_from = e.get("step")
             rec.recovery_s = e.get("recovery_s")
         elif kind == "step":
-            rec.steps.append((int(e["step"]), float(e["loss"])))
+            rec.steps.append(StepLoss(int(e["step"]), float(e["loss"])))
             if e.get("saved"):
                 rec.last_saved = int(e["step"])
             if rec.first_step_after_start_s is None and t_start is not None:
                 rec.first_step_after_start_s = e["t"] - t_start
     return rec
+
+
+def mirror_differences(a: Path, b: Path, key: Any) -> list[str]:
+    """The tensors that differ between two mirrors' committed states, bit for bit.
+
+    A crash campaign ends with this against a run that was never interrupted:
+    an exact resume leaves the list empty.
+
+    Args:
+        a: One mirror file.
+        b: The other mirror file.
+        key: The master key both were written under.
+
+    Returns:
+        The names of the tensors held by only one of them or differing in
+        dtype, shape or any bit, sorted (those in only one first); empty when
+        the two are identical.
+
+    Raises:
+        PliniusError: A mirror cannot be opened or fails authentication
+            (:class:`~plinius.errors.IntegrityError`,
+            :class:`~plinius.errors.WrongKeyError`, ...).
+    """
+    import torch
+
+    from ..mirror import Mirror
+
+    with Mirror(a, key, readonly=True) as ma, Mirror(b, key, readonly=True) as mb:
+        ta, tb = ma.read_tensors(""), mb.read_tensors("")
+    diffs = sorted(set(ta) ^ set(tb))
+    for name in sorted(set(ta) & set(tb)):
+        x, y = ta[name], tb[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
+            diffs.append(name)
+            continue
+        xb = x.contiguous().reshape(-1).view(torch.uint8)
+        yb = y.contiguous().reshape(-1).view(torch.uint8)
+        if not bool((xb == yb).all()):
+            diffs.append(name)
+    return diffs

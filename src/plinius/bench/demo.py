@@ -7,7 +7,8 @@ time, train the same job again without interruption, and report: crashes,
 recovery time of each resume, mirror save/restore time against an encrypted SSD
 checkpoint of the same state, accuracy, and whether the two final states are
 bit-for-bit identical. A PNG shows the loss curves with the crashes marked
-(the original Plinius paper's Fig. 9).
+(the original Plinius paper's Fig. 9) where matplotlib (the ``plots`` extra) is
+installed; without it the demo says so and skips only the PNG.
 """
 
 from __future__ import annotations
@@ -21,17 +22,41 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .crashtest import CampaignResult, RunRecord, run_campaign
+from .crashtest import CampaignResult, RunRecord, mirror_differences, run_campaign
+from .report import PLOTS_MISSING, plots_available
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..models import ModelSpec
 
 __all__ = ["DemoConfig", "DemoReport", "run_demo"]
 
 
 @dataclass
 class DemoConfig:
-    """Knobs of the demo; the defaults finish in well under 3 minutes on 2 cores."""
+    """Knobs of the demo; the defaults finish in well under 3 minutes on 2 cores.
+
+    Attributes:
+        workdir: Where the key, logs, events, report and PNG go (default: a new
+            temporary directory, kept).
+        pm_dir: The persistent-memory directory for the datasets and mirrors
+            (default ``/dev/shm``, else ``workdir``); a private directory is
+            made inside it and removed unless ``keep``.
+        crashes: SIGKILLs during the crashed run.
+        steps: Steps of the job.
+        model: A built-in model or a Darknet ``.cfg`` path.
+        batch_size: Records per step.
+        seed: Seed of training and of the kills.
+        threads: torch threads of the training processes (exact resume needs the same).
+        timing_repeats: Repetitions of each save/restore timing (the median is kept).
+        keep: Keep the mirrors and sealed datasets.
+        plot: Draw the loss curves (needs matplotlib, the ``plots`` extra;
+            skipped with a note without it).
+        reference_mb: Also time save/restore for a reference CNN of this many
+            MB (0: skip).
+    """
 
     workdir: Path | None = None
     pm_dir: Path | None = None
@@ -44,12 +69,19 @@ class DemoConfig:
     timing_repeats: int = 5
     keep: bool = False
     plot: bool = True
-    reference_mb: float = 10.0  # also compare save/restore for a reference CNN this big
+    reference_mb: float = 10.0
 
 
 @dataclass
 class DemoReport:
-    """Everything the demo measured."""
+    """Everything the demo measured (also written as ``report.json``).
+
+    Times are medians in milliseconds; ``identical`` is the verdict: the
+    crashed-and-resumed job's final state equals the uninterrupted one's bit
+    for bit (``differences`` names what differs otherwise, at most 20).
+    ``reference`` holds the same timings for the reference CNN (or ``None``),
+    ``plot`` the PNG's path (``None`` when not drawn; ``notes`` says why).
+    """
 
     workdir: str
     pm_dir: str
@@ -90,25 +122,6 @@ def _seal_digits(pm_dir: Path, key: Any) -> tuple[Path, Path]:
     seal_dataset(train, key, {"image": images[:n_train], "label": labels[:n_train]})
     seal_dataset(test, key, {"image": images[n_train:], "label": labels[n_train:]})
     return train, test
-
-
-def _compare_mirrors(a: Path, b: Path, key: Any) -> list[str]:
-    """Names of tensors that differ (dtype, shape or any bit) between two mirrors."""
-    from ..mirror import Mirror
-
-    with Mirror(a, key, readonly=True) as ma, Mirror(b, key, readonly=True) as mb:
-        ta, tb = ma.read_tensors(""), mb.read_tensors("")
-    diffs = sorted(set(ta) ^ set(tb))
-    for name in sorted(set(ta) & set(tb)):
-        x, y = ta[name], tb[name]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            diffs.append(name)
-            continue
-        xb = x.contiguous().reshape(-1).view(__import__("torch").uint8)
-        yb = y.contiguous().reshape(-1).view(__import__("torch").uint8)
-        if not bool((xb == yb).all()):
-            diffs.append(name)
-    return diffs
 
 
 def _compare(
@@ -156,14 +169,24 @@ def _compare(
     }
 
 
-def _restored_state(
-    cfg: DemoConfig, key: Any, data: Path, mirror_path: Path
-) -> tuple[dict[str, Any], Any, Any, Any, Any]:
+@dataclass(frozen=True)
+class _FinalState:
+    """A demo job's training state, rebuilt as ``plinius train`` builds it and restored
+    from its mirror: the mirrored dict and the objects in it."""
+
+    state: dict[str, Any]
+    spec: ModelSpec
+    optimizer: Any
+    scheduler: Any | None
+    losses: Any  # the float64 tensor of every step's loss
+
+
+def _restored_state(cfg: DemoConfig, key: Any, data: Path, mirror_path: Path) -> _FinalState:
     """The demo job's training state, built as ``plinius train`` builds it, restored."""
     import torch
 
-    from ..cli.train import build_job
     from ..data import SealedDataset
+    from ..job import build_job
     from ..mirror import Mirror
     from ..train import make_sampler, training_state
 
@@ -178,39 +201,39 @@ def _restored_state(
     )
     with Mirror(mirror_path, key, readonly=True) as m:
         m.restore(state)
-    return state, spec, optimizer, scheduler, losses
+    return _FinalState(state, spec, optimizer, scheduler, losses)
 
 
-def _plain_differences(sa: tuple[Any, ...], sb: tuple[Any, ...]) -> list[str]:
+def _plain_differences(a: _FinalState, b: _FinalState) -> list[str]:
     """What differs between two restored states beyond their tensors: step counters,
     sampler position, scheduler, optimizer hyper-parameters, job settings."""
     diffs = []
     for name in ("total_steps", "dataset_id", "job"):
-        if sa[0][name] != sb[0][name]:
+        if a.state[name] != b.state[name]:
             diffs.append(name)
-    if sa[0]["sampler"].state_dict() != sb[0]["sampler"].state_dict():
+    if a.state["sampler"].state_dict() != b.state["sampler"].state_dict():
         diffs.append("sampler")
-    if sa[2].state_dict()["param_groups"] != sb[2].state_dict()["param_groups"]:
+    if a.optimizer.state_dict()["param_groups"] != b.optimizer.state_dict()["param_groups"]:
         diffs.append("optim.param_groups")
-    if (sa[3] is None) != (sb[3] is None) or (
-        sa[3] is not None and sa[3].state_dict() != sb[3].state_dict()
-    ):
+    if a.scheduler is None or b.scheduler is None:
+        if (a.scheduler is None) != (b.scheduler is None):
+            diffs.append("sched")
+    elif a.scheduler.state_dict() != b.scheduler.state_dict():
         diffs.append("sched")
     return diffs
 
 
 def _timings(
-    cfg: DemoConfig, key: Any, restored: tuple[Any, ...], pm_dir: Path, workdir: Path
+    cfg: DemoConfig, key: Any, final: _FinalState, pm_dir: Path, workdir: Path
 ) -> dict[str, float]:
     """The demo job's final training state (restored from its mirror), then compared."""
-    state, spec, optimizer, scheduler, losses = restored
     ckpt_state = {
-        "model": spec.module.state_dict(),
-        "optim": optimizer.state_dict(),
-        "sched": scheduler.state_dict() if scheduler is not None else None,
-        "losses": losses,
+        "model": final.spec.module.state_dict(),
+        "optim": final.optimizer.state_dict(),
+        "sched": final.scheduler.state_dict() if final.scheduler is not None else None,
+        "losses": final.losses,
     }
-    return _compare(state, ckpt_state, key, pm_dir, workdir, cfg.timing_repeats)
+    return _compare(final.state, ckpt_state, key, pm_dir, workdir, cfg.timing_repeats)
 
 
 def _timings_reference(
@@ -233,8 +256,8 @@ def _timings_reference(
 
 
 def _accuracy(cfg: DemoConfig, key: Any, mirror_path: Path, test: Path, train: Path) -> float:
-    from ..cli.train import build_job, label_classes
     from ..data import SealedDataset
+    from ..job import build_job, label_classes
     from ..mirror import Mirror
     from ..train import evaluate
 
@@ -259,8 +282,8 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     clean_pts = [p for r in clean.runs for p in r.steps]
     ax.plot(
-        [s for s, _ in clean_pts],
-        [v for _, v in clean_pts],
+        [p.step for p in clean_pts],
+        [p.loss for p in clean_pts],
         color="#999999",
         lw=3.0,
         label="uninterrupted run",
@@ -272,8 +295,8 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
             continue
         c = colors[r.index % len(colors)]
         ax.plot(
-            [s for s, _ in r.steps],
-            [v for _, v in r.steps],
+            [p.step for p in r.steps],
+            [p.loss for p in r.steps],
             color=c,
             lw=1.2,
             label=f"run {r.index + 1}" + (" (killed)" if r.killed else ""),
@@ -282,7 +305,7 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
     first = True
     for r in crashed.runs:
         if r.killed and r.steps:
-            s = r.steps[-1][0]
+            s = r.steps[-1].step
             ax.axvline(s, color="red", ls="--", lw=0.8, label="SIGKILL" if first else None)
             first = False
     ax.set_xlabel("training step")
@@ -298,7 +321,20 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
 
 
 def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
-    """Run the whole demonstration and return its report (see the module docstring)."""
+    """Run the whole demonstration (see the module docstring) and report what it measured.
+
+    Args:
+        cfg: The demo's settings.
+        log: Called with each progress line (plain text).
+
+    Returns:
+        The :class:`DemoReport`, also written as ``report.json`` into the work directory.
+
+    Raises:
+        ConfigError: Fewer than 10 steps or a negative number of crashes, or a
+            model the digits cannot train.
+        PliniusError: A training run failed (the message names its log).
+    """
     from ..crypto import MasterKey
     from ..pmem import describe_path
 
@@ -332,7 +368,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             what = "killed" if r.killed else f"finished (exit {r.exit_code})"
             where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
             rec = "" if r.recovery_s is None else f", restore {r.recovery_s * 1e3:.1f} ms"
-            last = r.steps[-1][0] if r.steps else "-"
+            last = r.steps[-1].step if r.steps else "-"
             log(f"  run {r.index + 1}: {where}{rec}, reached step {last}, {what}")
 
         log(f"training {cfg.model} for {cfg.steps} steps with {cfg.crashes} SIGKILLs ...")
@@ -355,7 +391,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             env=env,
             on_run=on_run,
         )
-        diffs = _compare_mirrors(crash_mirror, clean_mirror, key)
+        diffs = mirror_differences(crash_mirror, clean_mirror, key)
         crashed_state = _restored_state(cfg, key, train, crash_mirror)
         clean_state = _restored_state(cfg, key, train, clean_mirror)
         diffs += _plain_differences(crashed_state, clean_state)
@@ -369,9 +405,13 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
         acc_crashed = _accuracy(cfg, key, crash_mirror, test, train)
         acc_clean = _accuracy(cfg, key, clean_mirror, test, train)
         plot_path: Path | None = None
-        if cfg.plot:
+        notes: list[str] = []
+        if cfg.plot and plots_available():
             plot_path = workdir / "loss_curve.png"
             _plot(plot_path, crashed, clean, cfg.steps)
+        elif cfg.plot:  # a bare install: everything but the PNG
+            notes.append(f"loss curve skipped: {PLOTS_MISSING}")
+            log(notes[-1])
         resumes = [
             {
                 "run": r.index + 1,
@@ -407,6 +447,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
                 f"torch threads {cfg.threads}",
                 "SSD checkpoint = torch.save to a buffer, AES-256-GCM, write temp file, fsync, "
                 f"rename, fsync directory, in {workdir}",
+                *notes,
             ],
         )
         (workdir / "report.json").write_text(json.dumps(asdict(report), indent=2))

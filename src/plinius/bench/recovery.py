@@ -26,7 +26,7 @@ from ..crypto import MasterKey
 from ._common import BenchConfig, Progress, median
 from .overhead import synthetic_mnist
 
-__all__ = ["PHASES", "run_recovery", "split_runs"]
+__all__ = ["PHASES", "phase_breakdown", "run_recovery", "split_runs"]
 
 PHASES = ("interpreter", "imports", "key", "build", "open", "restore", "first_step")
 
@@ -41,8 +41,17 @@ def split_runs(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return runs
 
 
-def _breakdown(run: list[dict[str, Any]]) -> dict[str, float] | None:
-    """The phases of one run that resumed from a committed state, or None."""
+def phase_breakdown(run: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Where the time went in one run that resumed from a committed state.
+
+    Args:
+        run: The events of one run (one list of :func:`split_runs`).
+
+    Returns:
+        Seconds per phase (:data:`PHASES`), their ``total`` and the step the run
+        ``resumed_from``; ``None`` for a run that started a new job or was
+        killed before its first resumed step.
+    """
     start = next((e for e in run if e.get("event") == "start"), None)
     resumed = next((e for e in run if e.get("event") == "resumed"), None)
     step = next((e for e in run if e.get("event") == "step"), None)
@@ -106,7 +115,7 @@ def run_recovery(
     finally:
         for p in (data, mirror, events, log):
             p.unlink(missing_ok=True)
-    rows = [b for b in (_breakdown(r) for r in split_runs(evs)) if b is not None]
+    rows = [b for b in (phase_breakdown(r) for r in split_runs(evs)) if b is not None]
     med = {k: median([r[k] for r in rows]) for k in (*PHASES, "total")} if rows else {}
     return {
         "model": cfg.recovery_model,

@@ -1,7 +1,9 @@
 """The benchmark's outputs: ``results.json``, ``results.md`` and PNG plots.
 
 Plots use matplotlib's Agg backend (no display needed): log scales where the
-sizes span orders of magnitude, labelled axes with units.
+sizes span orders of magnitude, labelled axes with units. matplotlib is the
+optional ``plots`` extra: without it there are no plots (:func:`plots_available`,
+:data:`PLOTS_MISSING`), and everything else works.
 """
 
 from __future__ import annotations
@@ -11,7 +13,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAPER_TABLE_I", "write_json", "write_markdown", "write_plots"]
+__all__ = [
+    "PAPER_TABLE_I",
+    "PLOTS_MISSING",
+    "plots_available",
+    "write_json",
+    "write_markdown",
+    "write_plots",
+]
+
+# What the demo and the benchmark say when they skip their PNGs.
+PLOTS_MISSING = "matplotlib is not installed (pip install 'plinius[plots]')"
 
 # The original Plinius paper (DSN 2021), Table I, as summarised in DESIGN.md.
 PAPER_TABLE_I = [
@@ -346,8 +358,32 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def plots_available() -> bool:
+    """Whether the PNG plots can be drawn: matplotlib (the ``plots`` extra) imports.
+
+    Returns:
+        ``True`` when ``import matplotlib`` succeeds.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """PNG plots of every section that ran; returns their paths."""
+    """Draw a PNG plot of every section that ran into ``out``.
+
+    Args:
+        results: What :func:`plinius.bench.run_bench` measured.
+        out: The directory to write into (it exists).
+
+    Returns:
+        The paths written; empty when matplotlib is missing
+        (:func:`plots_available`), which draws nothing.
+    """
+    if not plots_available():
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,6 +16,7 @@ def register(group: click.Group) -> None:
     group.add_command(bench)
 
 
+# plinius.bench.SECTIONS, repeated so that building the help does not import the bench package.
 _SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
 
 
@@ -85,6 +86,7 @@ def bench(
     and peak memory. Every file made in the PM and disk directories is removed.
     """
     from ..bench import BenchConfig, parse_sizes, run_bench
+    from ..bench.report import PLOTS_MISSING, plots_available
 
     disk = disk_dir if disk_dir is not None else Path.cwd()
     for label, d in (("--pm-dir", pm_dir), ("--disk-dir", disk)):
@@ -117,11 +119,15 @@ def bench(
     if repeats is not None:
         cfg.repeats = repeats
     cfg.threads = threads
-    cfg.plots = not no_plots
+    # Without matplotlib (a bare install) everything but the PNGs still runs.
+    missing_plots = not no_plots and not plots_available()
+    cfg.plots = not no_plots and not missing_plots
     show = sys.stderr.isatty() if progress is None else progress
     results = run_bench(cfg, progress=show)
     click.echo(f"wrote {results['files']['markdown']} and {results['files']['json']}")
     for p in results["plots"]:
         click.echo(f"wrote {p}")
+    if missing_plots:
+        click.echo(f"plots skipped: {PLOTS_MISSING}")
     for k in results["meta"]["skipped"]:
         click.echo(f"skipped {k['section']} {k['size']}: {k['reason']}")

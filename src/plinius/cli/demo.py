@@ -88,7 +88,8 @@ def demo(
         batch_size=batch_size,
         seed=seed,
     )
-    rep = run_demo(cfg, log=lambda s: console.print(s))
+    # markup=False: the lines are plain text ("pip install 'plinius[plots]'" included).
+    rep = run_demo(cfg, log=lambda s: console.print(s, markup=False))
     t = Table(title="plinius demo", show_header=False)
     t.add_row("crashes (SIGKILL)", str(rep.crashes))
     for r in rep.resumes:
@@ -227,8 +228,7 @@ def crash_test(
     and restore) or the replay of a spot-price trace, as preemptible cloud
     instances are killed whenever the price rises above the bid.
     """
-    from ..bench.crashtest import PriceTrace, run_campaign, synthetic_trace
-    from ..bench.demo import _compare_mirrors
+    from ..bench.crashtest import PriceTrace, mirror_differences, run_campaign, synthetic_trace
     from ..crypto import MasterKey
 
     if schedule != "trace":
@@ -268,7 +268,7 @@ def crash_test(
 
         assert isinstance(r, RunRecord)
         where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
-        last = r.steps[-1][0] if r.steps else "-"
+        last = r.steps[-1].step if r.steps else "-"
         click.echo(
             f"run {r.index + 1}: {where}, reached step {last}, "
             f"{'killed' if r.killed else 'finished'}"
@@ -297,7 +297,7 @@ def crash_test(
                 crashes=0,
                 env=env,
             )
-            diffs = _compare_mirrors(mirror_path, ref, key)
+            diffs = mirror_differences(mirror_path, ref, key)
         finally:
             ref.unlink(missing_ok=True)
         if diffs:

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
 from ..errors import ConfigError, StateMismatchError
+from ..job import EventLog, build_job, load_key, make_counter, process_age_s
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -21,72 +21,6 @@ def register(group: click.Group) -> None:
     """Add the training commands to ``group``."""
     group.add_command(train)
     group.add_command(evaluate)
-
-
-def process_age_s() -> float | None:
-    """Seconds since this process started (Linux ``/proc``), or None."""
-    try:
-        with open("/proc/self/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        start_ticks = int(fields[19])
-        with open("/proc/uptime", encoding="ascii") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class EventLog:
-    """JSON lines, one per event, flushed at once so a SIGKILL loses at most one line."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._f: IO[str] | None = None
-        if path is not None:
-            try:
-                self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115
-            except OSError as exc:
-                raise ConfigError(f"cannot open the events file {path}: {exc.strerror}") from exc
-
-    def write(self, event: str, **fields: Any) -> None:
-        """Append one event."""
-        if self._f is None:
-            return
-        self._f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        """Close the file."""
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def load_key(
-    key_path: Path | None,
-    key_server: str | None,
-    key_server_pubkey: str | None,
-    sealed_key: Path | None,
-    job_id: str,
-) -> tuple[Any, str]:
-    """The master key from a key file or, after attestation, from the key server."""
-    if key_path is not None:
-        if key_server is not None:
-            raise ConfigError("give either --key or --key-server, not both")
-        from ..crypto import MasterKey
-
-        return MasterKey.load(key_path), "key file (no attestation)"
-    if key_server is None:
-        raise ConfigError(
-            "a key is needed: give --key KEY, or --key-server URL with its public key"
-        )
-    if not key_server_pubkey:
-        raise ConfigError("--key-server needs --key-server-pubkey (the server's public key, hex)")
-    from ..tee import obtain_master_key
-
-    key, how = obtain_master_key(
-        key_server, key_server_pubkey, job_id=job_id, sealed_key_path=sealed_key
-    )
-    return key, f"key server ({how})"
 
 
 def _given(name: str) -> bool:
@@ -131,74 +65,6 @@ def check_distinct_files(**paths: Path | None) -> None:
                     f"--{a.replace('_', '-')} and --{b.replace('_', '-')} name the same file "
                     f"{pb}; give each its own"
                 )
-
-
-def make_counter(
-    spec: str | None,
-    key: Any,
-    key_server: str | None,
-    key_server_pubkey: str | None,
-    job_id: str,
-) -> tuple[Any, int]:
-    """A freshness counter from ``--counter`` and its default advance interval.
-
-    Counters that do not wear (a file, the key server) advance on every commit;
-    a TPM NV counter wears out, so it advances every 100 commits by default.
-    """
-    if spec is None:
-        return None, 1
-    kind, _, arg = spec.partition(":")
-    if kind == "file" and arg:
-        from ..counters import FileCounter
-
-        return FileCounter(arg), 1
-    if kind == "tpm":
-        from ..counters.tpm import DEFAULT_TCTI, TPMCounter
-
-        # for_key: the index password derives from the master key, so a host
-        # that forges or replays TPM answers is caught (HMAC sessions).
-        return TPMCounter.for_key(key, arg or DEFAULT_TCTI), 100
-    if kind == "keyserver" and not arg:
-        if not key_server or not key_server_pubkey:
-            raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")
-        from ..counters import KeyServerCounter
-
-        return KeyServerCounter(key_server, key_server_pubkey, job_id=job_id, key=key), 1
-    raise ConfigError(
-        f"--counter {spec!r} is not understood; use file:PATH, tpm[:TCTI] or keyserver"
-    )
-
-
-def label_classes(ds: Any) -> int:
-    """Number of classes: one more than the largest integer label (last field)."""
-    import torch
-
-    info = ds.fields[-1]
-    if info.dtype.is_floating_point or info.dtype == torch.bool:
-        raise ConfigError(
-            f"the last field {info.name!r} holds {info.dtype}, not integer class labels"
-        )
-    top = -1
-    n = len(ds)
-    step = 4096
-    for lo in range(0, n, step):
-        batch = ds.get_batch(list(range(lo, min(n, lo + step))))
-        top = max(top, int(batch[-1].max()))
-    if top < 0:
-        raise ConfigError("the labels are negative; class labels must be 0, 1, 2, ...")
-    return top + 1
-
-
-def build_job(model_name: str, ds: Any, num_classes: int | None, seed: int) -> tuple[Any, int]:
-    """Seed the generators, then build the model spec for the dataset's first field."""
-    from ..models import build_model
-    from ..train import seed_everything
-
-    if num_classes is None:
-        num_classes = label_classes(ds)
-    seed_everything(seed)
-    spec = build_model(model_name, input_shape=tuple(ds.fields[0].shape), num_classes=num_classes)
-    return spec, num_classes
 
 
 def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -411,7 +277,8 @@ def train(
     t0 = time.perf_counter()
     with SealedDataset(data_path, key, expect_id=dataset_id) as ds:
         spec, classes = build_job(model_name, ds, num_classes, seed)
-        bs = batch_size or int(spec.hyper.get("batch", 0) or 128)
+        model_batch = spec.hyper.get("batch")  # the model's (or cfg's) own batch size
+        bs = batch_size or (model_batch if isinstance(model_batch, int) and model_batch else 128)
         optimizer = spec.make_optimizer(lr)
         scheduler = spec.make_scheduler(optimizer, steps)
         t_build = time.perf_counter() - t0

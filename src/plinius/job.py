@@ -1,0 +1,287 @@
+"""The pieces of a training job that ``plinius train``, the demo and a library user share.
+
+``plinius train`` is these steps, and :mod:`plinius.bench.demo` rebuilds the
+same job from them to compare and evaluate what it trained::
+
+    key, how = load_key(key_path, None, None, None, job_id="job")
+    with SealedDataset(data_path, key) as ds:
+        spec, classes = build_job("cnn-tiny", ds, None, seed=0)
+        counter, every = make_counter("file:/var/lib/job.ctr", key, None, None, "job")
+        ...                               # Mirror(..., counter=counter), then fit(...)
+
+- :func:`load_key`: the master key, from a key file or (after attestation)
+  from the data owner's key server;
+- :func:`make_counter`: the trusted freshness counter named by a
+  ``--counter`` spec (``file:PATH``, ``tpm[:TCTI]``, ``keyserver``);
+- :func:`label_classes` and :func:`build_job`: the number of classes and the
+  model, built after seeding the global generators as the job was;
+- :class:`EventLog` and :func:`process_age_s`: the JSON-lines progress events
+  (``plinius train --events``) that crash campaigns and the recovery benchmark
+  read back.
+
+Nothing here imports torch, the mirror or the TEE layer until it is called.
+Error messages name the ``plinius train`` options the arguments come from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .counters import Counter
+    from .crypto import MasterKey
+    from .data import SealedDataset
+    from .models import ModelSpec
+
+__all__ = [
+    "EventLog",
+    "build_job",
+    "label_classes",
+    "load_key",
+    "make_counter",
+    "process_age_s",
+]
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started, read from Linux's ``/proc``.
+
+    Returns:
+        The age in seconds, or ``None`` where ``/proc`` cannot tell (not Linux).
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class EventLog:
+    """Progress events as JSON lines, each flushed at once so a SIGKILL loses at most one.
+
+    Each line is ``{"event": NAME, "t": UNIX_TIME, **fields}``. ``plinius train``
+    writes ``start``, ``resumed``, ``step`` and ``done`` events; crash campaigns
+    (:func:`plinius.bench.crashtest.read_events`) read them back. A log made with
+    ``path=None`` accepts events and writes nothing.
+
+    Args:
+        path: The file to append to (created if missing), or ``None``.
+
+    Raises:
+        ConfigError: The file cannot be opened for appending.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._f: IO[str] | None = None
+        if path is not None:
+            try:
+                self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:
+                raise ConfigError(f"cannot open the events file {path}: {exc.strerror}") from exc
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append one event and flush it.
+
+        Args:
+            event: The event's name.
+            **fields: JSON-serialisable values stored with it.
+        """
+        if self._f is None:
+            return
+        self._f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        """Close the file; later writes are dropped. Closing twice is harmless."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_key(
+    key_path: Path | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    sealed_key: Path | None,
+    job_id: str,
+) -> tuple[MasterKey, str]:
+    """The master key, from a key file or, after attestation, from the key server.
+
+    Give exactly one of ``key_path`` and ``key_server``.
+
+    Args:
+        key_path: A master key file (``plinius keygen``), or ``None``.
+        key_server: The key server's URL, or ``None``.
+        key_server_pubkey: The key server's Ed25519 public key, hex; needed with
+            ``key_server``.
+        sealed_key: Where a released key is sealed locally so that restarts
+            need no round trip (platforms that can seal), or ``None``.
+        job_id: The job the key server releases the key to.
+
+    Returns:
+        ``(key, how)``: the key, and how it was obtained, for display
+        (``"key file (no attestation)"``, ``"key server (released)"``, ...).
+
+    Raises:
+        ConfigError: Both or neither of ``key_path`` and ``key_server`` given, or
+            ``key_server`` without ``key_server_pubkey``.
+        KeyFileError: The key file is missing, malformed or readable by others.
+        AttestationError: The key server refused the evidence or answered
+            something invalid (:class:`~plinius.errors.KeyReleaseError`).
+    """
+    if key_path is not None:
+        if key_server is not None:
+            raise ConfigError("give either --key or --key-server, not both")
+        from .crypto import MasterKey
+
+        return MasterKey.load(key_path), "key file (no attestation)"
+    if key_server is None:
+        raise ConfigError(
+            "a key is needed: give --key KEY, or --key-server URL with its public key"
+        )
+    if not key_server_pubkey:
+        raise ConfigError("--key-server needs --key-server-pubkey (the server's public key, hex)")
+    from .tee import obtain_master_key
+
+    key, how = obtain_master_key(
+        key_server, key_server_pubkey, job_id=job_id, sealed_key_path=sealed_key
+    )
+    return key, f"key server ({how})"
+
+
+def make_counter(
+    spec: str | None,
+    key: MasterKey,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    job_id: str,
+) -> tuple[Counter | None, int]:
+    """The trusted freshness counter a ``--counter`` spec names, and its advance interval.
+
+    Counters that do not wear (a file, the key server) advance on every commit;
+    a TPM NV counter wears out, so it advances every 100 commits by default.
+    Nothing is contacted yet: the mirror reads and advances the counter.
+
+    Args:
+        spec: ``file:PATH`` (simulation only: whoever can write the file can
+            roll it back), ``tpm`` or ``tpm:TCTI`` (a TPM 2.0 NV counter whose
+            password derives from ``key``), ``keyserver`` (the key server's
+            per-job counter), or ``None`` for no counter.
+        key: The master key.
+        key_server: The key server's URL (for ``keyserver``).
+        key_server_pubkey: The key server's public key, hex (for ``keyserver``).
+        job_id: The job whose counter the key server keeps.
+
+    Returns:
+        ``(counter, every)``: the counter (``None`` without a spec) and how many
+        commits it advances after by default (1, or 100 for a TPM).
+
+    Raises:
+        ConfigError: The spec is not understood, or ``keyserver`` lacks the
+            server's URL or public key.
+    """
+    if spec is None:
+        return None, 1
+    kind, _, arg = spec.partition(":")
+    if kind == "file" and arg:
+        from .counters import FileCounter
+
+        return FileCounter(arg), 1
+    if kind == "tpm":
+        from .counters.tpm import DEFAULT_TCTI, TPMCounter
+
+        # for_key: the index password derives from the master key, so a host
+        # that forges or replays TPM answers is caught (HMAC sessions).
+        return TPMCounter.for_key(key, arg or DEFAULT_TCTI), 100
+    if kind == "keyserver" and not arg:
+        if not key_server or not key_server_pubkey:
+            raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")
+        from .counters import KeyServerCounter
+
+        return KeyServerCounter(key_server, key_server_pubkey, job_id=job_id, key=key), 1
+    raise ConfigError(
+        f"--counter {spec!r} is not understood; use file:PATH, tpm[:TCTI] or keyserver"
+    )
+
+
+def label_classes(ds: SealedDataset) -> int:
+    """The number of classes in a sealed dataset: one more than its largest label.
+
+    The labels are the last field; the whole dataset is read, a batch at a time.
+
+    Args:
+        ds: An open sealed dataset.
+
+    Returns:
+        The largest label plus one.
+
+    Raises:
+        ConfigError: The last field does not hold integers, or every label is negative.
+    """
+    import torch
+
+    info = ds.fields[-1]
+    if info.dtype.is_floating_point or info.dtype == torch.bool:
+        raise ConfigError(
+            f"the last field {info.name!r} holds {info.dtype}, not integer class labels"
+        )
+    top = -1
+    n = len(ds)
+    step = 4096
+    for lo in range(0, n, step):
+        batch = ds.get_batch(list(range(lo, min(n, lo + step))))
+        top = max(top, int(batch[-1].max()))
+    if top < 0:
+        raise ConfigError("the labels are negative; class labels must be 0, 1, 2, ...")
+    return top + 1
+
+
+def build_job(
+    model_name: str, ds: SealedDataset, num_classes: int | None, seed: int
+) -> tuple[ModelSpec, int]:
+    """Seed the global generators, then build the model for a sealed dataset.
+
+    The model takes the dataset's first field as input. Building after
+    :func:`~plinius.train.seed_everything` with the job's seed gives the same
+    initial parameters every time, as ``plinius train`` does.
+
+    Args:
+        model_name: A built-in model name (``plinius models``) or a Darknet
+            ``.cfg`` path.
+        ds: The open sealed dataset the job trains on.
+        num_classes: The number of classes, or ``None`` to count them with
+            :func:`label_classes`.
+        seed: The job's seed.
+
+    Returns:
+        ``(spec, num_classes)``: the :class:`~plinius.models.ModelSpec` and the
+        number of classes it was built for.
+
+    Raises:
+        ConfigError: An unknown model, or a dataset the model cannot take.
+        DarknetConfigError: A cfg that cannot be built (it names the line).
+    """
+    from .models import build_model
+    from .train import seed_everything
+
+    if num_classes is None:
+        num_classes = label_classes(ds)
+    seed_everything(seed)
+    spec = build_model(model_name, input_shape=tuple(ds.fields[0].shape), num_classes=num_classes)
+    return spec, num_classes
