@@ -38,7 +38,7 @@ from plinius.counters.tpm import TPMCounter
 from plinius.crypto import MasterKey
 from plinius.darknet import load_cfg, parse_input_spec
 from plinius.data import SealedDataset, seal_dataset
-from plinius.data._sources import load_csv, load_idx, load_npz
+from plinius.data.sources import load_csv, load_idx, load_npz
 from plinius.errors import (
     ConfigError,
     DarknetConfigError,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plinius.data._sources import load_builtin, load_csv, load_idx, load_npz
+from plinius.data.sources import load_builtin, load_csv, load_idx, load_npz
 from plinius.errors import ConfigError
 
 

@@ -109,7 +109,7 @@ def _seal_digits(pm_dir: Path, key: Any) -> tuple[Path, Path]:
     import numpy as np
 
     from ..data import seal_dataset
-    from ..data._sources import load_builtin
+    from ..data.sources import load_builtin
 
     fields = load_builtin("digits")
     images, labels = fields["image"], fields["label"]
