@@ -106,7 +106,7 @@ def seal(
             raise click.UsageError(f"--out {out} is the {flag} file; give another --out path")
 
     from ..crypto import MasterKey
-    from ..data import sources
+    from ..data import sources as readers
 
     # Fail fast, before a possibly long load of the input.
     if out.exists() and not overwrite:
@@ -118,14 +118,14 @@ def seal(
     key = MasterKey.load(key_path)
 
     if builtin is not None:
-        fields = sources.load_builtin(builtin)
+        fields = readers.load_builtin(builtin)
     elif npz is not None:
-        fields = sources.load_npz(npz)
+        fields = readers.load_npz(npz)
     elif idx_images is not None and idx_labels is not None:
-        fields = sources.load_idx(idx_images, idx_labels)
+        fields = readers.load_idx(idx_images, idx_labels)
     else:
         assert csv_path is not None and label_column is not None
-        fields = sources.load_csv(csv_path, label_column)
+        fields = readers.load_csv(csv_path, label_column)
 
     total_bytes = sum(int(a.nbytes) for a in fields.values())
     dataset_id = _seal_with_progress(out, key, fields, chunk_records, overwrite, total_bytes)
