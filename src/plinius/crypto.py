@@ -17,8 +17,6 @@ crash makes a generation number be written twice.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hmac
 import operator
 import os
@@ -32,8 +30,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._fsutil import fsync_dir
-from .errors import IntegrityError, KeyFileError, storage_error
+from ._fsutil import create_secret_file
+from .errors import IntegrityError, KeyFileError
 
 __all__ = [
     "KEY_SIZE",
@@ -133,30 +131,25 @@ class MasterKey:
         return cls(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key to a new file with mode 0600; never overwrites a file."""
+        """Write the key to a new file with mode 0600; never overwrites a file.
+
+        Args:
+            path: the new key file; its contents and name are fsynced.
+
+        Raises:
+            KeyFileError: ``path`` exists.
+            StorageError: the file cannot be created or written.
+        """
         p = Path(path)
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise KeyFileError(
+        create_secret_file(
+            p,
+            self._key,
+            what="key file",
+            if_exists=lambda: KeyFileError(
                 f"{p} already exists; refusing to overwrite a key file "
                 "(choose another path, or remove the old key if it is truly unused)"
-            ) from exc
-        except OSError as exc:
-            raise storage_error(exc, f"cannot create key file {p}") from exc
-        try:
-            os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but be explicit
-            if os.write(fd, self._key) != KEY_SIZE:
-                raise OSError(errno.EIO, "short write")
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            p.unlink(missing_ok=True)
-            raise storage_error(exc, f"cannot write key file {p}") from exc
-        os.close(fd)
-        # Make the new name durable too: a key lost in a crash loses the data.
-        with contextlib.suppress(OSError):
-            fsync_dir(p.parent)
+            ),
+        )
 
     @property
     def fingerprint(self) -> bytes:

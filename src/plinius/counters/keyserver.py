@@ -13,7 +13,7 @@
 
 Every request is authenticated with a key derived from the master key, and
 every answer must be signed by the configured server key over this job, this
-operation and a fresh random nonce (protocol: :mod:`plinius.tee.counters`).
+operation and a fresh random nonce (protocol: :mod:`plinius.tee.counter_service`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, KeyReleaseError, RollbackError
-from ..tee.client import _base_url, _Http, _refused
+from ..tee._wire import Http, base_url, refused
 from ..tee.counter_service import (
     COUNTER_DOMAIN,
     MAX_COUNTER_VALUE,
@@ -45,7 +45,7 @@ from ..tee.protocol import (
 __all__ = ["KeyServerCounter"]
 
 # A lost response is retried this many times, with the same request: an
-# advance that already happened is not repeated (see plinius.tee.counters).
+# advance that already happened is not repeated (see plinius.tee.counter_service).
 _RETRIES = 1
 _TRANSPORT = (urllib.error.URLError, OSError, http.client.HTTPException)
 
@@ -87,9 +87,9 @@ class KeyServerCounter:
             raise ConfigError("timeout must be a positive number of seconds")
         self._server_key = parse_server_public_key(server_pubkey_hex)
         self.job_id = check_job_id(job_id)
-        self.url = _base_url(server_url)
+        self.url = base_url(server_url)
         self._auth = counter_auth_key(key, self.job_id)
-        self._http = _Http(timeout, tls_cafile)
+        self._http = Http(timeout, tls_cafile)
         self._last: int | None = None  # the highest value a signed answer has shown
         self._lock = threading.Lock()
 
@@ -139,7 +139,7 @@ class KeyServerCounter:
                     f"server. Stop and ask the data owner to check the counter service "
                     f"({str(answer.get('reason'))[:300]})"
                 )
-            raise _refused(self.url, status, answer)
+            raise refused(self.url, status, answer)
         return self._check(answer, op, nonce, target)
 
     def _post(self, data: bytes) -> tuple[int, dict[str, Any]]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..crypto import aad
 from ..errors import AttestationError
+from ._wire import decode_hex
 from .devices import ConfigfsTsm, GramineAttestation
 from .platform import Platform
 from .quotes import (
@@ -168,12 +169,7 @@ def _only(obj: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _hex(value: object, name: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise AttestationError(f"evidence field {name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise AttestationError(f"evidence field {name} is not valid hex") from exc
+    return decode_hex(value, size, name=name, error=AttestationError, prefix="evidence field ")
 
 
 def _b64(value: object, name: str) -> bytes:

@@ -47,12 +47,12 @@ from starlette.routing import BaseRoute, Route
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError
+from ._wire import MAX_MESSAGE_BYTES, Refusal, bad_request, decode_hex
 from .audit import AuditLog
-from .counter_service import MAX_COUNTER_REQUEST, CounterRefusal, CounterService, CounterStore
+from .counter_service import MAX_COUNTER_REQUEST, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
 from .protocol import (
-    MAX_MESSAGE_BYTES,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     RELEASE_DOMAIN,
@@ -72,14 +72,6 @@ DEFAULT_NONCE_TTL = 60.0
 MAX_OUTSTANDING_NONCES = 10_000
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
-
-
-class Refusal(Exception):
-    """A request the server refuses: HTTP status, a short code and a reason for the client."""
-
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
 
 
 class NonceStore:
@@ -245,8 +237,10 @@ class KeyServer:
         except ConfigError as exc:
             raise Refusal(400, "bad_request", str(exc)) from exc
         event["job_id"] = job_id
-        nonce = _hex(req["nonce"], "nonce", NONCE_SIZE)
-        client_pub = _hex(req["client_public_key"], "client_public_key", 32)
+        nonce = decode_hex(req["nonce"], NONCE_SIZE, name="nonce", error=bad_request)
+        client_pub = decode_hex(
+            req["client_public_key"], 32, name="client_public_key", error=bad_request
+        )
         event["nonce"] = nonce.hex()
         # The nonce is spent before the evidence is looked at: one attempt per nonce.
         self.nonces.spend(nonce)
@@ -349,19 +343,10 @@ class KeyServer:
             body = await read_body(request, limit=MAX_COUNTER_REQUEST)
         except Refusal as r:
             if self.counters is not None:
-                self.counters.refuse({"client": client}, CounterRefusal(r.status, r.code, r.reason))
+                self.counters.refuse({"client": client}, r)
             return _json(r.status, {"error": r.code, "reason": r.reason})
         # fsync of the counter state and the audit log block: off the event loop.
         return _json(*await run_in_threadpool(self.counter, body, client))
-
-
-def _hex(value: object, name: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise Refusal(400, "bad_request", f"{name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise Refusal(400, "bad_request", f"{name} is not valid hex") from exc
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:

@@ -47,8 +47,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .._fsutil import create_secret_file
+from .._hexutil import hex_exact
 from ..crypto import KEY_SIZE, MasterKey, aad
-from ..errors import ConfigError, KeyFileError, KeyReleaseError, storage_error
+from ..errors import ConfigError, KeyFileError, KeyReleaseError
+from ._wire import MAX_MESSAGE_BYTES, decode_hex
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -72,8 +75,6 @@ __all__ = [
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
 PUBLIC_KEY_SIZE = 32
-# Requests and responses are small (a quote with certificates is ~5 KiB).
-MAX_MESSAGE_BYTES = 64 * 1024
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 RELEASE_DOMAIN = b"plinius/v1/key-release-response\0"
 
@@ -142,9 +143,13 @@ def unwrap_master_key(
     client_private_key: X25519PrivateKey, fields: dict[str, Any], *, job_id: str, nonce: bytes
 ) -> MasterKey:
     """Open the wrapped key in a (verified) response payload."""
-    eph_pub = _hex_field(fields, "server_ephemeral_public_key", PUBLIC_KEY_SIZE)
-    iv = _hex_field(fields, "wrap_nonce", 12)
-    wrapped = _hex_field(fields, "wrapped_key", KEY_SIZE + 16)
+
+    def field(name: str, size: int) -> bytes:
+        return decode_hex(fields.get(name), size, name=name, error=KeyReleaseError, prefix="field ")
+
+    eph_pub = field("server_ephemeral_public_key", PUBLIC_KEY_SIZE)
+    iv = field("wrap_nonce", 12)
+    wrapped = field("wrapped_key", KEY_SIZE + 16)
     client_pub = client_private_key.public_key().public_bytes_raw()
     try:
         shared = client_private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
@@ -188,7 +193,7 @@ def open_signed_json(
         raise KeyReleaseError(f"the key server's {what} has a malformed payload or signature")
     try:
         data = base64.b64decode(payload_b64, validate=True)
-        sig = bytes.fromhex(sig_hex)
+        sig = hex_exact(sig_hex, 64)
     except (binascii.Error, ValueError) as exc:
         raise KeyReleaseError(
             f"the key server's {what} has a malformed payload or signature"
@@ -219,16 +224,6 @@ def open_release_response(server_key: Ed25519PublicKey, body: object) -> dict[st
     return open_signed_json(server_key, body, RELEASE_DOMAIN, "release response")
 
 
-def _hex_field(obj: dict[str, Any], name: str, size: int) -> bytes:
-    value = obj.get(name)
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise KeyReleaseError(f"field {name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise KeyReleaseError(f"field {name} is not valid hex") from exc
-
-
 def public_key_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """The raw 32-byte Ed25519 public key, in hex."""
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
@@ -237,12 +232,9 @@ def public_key_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 
 def parse_server_public_key(text: str) -> Ed25519PublicKey:
     """A key server public key given as 64 hex digits (as printed by ``plinius keyserver``)."""
-    text = text.strip()
+    text = text.strip()  # surrounding whitespace only: a line copied from a terminal
     try:
-        raw = bytes.fromhex(text)
-        if len(raw) != 32:
-            raise ValueError
-        return Ed25519PublicKey.from_public_bytes(raw)
+        return Ed25519PublicKey.from_public_bytes(hex_exact(text, PUBLIC_KEY_SIZE))
     except ValueError as exc:
         raise ConfigError(
             "a key server public key is 64 hex digits (the 'public key:' line that "
@@ -293,17 +285,5 @@ def _create_identity(p: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise storage_error(exc, f"cannot create identity key {p}") from exc
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        p.unlink(missing_ok=True)
-        raise storage_error(exc, f"cannot write identity key {p}") from exc
-    os.close(fd)
+    create_secret_file(p, pem, what="identity key")
     return key

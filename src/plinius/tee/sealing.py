@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._fsutil import write_atomic
+from .._fsutil import create_secret_file, write_atomic
 from ..crypto import KEY_SIZE, Aead, MasterKey, hkdf
 from ..errors import (
     AttestationError,
@@ -117,16 +117,7 @@ def _simulation_key(path: Path, create: bool) -> bytes:
 
 def _create_simulation_key(path: Path) -> bytes:
     data = secrets.token_bytes(KEY_SIZE)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise storage_error(exc, f"cannot create simulation sealing key {path}") from exc
+    create_secret_file(path, data, what="simulation sealing key")
     return data
 
 
