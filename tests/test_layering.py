@@ -6,11 +6,11 @@ Run as a script to print the import graph's cycles and the violations::
 
 The graph is built from the source (``ast``), not by importing: every
 ``import`` and ``from ... import`` counts, also those inside functions (a lazy
-import is still a dependency), except under ``if TYPE_CHECKING:`` (``importlib`` with a string, as the lazy
-exports of ``plinius`` and ``plinius.counters`` do, is not seen). Importing
-``a.b.c`` also runs the packages ``a`` and ``a.b``, so those count too, except a
-module's own ancestors (a submodule importing from its package is how packages
-work). A name is private when it starts with one underscore; taking one from
+import is still a dependency), except under ``if TYPE_CHECKING:``; ``importlib``
+with a string (the lazy exports of ``plinius`` and ``plinius.counters``) is not
+seen. Importing ``a.b.c`` also runs the packages ``a`` and ``a.b``, so those
+count too, except a module's own ancestors (a submodule importing from its
+package is how packages work). A name is private when it starts with one underscore; taking one from
 another module (``from x import _y``, or ``x._y`` on an imported module) is a
 violation, unless ``_y`` is a private submodule of the importer's own package
 or of one above it (``from . import _state``, ``from .. import _fsutil``).
