@@ -53,19 +53,29 @@ _TRANSPORT = (urllib.error.URLError, OSError, http.client.HTTPException)
 class KeyServerCounter:
     """The freshness counter of ``job_id`` kept by the key server at ``server_url``.
 
-    ``server_pubkey_hex`` is the server's identity ('public key:' line of
-    ``plinius keyserver``); ``key`` the job's master key, from which the
-    request-authentication key is derived. The server must run with
-    ``--counter-dir``. It does not wear, and the host cannot rewind it.
+    The server must run with ``--counter-dir``. It does not wear, and the host
+    cannot rewind it. :meth:`increment` advances to one more than the last
+    value this object saw (reading first if it saw none) in one request, so a
+    retry after a lost response never advances twice; it returns the server's
+    value, which is more than expected only if someone else advanced the
+    counter (the mirror then refuses: two jobs share a counter).
 
-    :meth:`increment` advances to one more than the last value this object
-    saw (reading first if it saw none) in one request, so a retry after a lost
-    response never advances twice; it returns the server's value, which is
-    more than expected only if someone else advanced the counter (the mirror
-    then refuses: two jobs share a counter). Errors: the server unreachable,
-    refusing, or answering anything not signed for this request raise
-    :class:`~plinius.errors.KeyReleaseError`; a counter that goes backwards
-    raises :class:`~plinius.errors.RollbackError`.
+    Args:
+        server_url: ``http(s)://HOST:PORT`` of the key server.
+        server_pubkey_hex: the server's identity ('public key:' line of
+            ``plinius keyserver``), 64 hex digits.
+        job_id: the job whose counter this is.
+        key: the job's master key; the request-authentication key is derived from it.
+        timeout: seconds per HTTP request.
+        tls_cafile: a CA bundle for an https server (None: the system's).
+
+    Raises:
+        ConfigError: a malformed URL, public key, job id, key or timeout.
+
+    Every method raises :class:`~plinius.errors.KeyReleaseError` when the
+    server is unreachable, refuses, or answers anything not signed for this
+    request, and :class:`~plinius.errors.RollbackError` when the counter goes
+    backwards.
     """
 
     wears = False
@@ -94,21 +104,48 @@ class KeyServerCounter:
         self._lock = threading.Lock()
 
     def read(self) -> int:
-        """The counter's value (0 for a job that never advanced)."""
+        """The counter's value, read from the server.
+
+        Returns:
+            The value; 0 for a job that never advanced.
+
+        Raises:
+            KeyReleaseError: see the class.
+            RollbackError: the value is below one the server signed before.
+        """
         with self._lock:
             return self._call("read", None)
 
     def increment(self) -> int:
-        """Advance to one more than the last value seen, in one request; the new value."""
+        """Advance to one more than the last value seen, in one request.
+
+        Returns:
+            The server's new value.
+
+        Raises:
+            KeyReleaseError: see the class.
+            RollbackError: the server's counter is below a value it signed before.
+        """
         with self._lock:
             last = self._last if self._last is not None else self._call("read", None)
             return self._call("advance", last + 1)
 
     def advance_to(self, target: int) -> int:
-        """Set the counter to ``target`` if it is at ``target - 1``; return its value.
+        """Set the counter to ``target`` if it is at ``target - 1``.
 
         At ``target`` or beyond: unchanged (a repeated advance is harmless).
-        Below ``target - 1``: refused by the server (KeyReleaseError).
+
+        Args:
+            target: the value to advance to, from 1 to ``MAX_COUNTER_VALUE``.
+
+        Returns:
+            The server's value afterwards (at least ``target``).
+
+        Raises:
+            ConfigError: ``target`` is not an integer in range.
+            KeyReleaseError: the counter is below ``target - 1`` (refused by the
+                server), or see the class.
+            RollbackError: the value is below one the server signed before.
         """
         if type(target) is not int or not 1 <= target <= MAX_COUNTER_VALUE:
             raise ConfigError(f"a counter target is an integer from 1 to {MAX_COUNTER_VALUE}")
