@@ -80,14 +80,36 @@ _MAX_STATE_FILE = 4096
 
 
 def counter_auth_key(master: MasterKey, job_id: str) -> bytes:
-    """The job's request-authentication key: HKDF(master, salt=job id, "counter-auth")."""
+    """The job's request-authentication key: HKDF(master, salt=job id, "counter-auth").
+
+    Args:
+        master: the job's master key (client and server both hold it).
+        job_id: the job.
+
+    Returns:
+        32 bytes.
+
+    Raises:
+        ConfigError: ``job_id`` is malformed.
+    """
     return master.derive("counter-auth", salt=check_job_id(job_id).encode("ascii"))
 
 
 def request_mac(
     auth_key: bytes, *, job_id: str, op: str, nonce: bytes, target: int | None
 ) -> bytes:
-    """HMAC-SHA256 over every field of a counter request (typed, length-prefixed)."""
+    """HMAC-SHA256 over every field of a counter request (typed, length-prefixed).
+
+    Args:
+        auth_key: from :func:`counter_auth_key`.
+        job_id: the job.
+        op: ``"read"`` or ``"advance"``.
+        nonce: the client's fresh 32 bytes.
+        target: the advance's target (None for a read).
+
+    Returns:
+        The 32-byte MAC.
+    """
     msg = aad("plinius/v1/counter/request", PROTOCOL_VERSION, job_id, op, nonce, target)
     return hmac.new(auth_key, msg, hashlib.sha256).digest()
 
@@ -95,7 +117,18 @@ def request_mac(
 def counter_request(
     auth_key: bytes, *, job_id: str, op: str, nonce: bytes, target: int | None = None
 ) -> dict[str, Any]:
-    """The JSON body of a counter request (``target`` only for ``advance``)."""
+    """The JSON body of a counter request (``target`` only for ``advance``).
+
+    Args:
+        auth_key: from :func:`counter_auth_key`.
+        job_id: the job.
+        op: ``"read"`` or ``"advance"``.
+        nonce: the client's fresh 32 bytes; the signed answer must name it.
+        target: the value to advance to (``advance`` only).
+
+    Returns:
+        The request, MAC'd with :func:`request_mac`.
+    """
     req: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "job_id": job_id,
@@ -119,6 +152,13 @@ class CounterStore:
     and then the directory is fsynced, so a power cut leaves the old value or
     the new one. An exclusive lock on ``directory/.lock`` keeps a second
     server from sharing the directory (two would break compare-and-set).
+
+    Args:
+        directory: created (mode 0700) if missing.
+
+    Raises:
+        StorageError: the directory or its lock file cannot be created.
+        ConfigError: another key server holds the directory.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -149,7 +189,18 @@ class CounterStore:
         return self.directory / self.file_name(job_id)
 
     def read(self, job_id: str) -> int:
-        """The counter of ``job_id``: 0 if it never advanced; FormatError if damaged."""
+        """The counter of ``job_id``.
+
+        Args:
+            job_id: the job.
+
+        Returns:
+            Its value; 0 if it never advanced.
+
+        Raises:
+            FormatError: the state file is damaged (never read as 0).
+            StorageError: the state file cannot be read.
+        """
         path = self.path_for(job_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -186,7 +237,16 @@ class CounterStore:
         return value
 
     def write(self, job_id: str, value: int) -> None:
-        """Store ``value`` for ``job_id`` durably (atomic replace; see the class docstring)."""
+        """Store ``value`` for ``job_id`` durably (atomic replace; see the class docstring).
+
+        Args:
+            job_id: the job.
+            value: from 0 to ``MAX_COUNTER_VALUE``.
+
+        Raises:
+            ValueError: ``value`` is out of range (a bug in the caller).
+            StorageError: the state cannot be written; the old value stays.
+        """
         if type(value) is not int or not 0 <= value <= MAX_COUNTER_VALUE:
             raise ValueError("counter value out of range")
         path = self.path_for(job_id)
@@ -223,6 +283,12 @@ class CounterService:
     ``sign(payload, domain)`` signs responses with the server's identity;
     ``audit`` gets one line per advance (also one that changed nothing) and per
     refusal. Reads are not audited: the mirror reads on every commit.
+
+    Args:
+        master_key: the key the server releases; request MAC keys derive from it.
+        store: where the counters persist.
+        sign: signs answers with the server's identity.
+        audit: the server's audit log.
     """
 
     def __init__(
@@ -240,7 +306,16 @@ class CounterService:
         self._lock = threading.Lock()
 
     def handle(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) for one request; refusals are ``{"error", "reason"}``."""
+        """Answer one ``POST /v1/counter`` request; never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body: a signed answer, or
+            ``{"error", "reason"}`` for a refusal.
+        """
         event: dict[str, Any] = {"client": client}
         try:
             return 200, self._handle(body, event)
@@ -253,7 +328,12 @@ class CounterService:
             return bug.status, {"error": bug.code, "reason": bug.reason}
 
     def refuse(self, event: dict[str, Any], r: Refusal) -> None:
-        """Audit a refusal (best effort: the refusal stands even if unlogged)."""
+        """Audit a refusal (best effort: the refusal stands even if unlogged).
+
+        Args:
+            event: what is known of the request (client, job, ...).
+            r: the refusal.
+        """
         with contextlib.suppress(PliniusError):
             self.audit.write(
                 {"event": "counter-refusal", "code": r.code, "reason": r.reason, **event}

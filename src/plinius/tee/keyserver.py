@@ -79,6 +79,14 @@ class NonceStore:
 
     Spent and expired nonces are remembered (boundedly) only to tell the
     client why it was refused; an unknown nonce is refused all the same.
+
+    Args:
+        ttl: seconds a nonce lives.
+        capacity: the most outstanding nonces (and remembered spent ones).
+        clock: monotonic seconds (injectable for tests).
+
+    Raises:
+        ConfigError: ``ttl`` or ``capacity`` is not positive.
     """
 
     def __init__(
@@ -102,7 +110,14 @@ class NonceStore:
             del self._live[nonce]
 
     def issue(self) -> bytes:
-        """A new nonce; Refusal(503) when too many are outstanding."""
+        """A new random nonce, outstanding until spent or expired.
+
+        Returns:
+            32 bytes.
+
+        Raises:
+            Refusal: 503 ``busy`` when ``capacity`` nonces are outstanding.
+        """
         with self._lock:
             now = self._clock()
             self._expire(now)
@@ -113,7 +128,14 @@ class NonceStore:
             return nonce
 
     def spend(self, nonce: bytes) -> None:
-        """Use ``nonce`` up; Refusal(403) when it is unknown, spent or expired."""
+        """Use ``nonce`` up: it is never accepted again.
+
+        Args:
+            nonce: the nonce a request names.
+
+        Raises:
+            Refusal: 403 ``nonce_unknown``, ``nonce_replayed`` or ``nonce_expired``.
+        """
         with self._lock:
             now = self._clock()
             expiry = self._live.pop(nonce, None)
@@ -139,6 +161,20 @@ class KeyServer:
     refused). ``clock`` is injectable for tests of nonce expiry.
     ``counters``: where per-job freshness counters persist (None: the
     counter endpoint refuses every request, saying how to enable it).
+
+    Args:
+        master_key: the key released.
+        policy: the owner's allow-list of evidence.
+        identity: the Ed25519 key that signs every answer.
+        verifier: checks hardware quotes (None: hardware evidence is refused).
+        nonce_ttl: seconds a nonce lives.
+        audit_log: where releases and refusals go (None: nowhere).
+        max_nonces: the most outstanding nonces.
+        clock: monotonic seconds (injectable for tests).
+        counters: the per-job counter store (None: the endpoint is off).
+
+    Raises:
+        ConfigError: a non-positive ``nonce_ttl`` or ``max_nonces``.
     """
 
     def __init__(
@@ -174,7 +210,15 @@ class KeyServer:
     def sign(self, payload: dict[str, Any], domain: bytes) -> dict[str, str]:
         """Sign a response of another kind (for endpoints added to :meth:`routes`).
 
-        Each kind of message needs its own ``domain`` (see :func:`.protocol.sign_json`).
+        Args:
+            payload: the JSON object to sign.
+            domain: the message kind's own domain (see :func:`.protocol.sign_json`).
+
+        Returns:
+            The signed message.
+
+        Raises:
+            ValueError: ``domain`` is the key-release domain, reserved for releases.
         """
         if domain == RELEASE_DOMAIN:
             raise ValueError("the key-release domain is reserved for key releases")
@@ -183,7 +227,12 @@ class KeyServer:
     # -- protocol -----------------------------------------------------------
 
     def issue_nonce(self) -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/nonce``."""
+        """Answer ``POST /v1/nonce``; never raises.
+
+        Returns:
+            The HTTP status and JSON body (``version``, ``nonce``, ``expires_in``,
+            or a 503 refusal).
+        """
         try:
             nonce = self.nonces.issue()
         except Refusal as r:
@@ -195,7 +244,17 @@ class KeyServer:
         }
 
     def release(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/release``; audited either way."""
+        """Answer ``POST /v1/release``; audited either way, never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body: the signed release, or
+            ``{"error", "reason"}`` (also when the release cannot be audited:
+            an unaudited release does not happen).
+        """
         event: dict[str, Any] = {"client": client}
         try:
             response = self._release(body, event)
@@ -283,7 +342,15 @@ class KeyServer:
         return seal_release_response(self._identity, payload)
 
     def counter(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/counter`` (see :mod:`.counters`)."""
+        """Answer ``POST /v1/counter`` (see :mod:`.counter_service`); never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body (404 ``counters_disabled`` without a store).
+        """
         if self.counters is None:
             return 404, {
                 "error": "counters_disabled",
@@ -356,7 +423,19 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 async def read_body(
     request: Request, limit: int = MAX_MESSAGE_BYTES, timeout: float = REQUEST_TIMEOUT
 ) -> bytes:
-    """The request body, refused past ``limit`` bytes (413) or ``timeout`` seconds (408)."""
+    """Read a request body, bounded in size and time.
+
+    Args:
+        request: the Starlette request.
+        limit: the most bytes accepted.
+        timeout: the most seconds to wait for the whole body.
+
+    Returns:
+        The body.
+
+    Raises:
+        Refusal: 400 for a bad Content-Length, 413 past ``limit``, 408 past ``timeout``.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -389,8 +468,18 @@ def serve(
 ) -> None:
     """Serve ``server`` with uvicorn until SIGINT/SIGTERM.
 
-    ``on_ready(url)`` is called once the socket accepts connections (with the
-    real port when ``port`` is 0).
+    Args:
+        server: the protocol logic.
+        host: the address to listen on.
+        port: the port (0: any free one).
+        tls_cert: a PEM certificate for https (with ``tls_key``).
+        tls_key: its PEM private key.
+        on_ready: called with the URL once the socket accepts connections
+            (with the real port when ``port`` is 0).
+
+    Raises:
+        ConfigError: only one of ``tls_cert``/``tls_key``, an unloadable
+            certificate, or the address cannot be bound.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
