@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from plinius._fsutil import create_secret_file
 from plinius.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
@@ -368,6 +369,42 @@ def test_save_refuses_to_overwrite(tmp_path: Path, key: MasterKey, other_key: Ma
 def test_save_into_missing_directory_is_a_storage_error(tmp_path: Path, key: MasterKey) -> None:
     with pytest.raises(StorageError, match="directory exist"):
         key.save(tmp_path / "no" / "such" / "k")
+
+
+def test_secret_files_share_one_writer(tmp_path: Path) -> None:
+    """The master key, the key server identity and the simulation sealing key: 0600, fsynced,
+    never overwritten, and a file someone else created is never removed."""
+    from plinius.tee.platform import detect_platform
+    from plinius.tee.protocol import load_identity
+    from plinius.tee.sealing import seal_master_key
+
+    old = os.umask(0)
+    try:
+        load_identity(tmp_path / "identity.pem")
+        sim = detect_platform(tmp_path / "no-attestation", tmp_path / "no-tsm")
+        seal_master_key(sim, tmp_path / "job.sealed", MasterKey.generate(), job_id="j")
+    finally:
+        os.umask(old)
+    for name in ("identity.pem", "job.sealed.simkey"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    # Another process created the file first: refused, and its file left as it was.
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"their secret")
+    with pytest.raises(StorageError, match="cannot create secret"):
+        create_secret_file(theirs, b"mine", what="secret")
+    assert theirs.read_bytes() == b"their secret"
+
+
+def test_a_failed_secret_write_leaves_no_file(
+    tmp_path: Path, key: MasterKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StorageError, match=r"cannot write key file .*free some space"):
+        key.save(tmp_path / "k")
+    assert not (tmp_path / "k").exists()
 
 
 def test_load_missing_file_suggests_keygen(tmp_path: Path) -> None:

@@ -330,7 +330,7 @@ def test_describe_path_dev_shm(shm_dir: Path) -> None:
 
 
 def test_describe_path_normal_directory(tmp_path: Path) -> None:
-    _, fstype, _ = pmem._mount_of(tmp_path)
+    fstype = pmem.mount_of(tmp_path).fstype
     text = describe_path(tmp_path / "r.plm")
     if fstype == "tmpfs":
         assert "emulated" in text
@@ -350,11 +350,13 @@ def test_describe_path_normal_directory(tmp_path: Path) -> None:
     ],
 )
 def test_dax_mount_options(opts: str, expected: str | None) -> None:
-    assert pmem._dax_option(opts) == expected
+    assert pmem.dax_option(opts) == expected
 
 
 def test_describe_path_dax_mount(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(pmem, "_mount_of", lambda _p: ("/mnt/pmem0", "ext4", "rw,dax=always"))
+    monkeypatch.setattr(
+        pmem, "mount_of", lambda _p: pmem.Mount("/mnt/pmem0", "ext4", "rw,dax=always", "/dev/pmem0")
+    )
     text = describe_path(tmp_path)
     assert text.startswith("DAX mount /mnt/pmem0 (ext4): real persistent memory")
     assert ("with libpmem" in text) == (pmem._load_libpmem() is not None)

@@ -17,8 +17,6 @@ crash makes a generation number be written twice.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hmac
 import operator
 import os
@@ -32,8 +30,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._fsutil import fsync_dir
-from .errors import IntegrityError, KeyFileError, storage_error
+from ._fsutil import create_secret_file
+from .errors import IntegrityError, KeyFileError
 
 __all__ = [
     "KEY_SIZE",
@@ -61,8 +59,14 @@ AadField = bytes | str | int | bool | None | tuple[int, ...] | list[int]
 def hkdf(ikm: bytes, *, salt: bytes | None, info: str | bytes, length: int = KEY_SIZE) -> bytes:
     """HKDF-SHA256 (RFC 5869) of ``ikm`` with ``salt`` and a purpose ``info``.
 
-    A ``str`` info is UTF-8 encoded; ``bytes`` are used as they are. A ``None``
-    or empty salt means HashLen zero bytes, as the RFC says.
+    Args:
+        ikm: the input key material.
+        salt: None or empty means HashLen zero bytes, as the RFC says.
+        info: the purpose; a ``str`` is UTF-8 encoded, ``bytes`` are used as they are.
+        length: the number of bytes to derive.
+
+    Returns:
+        ``length`` bytes.
     """
     info_bytes = info.encode("utf-8") if isinstance(info, str) else bytes(info)
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info_bytes).derive(ikm)
@@ -78,6 +82,12 @@ class MasterKey:
         key = MasterKey.generate()
         key.save("owner.key")
         key = MasterKey.load("owner.key")
+
+    Args:
+        key: exactly 32 bytes.
+
+    Raises:
+        KeyFileError: ``key`` is not 32 bytes.
     """
 
     __slots__ = ("_fingerprint", "_key")
@@ -92,15 +102,27 @@ class MasterKey:
 
     @classmethod
     def generate(cls) -> MasterKey:
-        """A new random key from the operating system's CSPRNG."""
+        """A new random key from the operating system's CSPRNG.
+
+        Returns:
+            The key.
+        """
         return cls(os.urandom(KEY_SIZE))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MasterKey:
         """Read a key file written by :meth:`save` (or ``plinius keygen``).
 
-        Refuses files of the wrong size and files readable or writable by the
-        group or others, since a key that others can read is no secret.
+        Args:
+            path: the key file.
+
+        Returns:
+            The key.
+
+        Raises:
+            KeyFileError: the file is missing, unreadable, not a regular file,
+                not 32 bytes, or readable or writable by the group or others
+                (a key that others can read is no secret).
         """
         p = Path(path)
         try:
@@ -133,30 +155,25 @@ class MasterKey:
         return cls(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the key to a new file with mode 0600; never overwrites a file."""
+        """Write the key to a new file with mode 0600; never overwrites a file.
+
+        Args:
+            path: the new key file; its contents and name are fsynced.
+
+        Raises:
+            KeyFileError: ``path`` exists.
+            StorageError: the file cannot be created or written.
+        """
         p = Path(path)
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError as exc:
-            raise KeyFileError(
+        create_secret_file(
+            p,
+            self._key,
+            what="key file",
+            if_exists=lambda: KeyFileError(
                 f"{p} already exists; refusing to overwrite a key file "
                 "(choose another path, or remove the old key if it is truly unused)"
-            ) from exc
-        except OSError as exc:
-            raise storage_error(exc, f"cannot create key file {p}") from exc
-        try:
-            os.fchmod(fd, 0o600)  # the umask cannot widen 0600, but be explicit
-            if os.write(fd, self._key) != KEY_SIZE:
-                raise OSError(errno.EIO, "short write")
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            p.unlink(missing_ok=True)
-            raise storage_error(exc, f"cannot write key file {p}") from exc
-        os.close(fd)
-        # Make the new name durable too: a key lost in a crash loses the data.
-        with contextlib.suppress(OSError):
-            fsync_dir(p.parent)
+            ),
+        )
 
     @property
     def fingerprint(self) -> bytes:
@@ -164,13 +181,33 @@ class MasterKey:
         return self._fingerprint
 
     def derive(self, purpose: str, salt: bytes, length: int = KEY_SIZE) -> bytes:
-        """A purpose key: HKDF(master, salt, info="plinius/v1/" + purpose)."""
+        """A purpose key: HKDF(master, salt, info="plinius/v1/" + purpose).
+
+        Args:
+            purpose: what the key is for; ``"fingerprint"`` is reserved.
+            salt: separates keys of one purpose (a file id, a job id).
+            length: the number of bytes.
+
+        Returns:
+            ``length`` bytes.
+
+        Raises:
+            ValueError: ``purpose`` is ``"fingerprint"``.
+        """
         if purpose == "fingerprint":
             raise ValueError("'fingerprint' is reserved")
         return hkdf(self._key, salt=salt, info="plinius/v1/" + purpose, length=length)
 
     def aead(self, purpose: str, salt: bytes) -> Aead:
-        """An :class:`Aead` under the purpose key for ``purpose`` and ``salt``."""
+        """An :class:`Aead` under the purpose key for ``purpose`` and ``salt``.
+
+        Args:
+            purpose: see :meth:`derive`.
+            salt: see :meth:`derive`.
+
+        Returns:
+            The cipher.
+        """
         return Aead(self.derive(purpose, salt))
 
     def raw_bytes(self) -> bytes:
@@ -198,6 +235,16 @@ def counter_nonce(counter: int, domain: int = 0) -> bytes:
     """A 12-byte nonce: 4-byte ``domain`` then 8-byte ``counter``, big-endian.
 
     Only for keys that are fresh per object (see the module docstring).
+
+    Args:
+        counter: 0 to 2**64 - 1.
+        domain: 0 to 2**32 - 1.
+
+    Returns:
+        The 12-byte nonce.
+
+    Raises:
+        ValueError: either is out of range.
     """
     if not (0 <= counter < 1 << 64 and 0 <= domain < 1 << 32):
         raise ValueError("nonce counter or domain out of range")
@@ -212,6 +259,16 @@ def aad(*fields: AadField) -> bytes:
     Integers (also NumPy integer scalars) must fit in 128 signed bits; tuple
     and list elements (shapes) must be integers in 64 signed bits, so a float
     or a string in a shape is refused, never silently truncated.
+
+    Args:
+        *fields: None, bool, int, str, bytes-like, or a tuple or list of ints.
+
+    Returns:
+        The encoding.
+
+    Raises:
+        TypeError: a field of another type, or a non-integer in a shape.
+        OverflowError: an integer too large for its encoding.
     """
     out = bytearray()
     for f in fields:
@@ -253,6 +310,12 @@ class Aead:
     Authentication failure raises :class:`IntegrityError`. Note that
     ``decrypt_into`` has written unauthenticated plaintext into ``dst`` by the
     time it fails: callers must not use ``dst`` after an error.
+
+    Args:
+        key: 32 bytes.
+
+    Raises:
+        ValueError: ``key`` is not 32 bytes.
     """
 
     __slots__ = ("_aes",)
@@ -267,7 +330,11 @@ class Aead:
         self._aes.encrypt_into(nonce, src, aad, dst)
 
     def decrypt_into(self, nonce: bytes, src: Buffer, aad: bytes, dst: Buffer) -> None:
-        """Authenticate and decrypt ``src`` (ciphertext and tag) into ``dst``."""
+        """Authenticate and decrypt ``src`` (ciphertext and tag) into ``dst``.
+
+        Raises:
+            IntegrityError: authentication failed; ``dst`` holds garbage then.
+        """
         try:
             self._aes.decrypt_into(nonce, src, aad, dst)
         except InvalidTag as exc:
@@ -278,7 +345,14 @@ class Aead:
         return self._aes.encrypt(nonce, data, aad)
 
     def decrypt(self, nonce: bytes, data: Buffer, aad: bytes) -> bytes:
-        """Authenticate and decrypt a small buffer (ciphertext and tag)."""
+        """Authenticate and decrypt a small buffer (ciphertext and tag).
+
+        Returns:
+            The plaintext.
+
+        Raises:
+            IntegrityError: authentication failed.
+        """
         try:
             return self._aes.decrypt(nonce, data, aad)
         except InvalidTag as exc:

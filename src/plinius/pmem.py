@@ -29,16 +29,19 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ._fsutil import fsync_dir, temp_prefix
 from .errors import StorageError, storage_error
 
 __all__ = [
     "CACHE_LINE",
+    "Mount",
     "Region",
     "RegionLike",
+    "dax_option",
     "describe_path",
+    "mount_of",
 ]
 
 CACHE_LINE = 64
@@ -84,10 +87,34 @@ def _load_libpmem() -> ctypes.CDLL | None:
     return _libpmem if isinstance(_libpmem, ctypes.CDLL) else None
 
 
-def _mount_of(path: Path) -> tuple[str, str, str]:
-    """(mount point, fs type, options) of the mount that holds ``path``."""
+class Mount(NamedTuple):
+    """One line of ``/proc/mounts``: where a file system is mounted, and how."""
+
+    point: str
+    """The mount point (``\\040`` in ``/proc/mounts`` decoded to a space)."""
+    fstype: str
+    """The file system type, e.g. ``"ext4"`` or ``"tmpfs"``."""
+    options: str
+    """The mount options, comma-separated, e.g. ``"rw,relatime,dax=always"``."""
+    device: str
+    """The mounted device, e.g. ``"/dev/pmem0"`` (``"tmpfs"`` and the like for virtual ones)."""
+
+
+def mount_of(path: str | os.PathLike[str]) -> Mount:
+    """The mount that holds ``path`` (symbolic links resolved), from ``/proc/mounts``.
+
+    The one parser of ``/proc/mounts`` in plinius: the longest mount point that
+    contains the path wins, the last one mounted on a tie.
+
+    Args:
+        path: a file or directory; it need not exist.
+
+    Returns:
+        The mount; ``Mount("/", "unknown", "", "")`` if ``/proc/mounts`` cannot
+        be read (not Linux) or names no mount for ``path``.
+    """
     target = os.path.realpath(path)
-    best = ("/", "unknown", "")
+    best = Mount("/", "unknown", "", "")
     try:
         with open("/proc/mounts", encoding="utf-8") as f:
             for line in f:
@@ -96,19 +123,25 @@ def _mount_of(path: Path) -> tuple[str, str, str]:
                     continue
                 mnt = parts[1].replace("\\040", " ")
                 if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best[0]
+                    best.point
                 ):
-                    best = (mnt, parts[2], parts[3])
+                    best = Mount(mnt, parts[2], parts[3], parts[0])
     except OSError:
         pass
     return best
 
 
-def _dax_option(opts: str) -> str | None:
-    """``"always"`` or ``"inode"`` if the mount options enable DAX, else None.
+def dax_option(opts: str) -> str | None:
+    """Whether mount options enable DAX, and how.
 
     Older kernels show a bare ``dax``; newer ext4 and xfs show ``dax=always``,
     ``dax=inode`` (per-file attribute) or ``dax=never``.
+
+    Args:
+        opts: the options of a mount (:attr:`Mount.options`).
+
+    Returns:
+        ``"always"`` or ``"inode"`` if DAX is on, else None.
     """
     for opt in opts.split(","):
         if opt == "dax":
@@ -130,8 +163,8 @@ def describe_path(path: str | os.PathLike[str]) -> str:
     """
     p = Path(path)
     probe = p if p.is_dir() else p.parent
-    mnt, fstype, opts = _mount_of(probe)
-    dax = _dax_option(opts)
+    mnt, fstype, opts, _ = mount_of(probe)
+    dax = dax_option(opts)
     if dax is not None:
         lib = "with libpmem" if _load_libpmem() else "without libpmem (msync)"
         scope = " for files with the DAX attribute" if dax == "inode" else ""

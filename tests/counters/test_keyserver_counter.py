@@ -11,14 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import select
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,108 +30,17 @@ from plinius.tee.counter_service import (
 )
 from plinius.tee.keyserver import KeyServer
 from plinius.tee.policy import Policy
-from plinius.tee.protocol import RELEASE_DOMAIN, load_identity, public_key_hex, sign_json
+from plinius.tee.protocol import RELEASE_DOMAIN, public_key_hex, sign_json
+from tests.fixtures import tee_support as ts
+from tests.fixtures.tee_support import KeyServerProcess as Server
 
-STARTUP_TIMEOUT = 30.0
 Post = Callable[[bytes], tuple[int, dict[str, Any]]]
-
-
-@dataclass
-class Server:
-    url: str
-    pubkey: str
-    key: MasterKey
-    identity: Ed25519PrivateKey
-    counter_dir: Path
-    audit: Path
-    proc: subprocess.Popen[bytes]
-
-    def counter(self, job_id: str, key: MasterKey | None = None) -> KeyServerCounter:
-        return KeyServerCounter(self.url, self.pubkey, job_id=job_id, key=key or self.key)
-
-    def post(self, body: bytes | dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}/v1/counter", data=data, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, json.loads(exc.read())
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.read_text().splitlines()]
-
-
-def start_server(tmp: Path) -> Generator[Server, None, None]:
-    """Run `plinius keyserver --counter-dir tmp/counters`; the key and identity are kept in tmp."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    if not (tmp / "owner.key").exists():
-        MasterKey.generate().save(tmp / "owner.key")
-        (tmp / "policy.toml").write_text("allow_simulation = true\n")
-    key = MasterKey.load(tmp / "owner.key")
-    cmd = [
-        sys.executable,
-        "-c",
-        "from plinius.cli import main; main()",
-        "keyserver",
-        "--key",
-        str(tmp / "owner.key"),
-        "--policy",
-        str(tmp / "policy.toml"),
-        "--identity",
-        str(tmp / "identity.pem"),
-        "--port",
-        "0",
-        "--audit-log",
-        str(tmp / "audit.jsonl"),
-        "--counter-dir",
-        str(tmp / "counters"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        lines = _read_lines(proc, 2)
-        assert lines[0].startswith("listening on ") and lines[1].startswith("public key: ")
-        identity = load_identity(tmp / "identity.pem", create=False)
-        yield Server(
-            lines[0].split()[-1],
-            lines[1].split()[-1],
-            key,
-            identity,
-            tmp / "counters",
-            tmp / "audit.jsonl",
-            proc,
-        )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def _read_lines(proc: subprocess.Popen[bytes], n: int) -> list[str]:
-    assert proc.stdout is not None and proc.stderr is not None
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    buf = b""
-    while buf.count(b"\n") < n:
-        ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            raise AssertionError("the key server did not start in time")
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            raise AssertionError(f"the key server exited: {proc.stderr.read().decode()}")
-        buf += chunk
-    return buf.decode().splitlines()[:n]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory.mktemp("counter-server"))
+    with ts.keyserver_process(tmp_path_factory.mktemp("counter-server")) as srv:
+        yield srv
 
 
 def intercept(counter: KeyServerCounter, attack: Callable[[Post, bytes], Any]) -> None:
@@ -186,24 +88,19 @@ def test_jobs_are_isolated(server: Server) -> None:
 
 
 def test_counters_survive_a_server_restart(tmp_path: Path) -> None:
-    gen = start_server(tmp_path)
-    first = next(gen)
-    c = first.counter("durable")
-    for _ in range(3):
-        c.increment()
-    gen.close()  # stops the server
-    assert first.proc.returncode is not None
-    gen = start_server(tmp_path)  # same key, identity and counter directory
-    second = next(gen)
-    try:
+    with ts.keyserver_process(tmp_path) as first:
+        c = first.counter("durable")
+        for _ in range(3):
+            c.increment()
+    assert first.proc.returncode is not None  # stopped
+    # same key, identity and counter directory
+    with ts.keyserver_process(tmp_path) as second:
         assert second.pubkey == first.pubkey
         c2 = second.counter("durable")
         assert c2.read() == 3 and c2.increment() == 4
         state = json.loads((tmp_path / "counters" / CounterStore.file_name("durable")).read_text())
         assert state == {"format": "plinius-counter", "version": 1, "job_id": "durable", "value": 4}
         assert not [p for p in (tmp_path / "counters").iterdir() if p.name.endswith(".tmp")]
-    finally:
-        gen.close()
 
 
 # ------------------------------------------------------------------ request authentication

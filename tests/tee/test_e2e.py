@@ -9,15 +9,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
-import select
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,80 +28,14 @@ from plinius.crypto import MasterKey
 from plinius.errors import ConfigError, KeyReleaseError
 from plinius.tee import Platform, detect_platform, obtain_master_key
 from plinius.tee.protocol import public_key_hex
-
-STARTUP_TIMEOUT = 30.0
-
-
-@dataclass
-class Server:
-    url: str
-    pubkey: str
-    key: MasterKey
-    audit: Path
-    proc: subprocess.Popen[bytes]
-
-
-def start_server(tmp: Path, policy: str, *extra: str) -> Iterator[Server]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    key = MasterKey.generate()
-    key.save(tmp / "owner.key")
-    (tmp / "policy.toml").write_text(policy)
-    audit = tmp / "audit.jsonl"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from plinius.cli import main; main()",
-        "keyserver",
-        "--key",
-        str(tmp / "owner.key"),
-        "--policy",
-        str(tmp / "policy.toml"),
-        "--identity",
-        str(tmp / "identity.pem"),
-        "--port",
-        "0",
-        "--audit-log",
-        str(audit),
-        "--nonce-ttl",
-        "30",
-        *extra,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        lines = _read_lines(proc, 2)
-        assert lines[0].startswith("listening on ") and lines[1].startswith("public key: ")
-        yield Server(lines[0].split()[-1], lines[1].split()[-1], key, audit, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
-
-
-def _read_lines(proc: subprocess.Popen[bytes], n: int) -> list[str]:
-    assert proc.stdout is not None and proc.stderr is not None
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    buf = b""
-    while buf.count(b"\n") < n:
-        left = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
-        if not ready:
-            raise AssertionError("the key server did not start in time")
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            raise AssertionError(f"the key server exited: {proc.stderr.read().decode()}")
-        buf += chunk
-    return buf.decode().splitlines()[:n]
+from tests.fixtures import tee_support as ts
+from tests.fixtures.tee_support import KeyServerProcess as Server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    yield from start_server(tmp_path_factory.mktemp("keyserver"), "allow_simulation = true\n")
+    with ts.keyserver_process(tmp_path_factory.mktemp("keyserver")) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -202,7 +130,7 @@ def test_replay_over_http(server: Server, sim: Platform) -> None:
 
 
 def test_policy_refusal_reaches_the_client(tmp_path: Path, sim: Platform) -> None:
-    for srv in start_server(tmp_path / "srv", "allow_simulation = false\n"):
+    with ts.keyserver_process(tmp_path / "srv", "allow_simulation = false\n") as srv:
         with pytest.raises(KeyReleaseError, match=r"refused .*allow_simulation"):
             obtain_master_key(
                 srv.url, srv.pubkey, job_id="job-5", sealed_key_path=tmp_path / "s", platform=sim
@@ -245,10 +173,8 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
 def test_tls(tmp_path: Path, sim: Platform) -> None:
     tmp_path.joinpath("tls").mkdir()
     cert, key = _self_signed(tmp_path / "tls")
-    policy = "allow_simulation = true\n"
-    for srv in start_server(
-        tmp_path / "srv", policy, "--tls-cert", str(cert), "--tls-key", str(key)
-    ):
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    with ts.keyserver_process(tmp_path / "srv", ts.SIM_POLICY, *tls) as srv:
         assert srv.url.startswith("https://127.0.0.1:")
         got, how = obtain_master_key(
             srv.url, srv.pubkey, job_id="job-6", sealed_key_path=None, platform=sim, tls_cafile=cert

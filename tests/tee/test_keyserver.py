@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from plinius.crypto import MasterKey
 from plinius.errors import AttestationError, KeyReleaseError
 from plinius.tee import Platform, collect_evidence, detect_platform, simulation_measurement
+from plinius.tee._wire import Refusal
 from plinius.tee.audit import AuditLog
-from plinius.tee.keyserver import KeyServer, NonceStore, Refusal
+from plinius.tee.keyserver import KeyServer, NonceStore
 from plinius.tee.policy import Policy
 from plinius.tee.protocol import (
     open_release_response,
@@ -425,7 +426,7 @@ def test_attestation_errors_are_key_release_errors() -> None:
 
 def _route_client_to(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Send the real client's requests to the in-process server; returns the responses."""
-    from plinius.tee import client
+    from plinius.tee import _wire
 
     responses: list[dict[str, Any]] = []
 
@@ -436,7 +437,7 @@ def _route_client_to(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[dict[s
         responses.append(body)
         return status, body
 
-    monkeypatch.setattr(client._Http, "post", post)
+    monkeypatch.setattr(_wire.Http, "post", post)
     return responses
 
 
@@ -465,7 +466,7 @@ def test_confidential_vm_asks_the_server_on_every_start(
 def test_client_refuses_a_genuine_response_to_another_request(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from plinius.tee import client, request_master_key
+    from plinius.tee import _wire, request_master_key
 
     h = Harness(tmp_path, SIM_POLICY)
     responses = _route_client_to(h, monkeypatch)
@@ -476,7 +477,7 @@ def test_client_refuses_a_genuine_response_to_another_request(
     old = responses[0]
     # A man in the middle replays the server's earlier, genuinely signed answer.
     monkeypatch.setattr(
-        client._Http,
+        _wire.Http,
         "post",
         lambda self, url, data: h.server.issue_nonce() if url.endswith("nonce") else (200, old),
     )

@@ -91,7 +91,7 @@ def _storage_notes(pm_kind: str, is_dax: bool, disk_device: str) -> list[str]:
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the sections of ``cfg`` and write the report into ``cfg.out``; return the results."""
     from ..crypto import MasterKey
-    from ..pmem import _dax_option, _mount_of, describe_path
+    from ..pmem import dax_option, describe_path, mount_of
 
     for name in cfg.sections:
         if name not in SECTIONS:
@@ -114,7 +114,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     notes = Notes()
     machine = machine_info(cfg.pm_dir, cfg.disk_dir)
-    is_dax = _dax_option(_mount_of(cfg.pm_dir)[2]) is not None
+    is_dax = dax_option(mount_of(cfg.pm_dir).options) is not None
     results: dict[str, Any] = {}
     # Private scratch directories, removed whatever happens.
     pm = Path(tempfile.mkdtemp(prefix="plinius-bench-", dir=cfg.pm_dir))

@@ -193,24 +193,11 @@ def time_call(fn: Callable[[], Any]) -> float:
 
 def _block_device(path: Path) -> str:
     """The block device under ``path`` and what it is (virtio disk, NVMe, ...)."""
-    from ..pmem import _mount_of
+    from ..pmem import mount_of
 
-    _, fstype, _ = _mount_of(path)
-    dev = ""
-    target = os.path.realpath(path)
-    best = ""
-    try:
-        with open("/proc/mounts", encoding="utf-8") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1]
-                if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best
-                ):
-                    best, dev = mnt, parts[0]
-    except OSError:
+    mount = mount_of(path)
+    fstype, dev = mount.fstype, mount.device
+    if not dev:  # /proc/mounts unreadable
         return fstype
     name = Path(dev).name
     base = name.rstrip("0123456789")

@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
 
 @runtime_checkable
 class Counter(Protocol):
-    """A monotonic counter. ``increment`` returns the new value.
+    """A monotonic counter the host cannot rewind (unless ``trusted`` is False).
 
     ``wears`` is True for counters with limited write endurance (TPM NV
     indices); the mirror then advances them only every K commits or T seconds.
@@ -60,9 +60,28 @@ class Counter(Protocol):
     wears: bool
     trusted: bool
 
-    def read(self) -> int: ...
+    def read(self) -> int:
+        """The current value.
 
-    def increment(self) -> int: ...
+        Returns:
+            The value; 0 for a counter never advanced.
+
+        Raises:
+            PliniusError: the counter cannot be read or its answer is not trusted.
+        """
+        ...
+
+    def increment(self) -> int:
+        """Advance by one, durably.
+
+        Returns:
+            The new value.
+
+        Raises:
+            PliniusError: the counter cannot be advanced.
+            RollbackError: the counter went back (trusted counters).
+        """
+        ...
 
 
 class FileCounter:
@@ -70,6 +89,9 @@ class FileCounter:
 
     For simulation and tests only; a real deployment uses a TPM NV counter or
     the key server. Updates are atomic (write a temp file, fsync, rename).
+
+    Args:
+        path: the counter file; created (mode 0644) by the first increment.
     """
 
     wears = False
@@ -79,7 +101,14 @@ class FileCounter:
         self.path = Path(path)
 
     def read(self) -> int:
-        """The current value (0 if the file does not exist yet)."""
+        """The current value.
+
+        Returns:
+            The value; 0 if the file does not exist yet.
+
+        Raises:
+            FormatError: the file is unreadable or holds no counter value.
+        """
         try:
             text = self.path.read_text(encoding="ascii").strip()
         except FileNotFoundError:
@@ -92,7 +121,15 @@ class FileCounter:
         return int(text)
 
     def increment(self) -> int:
-        """Advance by one, durably; returns the new value."""
+        """Advance by one, durably.
+
+        Returns:
+            The new value.
+
+        Raises:
+            FormatError: the file is unreadable or holds no counter value.
+            StorageError: the new value cannot be written.
+        """
         value = self.read() + 1
         write_atomic(self.path, f"{value}\n".encode("ascii"), what="counter file", mode=0o644)
         return value

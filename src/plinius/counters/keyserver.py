@@ -13,7 +13,7 @@
 
 Every request is authenticated with a key derived from the master key, and
 every answer must be signed by the configured server key over this job, this
-operation and a fresh random nonce (protocol: :mod:`plinius.tee.counters`).
+operation and a fresh random nonce (protocol: :mod:`plinius.tee.counter_service`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, KeyReleaseError, RollbackError
-from ..tee.client import _base_url, _Http, _refused
+from ..tee._wire import Http, base_url, refused
 from ..tee.counter_service import (
     COUNTER_DOMAIN,
     MAX_COUNTER_VALUE,
@@ -45,7 +45,7 @@ from ..tee.protocol import (
 __all__ = ["KeyServerCounter"]
 
 # A lost response is retried this many times, with the same request: an
-# advance that already happened is not repeated (see plinius.tee.counters).
+# advance that already happened is not repeated (see plinius.tee.counter_service).
 _RETRIES = 1
 _TRANSPORT = (urllib.error.URLError, OSError, http.client.HTTPException)
 
@@ -53,19 +53,29 @@ _TRANSPORT = (urllib.error.URLError, OSError, http.client.HTTPException)
 class KeyServerCounter:
     """The freshness counter of ``job_id`` kept by the key server at ``server_url``.
 
-    ``server_pubkey_hex`` is the server's identity ('public key:' line of
-    ``plinius keyserver``); ``key`` the job's master key, from which the
-    request-authentication key is derived. The server must run with
-    ``--counter-dir``. It does not wear, and the host cannot rewind it.
+    The server must run with ``--counter-dir``. It does not wear, and the host
+    cannot rewind it. :meth:`increment` advances to one more than the last
+    value this object saw (reading first if it saw none) in one request, so a
+    retry after a lost response never advances twice; it returns the server's
+    value, which is more than expected only if someone else advanced the
+    counter (the mirror then refuses: two jobs share a counter).
 
-    :meth:`increment` advances to one more than the last value this object
-    saw (reading first if it saw none) in one request, so a retry after a lost
-    response never advances twice; it returns the server's value, which is
-    more than expected only if someone else advanced the counter (the mirror
-    then refuses: two jobs share a counter). Errors: the server unreachable,
-    refusing, or answering anything not signed for this request raise
-    :class:`~plinius.errors.KeyReleaseError`; a counter that goes backwards
-    raises :class:`~plinius.errors.RollbackError`.
+    Args:
+        server_url: ``http(s)://HOST:PORT`` of the key server.
+        server_pubkey_hex: the server's identity ('public key:' line of
+            ``plinius keyserver``), 64 hex digits.
+        job_id: the job whose counter this is.
+        key: the job's master key; the request-authentication key is derived from it.
+        timeout: seconds per HTTP request.
+        tls_cafile: a CA bundle for an https server (None: the system's).
+
+    Raises:
+        ConfigError: a malformed URL, public key, job id, key or timeout.
+
+    Every method raises :class:`~plinius.errors.KeyReleaseError` when the
+    server is unreachable, refuses, or answers anything not signed for this
+    request, and :class:`~plinius.errors.RollbackError` when the counter goes
+    backwards.
     """
 
     wears = False
@@ -87,28 +97,55 @@ class KeyServerCounter:
             raise ConfigError("timeout must be a positive number of seconds")
         self._server_key = parse_server_public_key(server_pubkey_hex)
         self.job_id = check_job_id(job_id)
-        self.url = _base_url(server_url)
+        self.url = base_url(server_url)
         self._auth = counter_auth_key(key, self.job_id)
-        self._http = _Http(timeout, tls_cafile)
+        self._http = Http(timeout, tls_cafile)
         self._last: int | None = None  # the highest value a signed answer has shown
         self._lock = threading.Lock()
 
     def read(self) -> int:
-        """The counter's value (0 for a job that never advanced)."""
+        """The counter's value, read from the server.
+
+        Returns:
+            The value; 0 for a job that never advanced.
+
+        Raises:
+            KeyReleaseError: see the class.
+            RollbackError: the value is below one the server signed before.
+        """
         with self._lock:
             return self._call("read", None)
 
     def increment(self) -> int:
-        """Advance to one more than the last value seen, in one request; the new value."""
+        """Advance to one more than the last value seen, in one request.
+
+        Returns:
+            The server's new value.
+
+        Raises:
+            KeyReleaseError: see the class.
+            RollbackError: the server's counter is below a value it signed before.
+        """
         with self._lock:
             last = self._last if self._last is not None else self._call("read", None)
             return self._call("advance", last + 1)
 
     def advance_to(self, target: int) -> int:
-        """Set the counter to ``target`` if it is at ``target - 1``; return its value.
+        """Set the counter to ``target`` if it is at ``target - 1``.
 
         At ``target`` or beyond: unchanged (a repeated advance is harmless).
-        Below ``target - 1``: refused by the server (KeyReleaseError).
+
+        Args:
+            target: the value to advance to, from 1 to ``MAX_COUNTER_VALUE``.
+
+        Returns:
+            The server's value afterwards (at least ``target``).
+
+        Raises:
+            ConfigError: ``target`` is not an integer in range.
+            KeyReleaseError: the counter is below ``target - 1`` (refused by the
+                server), or see the class.
+            RollbackError: the value is below one the server signed before.
         """
         if type(target) is not int or not 1 <= target <= MAX_COUNTER_VALUE:
             raise ConfigError(f"a counter target is an integer from 1 to {MAX_COUNTER_VALUE}")
@@ -139,7 +176,7 @@ class KeyServerCounter:
                     f"server. Stop and ask the data owner to check the counter service "
                     f"({str(answer.get('reason'))[:300]})"
                 )
-            raise _refused(self.url, status, answer)
+            raise refused(self.url, status, answer)
         return self._check(answer, op, nonce, target)
 
     def _post(self, data: bytes) -> tuple[int, dict[str, Any]]:

@@ -111,18 +111,30 @@ def _check_index(index: object) -> None:
 class TPMCounter:
     """A monotonic counter in a TPM 2.0 NV counter index (``TPM_NT_COUNTER``).
 
-    ``tcti`` names the TPM as tpm2-tools do: ``"device:/dev/tpmrm0"`` (the
-    default), ``"swtpm:host=127.0.0.1,port=2321"`` or ``"mssim:..."``.
-    ``index`` is the NV index handle (0x01000000-0x01FFFFFF). The index is
-    defined on first increment when missing, under the owner hierarchy
-    (``owner_auth``), with authorization value ``auth``; prefer
-    :meth:`for_key`, which derives a secret ``auth`` from the master key.
-    With ``create=False`` a missing index raises :class:`RollbackError`
-    instead (use it when resuming a job: the index it used is gone).
-
-    A new index reads 0 until first incremented. Each :meth:`read` and
-    :meth:`increment` opens its own TPM connection, so several objects (and
+    The index is defined on first increment when missing, under the owner
+    hierarchy; prefer :meth:`for_key`, which derives a secret ``auth`` from the
+    master key. A new index reads 0 until first incremented. Each :meth:`read`
+    and :meth:`increment` opens its own TPM connection, so several objects (and
     processes, through a resource manager) can share one TPM.
+
+    Args:
+        tcti: the TPM, named as tpm2-tools do: ``"device:/dev/tpmrm0"`` (the
+            default), ``"swtpm:host=127.0.0.1,port=2321"`` or ``"mssim:..."``.
+        index: the NV index handle (0x01000000-0x01FFFFFF).
+        auth: the index's authorization value (at most 32 bytes).
+        owner_auth: the owner hierarchy's, to define the index.
+        create: define a missing index; False makes a missing index a
+            :class:`~plinius.errors.RollbackError` (when resuming a job: the
+            index it used is gone).
+
+    Raises:
+        ConfigError: a malformed TCTI, index or authorization, or tpm2-pytss
+            is not installed.
+
+    Every TPM operation raises :class:`~plinius.errors.ConfigError` when no
+    TPM answers or the index is not a plinius counter, and
+    :class:`~plinius.errors.IntegrityError` when an answer fails its HMAC
+    check or the authorization is refused (a forged answer, another key).
     """
 
     wears = True
@@ -173,6 +185,19 @@ class TPMCounter:
 
         Only holders of the master key can then increment the index or pass
         a forged TPM answer off as genuine.
+
+        Args:
+            key: the job's master key.
+            tcti: the TPM (see the class).
+            index: the NV index handle; part of the derivation.
+            owner_auth: the owner hierarchy's authorization.
+            create: define a missing index (see the class).
+
+        Returns:
+            The counter.
+
+        Raises:
+            ConfigError: a malformed TCTI or index, or no tpm2-pytss.
         """
         _check_index(index)
         auth = key.derive("tpm-counter-auth", salt=index.to_bytes(4, "big"), length=AUTH_MAX)
@@ -181,9 +206,14 @@ class TPMCounter:
     # -- the Counter protocol ---------------------------------------------
 
     def read(self) -> int:
-        """The counter's value; 0 for an index that is missing or never incremented.
+        """The counter's value; never writes to the TPM (a read defines no index).
 
-        Never writes to the TPM (a missing index is not defined by a read).
+        Returns:
+            The value; 0 for an index that is missing or never incremented.
+
+        Raises:
+            RollbackError: the index is missing and ``create`` is False.
+            ConfigError, IntegrityError: see the class.
         """
         with _TPM_LOCK, self._connect("read the counter") as esys:
             handle = self._lookup(esys)
@@ -192,10 +222,17 @@ class TPMCounter:
             return self._read_value(esys, handle)
 
     def increment(self) -> int:
-        """Advance the counter by one in the TPM; returns the new value.
+        """Advance the counter by one in the TPM, defining the index if missing.
 
         The first increment of an index defined earlier and later deleted
         starts above the old value: never expect exactly ``read() + 1`` then.
+
+        Returns:
+            The new value.
+
+        Raises:
+            RollbackError: the index is missing and ``create`` is False.
+            ConfigError, IntegrityError: see the class.
         """
         with _TPM_LOCK, self._connect("increment the counter") as esys:
             handle = self._lookup(esys)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._hexutil import hex_exact
 from ..crypto import MAX_AEAD_BYTES, TAG_SIZE, Aead, MasterKey, aad
 from ..errors import (
     ConfigError,
@@ -375,14 +376,11 @@ def authenticate_header(buf: memoryview, hdr: Header, header_key: bytes, path: P
 def normalize_id(expect_id: str | None) -> bytes | None:
     if expect_id is None:
         return None
-    s = expect_id.strip().lower()
+    # Surrounding whitespace only (a pasted line); inside, exactly the hex digits.
     try:
-        raw = bytes.fromhex(s)
+        return hex_exact(expect_id.strip(), ID_SIZE)
     except ValueError:
-        raw = b""
-    if len(raw) != ID_SIZE:
-        raise ConfigError(f"a dataset id is {2 * ID_SIZE} hex digits, not {expect_id!r}")
-    return raw
+        raise ConfigError(f"a dataset id is {2 * ID_SIZE} hex digits, not {expect_id!r}") from None
 
 
 def map_readonly(path: Path) -> mmap.mmap:

@@ -11,7 +11,8 @@ running to the data owner's key server and seals what it receives::
                                  sealed_key_path="job-1.sealed")
 
 The data owner runs the key server (``plinius keyserver``; :class:`KeyServer`)
-with a TOML :class:`Policy`. Modules, in the order data flows: ``devices``
+with a TOML :class:`Policy`. Modules, in the order data flows: ``_wire``
+(below all others: refusals, the one strict hex decoder, the HTTP client), ``devices``
 (the /dev/attestation and configfs-tsm files), ``platform`` (detection),
 ``quotes`` (parsing), ``evidence`` (collection), ``verify`` (pluggable quote
 verifiers), ``policy``, ``protocol`` (messages, key wrapping, signatures),

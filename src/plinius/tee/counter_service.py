@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from .._fsutil import write_atomic
 from ..crypto import MasterKey, aad
 from ..errors import ConfigError, FormatError, PliniusError, storage_error
+from ._wire import Refusal, bad_request, decode_hex
 from .protocol import NONCE_SIZE, PROTOCOL_VERSION, check_job_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,7 +61,6 @@ __all__ = [
     "MAC_SIZE",
     "MAX_COUNTER_REQUEST",
     "MAX_COUNTER_VALUE",
-    "CounterRefusal",
     "CounterService",
     "CounterStore",
     "counter_auth_key",
@@ -80,14 +80,36 @@ _MAX_STATE_FILE = 4096
 
 
 def counter_auth_key(master: MasterKey, job_id: str) -> bytes:
-    """The job's request-authentication key: HKDF(master, salt=job id, "counter-auth")."""
+    """The job's request-authentication key: HKDF(master, salt=job id, "counter-auth").
+
+    Args:
+        master: the job's master key (client and server both hold it).
+        job_id: the job.
+
+    Returns:
+        32 bytes.
+
+    Raises:
+        ConfigError: ``job_id`` is malformed.
+    """
     return master.derive("counter-auth", salt=check_job_id(job_id).encode("ascii"))
 
 
 def request_mac(
     auth_key: bytes, *, job_id: str, op: str, nonce: bytes, target: int | None
 ) -> bytes:
-    """HMAC-SHA256 over every field of a counter request (typed, length-prefixed)."""
+    """HMAC-SHA256 over every field of a counter request (typed, length-prefixed).
+
+    Args:
+        auth_key: from :func:`counter_auth_key`.
+        job_id: the job.
+        op: ``"read"`` or ``"advance"``.
+        nonce: the client's fresh 32 bytes.
+        target: the advance's target (None for a read).
+
+    Returns:
+        The 32-byte MAC.
+    """
     msg = aad("plinius/v1/counter/request", PROTOCOL_VERSION, job_id, op, nonce, target)
     return hmac.new(auth_key, msg, hashlib.sha256).digest()
 
@@ -95,7 +117,18 @@ def request_mac(
 def counter_request(
     auth_key: bytes, *, job_id: str, op: str, nonce: bytes, target: int | None = None
 ) -> dict[str, Any]:
-    """The JSON body of a counter request (``target`` only for ``advance``)."""
+    """The JSON body of a counter request (``target`` only for ``advance``).
+
+    Args:
+        auth_key: from :func:`counter_auth_key`.
+        job_id: the job.
+        op: ``"read"`` or ``"advance"``.
+        nonce: the client's fresh 32 bytes; the signed answer must name it.
+        target: the value to advance to (``advance`` only).
+
+    Returns:
+        The request, MAC'd with :func:`request_mac`.
+    """
     req: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "job_id": job_id,
@@ -119,6 +152,13 @@ class CounterStore:
     and then the directory is fsynced, so a power cut leaves the old value or
     the new one. An exclusive lock on ``directory/.lock`` keeps a second
     server from sharing the directory (two would break compare-and-set).
+
+    Args:
+        directory: created (mode 0700) if missing.
+
+    Raises:
+        StorageError: the directory or its lock file cannot be created.
+        ConfigError: another key server holds the directory.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -149,7 +189,18 @@ class CounterStore:
         return self.directory / self.file_name(job_id)
 
     def read(self, job_id: str) -> int:
-        """The counter of ``job_id``: 0 if it never advanced; FormatError if damaged."""
+        """The counter of ``job_id``.
+
+        Args:
+            job_id: the job.
+
+        Returns:
+            Its value; 0 if it never advanced.
+
+        Raises:
+            FormatError: the state file is damaged (never read as 0).
+            StorageError: the state file cannot be read.
+        """
         path = self.path_for(job_id)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -186,7 +237,16 @@ class CounterStore:
         return value
 
     def write(self, job_id: str, value: int) -> None:
-        """Store ``value`` for ``job_id`` durably (atomic replace; see the class docstring)."""
+        """Store ``value`` for ``job_id`` durably (atomic replace; see the class docstring).
+
+        Args:
+            job_id: the job.
+            value: from 0 to ``MAX_COUNTER_VALUE``.
+
+        Raises:
+            ValueError: ``value`` is out of range (a bug in the caller).
+            StorageError: the state cannot be written; the old value stays.
+        """
         if type(value) is not int or not 0 <= value <= MAX_COUNTER_VALUE:
             raise ValueError("counter value out of range")
         path = self.path_for(job_id)
@@ -211,14 +271,6 @@ class CounterStore:
         )
 
 
-class CounterRefusal(Exception):
-    """A counter request the server refuses: HTTP status, a short code, a reason."""
-
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
-
-
 _FIELDS = {
     "read": {"version", "job_id", "op", "nonce", "mac"},
     "advance": {"version", "job_id", "op", "nonce", "target", "mac"},
@@ -231,6 +283,12 @@ class CounterService:
     ``sign(payload, domain)`` signs responses with the server's identity;
     ``audit`` gets one line per advance (also one that changed nothing) and per
     refusal. Reads are not audited: the mirror reads on every commit.
+
+    Args:
+        master_key: the key the server releases; request MAC keys derive from it.
+        store: where the counters persist.
+        sign: signs answers with the server's identity.
+        audit: the server's audit log.
     """
 
     def __init__(
@@ -248,20 +306,34 @@ class CounterService:
         self._lock = threading.Lock()
 
     def handle(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) for one request; refusals are ``{"error", "reason"}``."""
+        """Answer one ``POST /v1/counter`` request; never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body: a signed answer, or
+            ``{"error", "reason"}`` for a refusal.
+        """
         event: dict[str, Any] = {"client": client}
         try:
             return 200, self._handle(body, event)
-        except CounterRefusal as r:
+        except Refusal as r:
             self.refuse(event, r)
             return r.status, {"error": r.code, "reason": r.reason}
         except Exception as exc:  # a bug: refuse, and say so
-            bug = CounterRefusal(500, "internal", f"internal error: {type(exc).__name__}")
+            bug = Refusal(500, "internal", f"internal error: {type(exc).__name__}")
             self.refuse({**event, "detail": str(exc)[:500]}, bug)
             return bug.status, {"error": bug.code, "reason": bug.reason}
 
-    def refuse(self, event: dict[str, Any], r: CounterRefusal) -> None:
-        """Audit a refusal (best effort: the refusal stands even if unlogged)."""
+    def refuse(self, event: dict[str, Any], r: Refusal) -> None:
+        """Audit a refusal (best effort: the refusal stands even if unlogged).
+
+        Args:
+            event: what is known of the request (client, job, ...).
+            r: the refusal.
+        """
         with contextlib.suppress(PliniusError):
             self.audit.write(
                 {"event": "counter-refusal", "code": r.code, "reason": r.reason, **event}
@@ -276,7 +348,7 @@ class CounterService:
             counter_auth_key(self._master, job_id), job_id=job_id, op=op, nonce=nonce, target=target
         )
         if not hmac.compare_digest(expected, req["mac"]):
-            raise CounterRefusal(
+            raise Refusal(
                 403,
                 "unauthorized",
                 "the request is not authenticated with this job's counter key: the client "
@@ -288,7 +360,7 @@ class CounterService:
             if op == "advance":
                 event.update({"target": target, "from": current})
                 if target > current + 1:
-                    raise CounterRefusal(
+                    raise Refusal(
                         409,
                         "counter_gap",
                         f"the counter of job {job_id} is at {current}; it advances one step at "
@@ -301,9 +373,7 @@ class CounterService:
                     try:
                         self.audit.write({"event": "counter-advance", **event, "to": target})
                     except PliniusError as exc:
-                        raise CounterRefusal(
-                            500, "audit", f"the key server cannot audit: {exc}"
-                        ) from exc
+                        raise Refusal(500, "audit", f"the key server cannot audit: {exc}") from exc
                     self._write(job_id, target, event)
                     value, advanced = target, True
                 else:  # a retry or replay of an advance already made: no change
@@ -323,40 +393,40 @@ class CounterService:
 
     def _parse(self, body: bytes, event: dict[str, Any]) -> dict[str, Any]:
         if len(body) > MAX_COUNTER_REQUEST:
-            raise CounterRefusal(
+            raise Refusal(
                 413, "too_large", f"counter requests are at most {MAX_COUNTER_REQUEST} bytes"
             )
         try:
             req = json.loads(body)
         except (ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit int
-            raise CounterRefusal(400, "bad_request", "the request is not JSON") from exc
+            raise Refusal(400, "bad_request", "the request is not JSON") from exc
         if not isinstance(req, dict) or req.get("op") not in OPS:
-            raise CounterRefusal(
+            raise Refusal(
                 400, "bad_request", "the request must be a JSON object with op 'read' or 'advance'"
             )
         op = req["op"]
         event["op"] = op
         if set(req) != _FIELDS[op]:
-            raise CounterRefusal(
+            raise Refusal(
                 400,
                 "bad_request",
                 f"a {op} request needs exactly: {', '.join(sorted(_FIELDS[op]))}",
             )
         if type(req["version"]) is not int or req["version"] != PROTOCOL_VERSION:
-            raise CounterRefusal(
+            raise Refusal(
                 400, "bad_version", f"unsupported protocol version {str(req['version'])[:20]!r}"
             )
         try:
             job_id = check_job_id(req["job_id"])
         except ConfigError as exc:
-            raise CounterRefusal(400, "bad_request", str(exc)) from exc
+            raise Refusal(400, "bad_request", str(exc)) from exc
         event["job_id"] = job_id
-        nonce = _hex(req["nonce"], "nonce", NONCE_SIZE)
+        nonce = decode_hex(req["nonce"], NONCE_SIZE, name="nonce", error=bad_request)
         event["nonce"] = nonce.hex()
-        mac = _hex(req["mac"], "mac", MAC_SIZE)
+        mac = decode_hex(req["mac"], MAC_SIZE, name="mac", error=bad_request)
         target = req.get("target")
         if op == "advance" and (type(target) is not int or not 1 <= target <= MAX_COUNTER_VALUE):
-            raise CounterRefusal(
+            raise Refusal(
                 400, "bad_request", f"target must be an integer from 1 to {MAX_COUNTER_VALUE}"
             )
         return {"job_id": job_id, "op": op, "nonce": nonce, "target": target, "mac": mac}
@@ -366,7 +436,7 @@ class CounterService:
             return self.store.read(job_id)
         except PliniusError as exc:
             event["detail"] = str(exc)[:500]  # for the operator, not the client
-            raise CounterRefusal(
+            raise Refusal(
                 500,
                 "counter_state",
                 f"the key server cannot read the counter of job {job_id}; "
@@ -378,21 +448,9 @@ class CounterService:
             self.store.write(job_id, value)
         except PliniusError as exc:
             event["detail"] = str(exc)[:500]
-            raise CounterRefusal(
+            raise Refusal(
                 500,
                 "counter_state",
                 f"the key server cannot store the counter of job {job_id}; "
                 "its operator must check the counter directory (see the audit log)",
             ) from exc
-
-
-def _hex(value: object, name: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise CounterRefusal(400, "bad_request", f"{name} must be {size} bytes in hex")
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError as exc:
-        raise CounterRefusal(400, "bad_request", f"{name} is not valid hex") from exc
-    if len(raw) != size:  # fromhex skips whitespace
-        raise CounterRefusal(400, "bad_request", f"{name} must be {size} bytes in hex")
-    return raw

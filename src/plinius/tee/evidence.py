@@ -26,6 +26,7 @@ from typing import Any
 
 from ..crypto import aad
 from ..errors import AttestationError
+from ._wire import decode_hex
 from .devices import ConfigfsTsm, GramineAttestation
 from .platform import Platform
 from .quotes import (
@@ -128,7 +129,18 @@ class Evidence:
 
     @classmethod
     def from_json(cls, obj: object) -> Evidence:
-        """Validate and decode the JSON object of a request; AttestationError if malformed."""
+        """Validate and decode the evidence object of a request.
+
+        Args:
+            obj: the ``evidence`` field as received (any JSON value).
+
+        Returns:
+            The evidence.
+
+        Raises:
+            AttestationError: an unknown kind or platform, unexpected fields,
+                or a field that is not exact hex (or base64) of its size.
+        """
         if not isinstance(obj, dict):
             raise AttestationError("evidence must be a JSON object")
         kind = obj.get("kind")
@@ -168,12 +180,7 @@ def _only(obj: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _hex(value: object, name: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise AttestationError(f"evidence field {name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise AttestationError(f"evidence field {name} is not valid hex") from exc
+    return decode_hex(value, size, name=name, error=AttestationError, prefix="evidence field ")
 
 
 def _b64(value: object, name: str) -> bytes:
@@ -189,7 +196,17 @@ def _b64(value: object, name: str) -> bytes:
 
 
 def parse_evidence(evidence: Evidence) -> SgxQuote | TdxQuote | SnpReport | SimulatedReport:
-    """The claims in ``evidence`` (parsed, *not* verified); AttestationError if malformed."""
+    """The claims in ``evidence``, parsed but *not* verified.
+
+    Args:
+        evidence: as received.
+
+    Returns:
+        The parsed quote or report.
+
+    Raises:
+        AttestationError: the quote or report is malformed.
+    """
     if evidence.kind == "simulation":
         return SimulatedReport(evidence.platform, evidence.measurement, evidence.report_data)
     if evidence.kind == "sgx-dcap":
@@ -202,7 +219,20 @@ def parse_evidence(evidence: Evidence) -> SgxQuote | TdxQuote | SnpReport | Simu
 
 
 def collect_evidence(platform: Platform, report_data: bytes) -> Evidence:
-    """Evidence from ``platform`` that carries ``report_data`` (exactly 64 bytes)."""
+    """Evidence from ``platform`` that carries ``report_data``.
+
+    Args:
+        platform: where plinius runs (see :func:`.platform.detect_platform`).
+        report_data: exactly 64 bytes to bind (see :func:`.protocol.report_data_binding`).
+
+    Returns:
+        The evidence, checked to carry ``report_data``.
+
+    Raises:
+        ValueError: ``report_data`` is not 64 bytes (a bug in the caller).
+        AttestationError: the platform cannot attest, or its evidence does not
+            carry ``report_data`` (another attester raced this one).
+    """
     if len(report_data) != REPORT_DATA_SIZE:
         raise ValueError(f"report data is exactly {REPORT_DATA_SIZE} bytes")
     report_data = bytes(report_data)

@@ -47,12 +47,12 @@ from starlette.routing import BaseRoute, Route
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError
+from ._wire import MAX_MESSAGE_BYTES, Refusal, bad_request, decode_hex
 from .audit import AuditLog
-from .counter_service import MAX_COUNTER_REQUEST, CounterRefusal, CounterService, CounterStore
+from .counter_service import MAX_COUNTER_REQUEST, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
 from .protocol import (
-    MAX_MESSAGE_BYTES,
     NONCE_SIZE,
     PROTOCOL_VERSION,
     RELEASE_DOMAIN,
@@ -74,19 +74,19 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 
 
-class Refusal(Exception):
-    """A request the server refuses: HTTP status, a short code and a reason for the client."""
-
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status, self.code, self.reason = status, code, reason
-
-
 class NonceStore:
     """One-time nonces that expire after ``ttl`` seconds; at most ``capacity`` outstanding.
 
     Spent and expired nonces are remembered (boundedly) only to tell the
     client why it was refused; an unknown nonce is refused all the same.
+
+    Args:
+        ttl: seconds a nonce lives.
+        capacity: the most outstanding nonces (and remembered spent ones).
+        clock: monotonic seconds (injectable for tests).
+
+    Raises:
+        ConfigError: ``ttl`` or ``capacity`` is not positive.
     """
 
     def __init__(
@@ -110,7 +110,14 @@ class NonceStore:
             del self._live[nonce]
 
     def issue(self) -> bytes:
-        """A new nonce; Refusal(503) when too many are outstanding."""
+        """A new random nonce, outstanding until spent or expired.
+
+        Returns:
+            32 bytes.
+
+        Raises:
+            Refusal: 503 ``busy`` when ``capacity`` nonces are outstanding.
+        """
         with self._lock:
             now = self._clock()
             self._expire(now)
@@ -121,7 +128,14 @@ class NonceStore:
             return nonce
 
     def spend(self, nonce: bytes) -> None:
-        """Use ``nonce`` up; Refusal(403) when it is unknown, spent or expired."""
+        """Use ``nonce`` up: it is never accepted again.
+
+        Args:
+            nonce: the nonce a request names.
+
+        Raises:
+            Refusal: 403 ``nonce_unknown``, ``nonce_replayed`` or ``nonce_expired``.
+        """
         with self._lock:
             now = self._clock()
             expiry = self._live.pop(nonce, None)
@@ -147,6 +161,20 @@ class KeyServer:
     refused). ``clock`` is injectable for tests of nonce expiry.
     ``counters``: where per-job freshness counters persist (None: the
     counter endpoint refuses every request, saying how to enable it).
+
+    Args:
+        master_key: the key released.
+        policy: the owner's allow-list of evidence.
+        identity: the Ed25519 key that signs every answer.
+        verifier: checks hardware quotes (None: hardware evidence is refused).
+        nonce_ttl: seconds a nonce lives.
+        audit_log: where releases and refusals go (None: nowhere).
+        max_nonces: the most outstanding nonces.
+        clock: monotonic seconds (injectable for tests).
+        counters: the per-job counter store (None: the endpoint is off).
+
+    Raises:
+        ConfigError: a non-positive ``nonce_ttl`` or ``max_nonces``.
     """
 
     def __init__(
@@ -182,7 +210,15 @@ class KeyServer:
     def sign(self, payload: dict[str, Any], domain: bytes) -> dict[str, str]:
         """Sign a response of another kind (for endpoints added to :meth:`routes`).
 
-        Each kind of message needs its own ``domain`` (see :func:`.protocol.sign_json`).
+        Args:
+            payload: the JSON object to sign.
+            domain: the message kind's own domain (see :func:`.protocol.sign_json`).
+
+        Returns:
+            The signed message.
+
+        Raises:
+            ValueError: ``domain`` is the key-release domain, reserved for releases.
         """
         if domain == RELEASE_DOMAIN:
             raise ValueError("the key-release domain is reserved for key releases")
@@ -191,7 +227,12 @@ class KeyServer:
     # -- protocol -----------------------------------------------------------
 
     def issue_nonce(self) -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/nonce``."""
+        """Answer ``POST /v1/nonce``; never raises.
+
+        Returns:
+            The HTTP status and JSON body (``version``, ``nonce``, ``expires_in``,
+            or a 503 refusal).
+        """
         try:
             nonce = self.nonces.issue()
         except Refusal as r:
@@ -203,7 +244,17 @@ class KeyServer:
         }
 
     def release(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/release``; audited either way."""
+        """Answer ``POST /v1/release``; audited either way, never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body: the signed release, or
+            ``{"error", "reason"}`` (also when the release cannot be audited:
+            an unaudited release does not happen).
+        """
         event: dict[str, Any] = {"client": client}
         try:
             response = self._release(body, event)
@@ -245,8 +296,10 @@ class KeyServer:
         except ConfigError as exc:
             raise Refusal(400, "bad_request", str(exc)) from exc
         event["job_id"] = job_id
-        nonce = _hex(req["nonce"], "nonce", NONCE_SIZE)
-        client_pub = _hex(req["client_public_key"], "client_public_key", 32)
+        nonce = decode_hex(req["nonce"], NONCE_SIZE, name="nonce", error=bad_request)
+        client_pub = decode_hex(
+            req["client_public_key"], 32, name="client_public_key", error=bad_request
+        )
         event["nonce"] = nonce.hex()
         # The nonce is spent before the evidence is looked at: one attempt per nonce.
         self.nonces.spend(nonce)
@@ -289,7 +342,15 @@ class KeyServer:
         return seal_release_response(self._identity, payload)
 
     def counter(self, body: bytes, client: str = "unknown") -> tuple[int, dict[str, Any]]:
-        """(status, body) for ``POST /v1/counter`` (see :mod:`.counters`)."""
+        """Answer ``POST /v1/counter`` (see :mod:`.counter_service`); never raises.
+
+        Args:
+            body: the request body.
+            client: the peer's address, for the audit log.
+
+        Returns:
+            The HTTP status and JSON body (404 ``counters_disabled`` without a store).
+        """
         if self.counters is None:
             return 404, {
                 "error": "counters_disabled",
@@ -349,19 +410,10 @@ class KeyServer:
             body = await read_body(request, limit=MAX_COUNTER_REQUEST)
         except Refusal as r:
             if self.counters is not None:
-                self.counters.refuse({"client": client}, CounterRefusal(r.status, r.code, r.reason))
+                self.counters.refuse({"client": client}, r)
             return _json(r.status, {"error": r.code, "reason": r.reason})
         # fsync of the counter state and the audit log block: off the event loop.
         return _json(*await run_in_threadpool(self.counter, body, client))
-
-
-def _hex(value: object, name: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise Refusal(400, "bad_request", f"{name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise Refusal(400, "bad_request", f"{name} is not valid hex") from exc
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -371,7 +423,19 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 async def read_body(
     request: Request, limit: int = MAX_MESSAGE_BYTES, timeout: float = REQUEST_TIMEOUT
 ) -> bytes:
-    """The request body, refused past ``limit`` bytes (413) or ``timeout`` seconds (408)."""
+    """Read a request body, bounded in size and time.
+
+    Args:
+        request: the Starlette request.
+        limit: the most bytes accepted.
+        timeout: the most seconds to wait for the whole body.
+
+    Returns:
+        The body.
+
+    Raises:
+        Refusal: 400 for a bad Content-Length, 413 past ``limit``, 408 past ``timeout``.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -404,8 +468,18 @@ def serve(
 ) -> None:
     """Serve ``server`` with uvicorn until SIGINT/SIGTERM.
 
-    ``on_ready(url)`` is called once the socket accepts connections (with the
-    real port when ``port`` is 0).
+    Args:
+        server: the protocol logic.
+        host: the address to listen on.
+        port: the port (0: any free one).
+        tls_cert: a PEM certificate for https (with ``tls_key``).
+        tls_key: its PEM private key.
+        on_ready: called with the URL once the socket accepts connections
+            (with the real port when ``port`` is 0).
+
+    Raises:
+        ConfigError: only one of ``tls_cert``/``tls_key``, an unloadable
+            certificate, or the address cannot be bound.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")

@@ -47,8 +47,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .._fsutil import create_secret_file
+from .._hexutil import hex_exact
 from ..crypto import KEY_SIZE, MasterKey, aad
-from ..errors import ConfigError, KeyFileError, KeyReleaseError, storage_error
+from ..errors import ConfigError, KeyFileError, KeyReleaseError
+from ._wire import MAX_MESSAGE_BYTES, decode_hex
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -72,14 +75,22 @@ __all__ = [
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
 PUBLIC_KEY_SIZE = 32
-# Requests and responses are small (a quote with certificates is ~5 KiB).
-MAX_MESSAGE_BYTES = 64 * 1024
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 RELEASE_DOMAIN = b"plinius/v1/key-release-response\0"
 
 
 def check_job_id(job_id: object) -> str:
-    """``job_id`` if it is 1-128 characters of letters, digits and ``._:@-``."""
+    """Check a job id: 1-128 characters of letters, digits and ``._:@-``.
+
+    Args:
+        job_id: the value to check (any type).
+
+    Returns:
+        ``job_id``, unchanged.
+
+    Raises:
+        ConfigError: it is not such a string.
+    """
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise ConfigError(
             "a job id is 1 to 128 characters: letters, digits and . _ : @ - "
@@ -89,12 +100,28 @@ def check_job_id(job_id: object) -> str:
 
 
 def canonical_json(obj: dict[str, Any]) -> bytes:
-    """Deterministic JSON: sorted keys, no spaces, ASCII only."""
+    """Deterministic JSON, the bytes that get signed: sorted keys, no spaces, ASCII only.
+
+    Args:
+        obj: a JSON object.
+
+    Returns:
+        Its canonical encoding.
+    """
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def report_data_binding(nonce: bytes, client_public_key: bytes, job_id: str) -> bytes:
-    """The 64 bytes of report data that bind a release request (SHA-512, domain-separated)."""
+    """The 64 bytes of report data that bind a release request (SHA-512, domain-separated).
+
+    Args:
+        nonce: the server's one-time nonce.
+        client_public_key: the client's ephemeral X25519 public key.
+        job_id: the job the key is asked for.
+
+    Returns:
+        SHA-512 over the three, typed and length-prefixed.
+    """
     return hashlib.sha512(
         aad("plinius/v1/key-release/report-data", nonce, client_public_key, job_id)
     ).digest()
@@ -117,7 +144,22 @@ def _wrap_aad(job_id: str, nonce: bytes) -> bytes:
 def wrap_master_key(
     master: MasterKey, client_public_key: bytes, *, job_id: str, nonce: bytes
 ) -> dict[str, str]:
-    """Encrypt ``master`` to ``client_public_key`` (X25519, HKDF-SHA256, AES-256-GCM)."""
+    """Encrypt ``master`` to ``client_public_key`` (X25519, HKDF-SHA256, AES-256-GCM).
+
+    Args:
+        master: the key to release.
+        client_public_key: the client's 32-byte X25519 public key (bound in its evidence).
+        job_id: the job, bound into the key derivation and the AAD.
+        nonce: the request's nonce, the HKDF salt.
+
+    Returns:
+        The hex fields ``server_ephemeral_public_key``, ``wrap_nonce`` and
+        ``wrapped_key`` for the response payload.
+
+    Raises:
+        KeyReleaseError: ``client_public_key`` is not a usable X25519 key
+            (including low-order points, which would give an all-zero secret).
+    """
     try:
         client = X25519PublicKey.from_public_bytes(client_public_key)
     except ValueError as exc:
@@ -141,10 +183,28 @@ def wrap_master_key(
 def unwrap_master_key(
     client_private_key: X25519PrivateKey, fields: dict[str, Any], *, job_id: str, nonce: bytes
 ) -> MasterKey:
-    """Open the wrapped key in a (verified) response payload."""
-    eph_pub = _hex_field(fields, "server_ephemeral_public_key", PUBLIC_KEY_SIZE)
-    iv = _hex_field(fields, "wrap_nonce", 12)
-    wrapped = _hex_field(fields, "wrapped_key", KEY_SIZE + 16)
+    """Open the wrapped key in a (verified) response payload.
+
+    Args:
+        client_private_key: the ephemeral key whose public half was sent.
+        fields: the payload, with the fields :func:`wrap_master_key` made.
+        job_id: the job asked for.
+        nonce: the request's nonce.
+
+    Returns:
+        The master key.
+
+    Raises:
+        KeyReleaseError: a field is not exact hex of its size, the server's
+            ephemeral key is unusable, or the wrapped key fails authentication.
+    """
+
+    def field(name: str, size: int) -> bytes:
+        return decode_hex(fields.get(name), size, name=name, error=KeyReleaseError, prefix="field ")
+
+    eph_pub = field("server_ephemeral_public_key", PUBLIC_KEY_SIZE)
+    iv = field("wrap_nonce", 12)
+    wrapped = field("wrapped_key", KEY_SIZE + 16)
     client_pub = client_private_key.public_key().public_bytes_raw()
     try:
         shared = client_private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
@@ -163,8 +223,14 @@ def sign_json(
 ) -> dict[str, str]:
     """A signed message: canonical payload bytes and an Ed25519 signature over ``domain + bytes``.
 
-    ``domain`` separates message types, so a signature made for one kind of
-    message (a key release, a counter value) is never valid as another.
+    Args:
+        identity: the server's signing key.
+        payload: the JSON object to sign.
+        domain: separates message types, so a signature made for one kind of
+            message (a key release, a counter value) is never valid as another.
+
+    Returns:
+        ``{"payload": base64 of the canonical bytes, "signature": hex}``.
     """
     data = canonical_json(payload)
     return {
@@ -180,6 +246,19 @@ def open_signed_json(
 
     The signature is checked over the exact payload bytes received, before
     anything in them is parsed or believed.
+
+    Args:
+        server_key: the configured server public key.
+        body: the message as received.
+        domain: the domain it must be signed in.
+        what: names the message in errors.
+
+    Returns:
+        The payload, a JSON object.
+
+    Raises:
+        KeyReleaseError: not a signed message, a bad signature (tampered with,
+            another server, another domain), or a payload that is not a JSON object.
     """
     if not isinstance(body, dict) or set(body) != {"payload", "signature"}:
         raise KeyReleaseError(f"the key server's {what} is not a signed message")
@@ -188,7 +267,7 @@ def open_signed_json(
         raise KeyReleaseError(f"the key server's {what} has a malformed payload or signature")
     try:
         data = base64.b64decode(payload_b64, validate=True)
-        sig = bytes.fromhex(sig_hex)
+        sig = hex_exact(sig_hex, 64)
     except (binascii.Error, ValueError) as exc:
         raise KeyReleaseError(
             f"the key server's {what} has a malformed payload or signature"
@@ -210,39 +289,63 @@ def open_signed_json(
 
 
 def seal_release_response(identity: Ed25519PrivateKey, payload: dict[str, Any]) -> dict[str, str]:
-    """The body of a key-release response (:func:`sign_json` in the release domain)."""
+    """The body of a key-release response (:func:`sign_json` in the release domain).
+
+    Args:
+        identity: the server's signing key.
+        payload: the release payload.
+
+    Returns:
+        The signed message.
+    """
     return sign_json(identity, payload, RELEASE_DOMAIN)
 
 
 def open_release_response(server_key: Ed25519PublicKey, body: object) -> dict[str, Any]:
-    """Verify a key-release response with ``server_key``; return its payload."""
+    """Verify a key-release response with ``server_key``.
+
+    Args:
+        server_key: the configured server public key.
+        body: the response as received.
+
+    Returns:
+        The payload.
+
+    Raises:
+        KeyReleaseError: see :func:`open_signed_json`.
+    """
     return open_signed_json(server_key, body, RELEASE_DOMAIN, "release response")
 
 
-def _hex_field(obj: dict[str, Any], name: str, size: int) -> bytes:
-    value = obj.get(name)
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise KeyReleaseError(f"field {name} must be {size} bytes in hex")
-    try:
-        return bytes.fromhex(value)
-    except ValueError as exc:
-        raise KeyReleaseError(f"field {name} is not valid hex") from exc
-
-
 def public_key_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
-    """The raw 32-byte Ed25519 public key, in hex."""
+    """The raw 32-byte Ed25519 public key, in hex (what clients are configured with).
+
+    Args:
+        key: the identity, or its public half.
+
+    Returns:
+        64 hex digits.
+    """
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return pub.public_bytes_raw().hex()
 
 
 def parse_server_public_key(text: str) -> Ed25519PublicKey:
-    """A key server public key given as 64 hex digits (as printed by ``plinius keyserver``)."""
-    text = text.strip()
+    """A key server public key given as 64 hex digits (as printed by ``plinius keyserver``).
+
+    Args:
+        text: the hex digits; whitespace around them (a pasted line) is ignored,
+            inside them it is not.
+
+    Returns:
+        The public key.
+
+    Raises:
+        ConfigError: ``text`` is not 64 hex digits of an Ed25519 key.
+    """
+    text = text.strip()  # surrounding whitespace only: a line copied from a terminal
     try:
-        raw = bytes.fromhex(text)
-        if len(raw) != 32:
-            raise ValueError
-        return Ed25519PublicKey.from_public_bytes(raw)
+        return Ed25519PublicKey.from_public_bytes(hex_exact(text, PUBLIC_KEY_SIZE))
     except ValueError as exc:
         raise ConfigError(
             "a key server public key is 64 hex digits (the 'public key:' line that "
@@ -253,8 +356,17 @@ def parse_server_public_key(text: str) -> Ed25519PublicKey:
 def load_identity(path: str | os.PathLike[str], *, create: bool = True) -> Ed25519PrivateKey:
     """The key server's Ed25519 identity key from ``path`` (PEM, PKCS#8).
 
-    Created with mode 0600 when missing (and ``create``); a file readable or
-    writable by group or others is refused.
+    Args:
+        path: the identity file.
+        create: make a new identity (mode 0600) when ``path`` is missing.
+
+    Returns:
+        The identity key.
+
+    Raises:
+        KeyFileError: missing (and not ``create``), unreadable, not a regular
+            file, readable or writable by group or others, or not a PEM Ed25519 key.
+        StorageError: a new identity cannot be written.
     """
     p = Path(path)
     try:
@@ -293,17 +405,5 @@ def _create_identity(p: Path) -> Ed25519PrivateKey:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise storage_error(exc, f"cannot create identity key {p}") from exc
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, pem)
-        os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        p.unlink(missing_ok=True)
-        raise storage_error(exc, f"cannot write identity key {p}") from exc
-    os.close(fd)
+    create_secret_file(p, pem, what="identity key")
     return key

@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._fsutil import write_atomic
+from .._fsutil import create_secret_file, write_atomic
 from ..crypto import KEY_SIZE, Aead, MasterKey, hkdf
 from ..errors import (
     AttestationError,
@@ -117,16 +117,7 @@ def _simulation_key(path: Path, create: bool) -> bytes:
 
 def _create_simulation_key(path: Path) -> bytes:
     data = secrets.token_bytes(KEY_SIZE)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise storage_error(exc, f"cannot create simulation sealing key {path}") from exc
+    create_secret_file(path, data, what="simulation sealing key")
     return data
 
 
@@ -149,21 +140,52 @@ def _header(platform: str, label: str, key_id: bytes, salt: bytes, nonce: bytes)
 def seal_master_key(
     platform: Platform, path: str | os.PathLike[str], master: MasterKey, *, job_id: str
 ) -> SealingKey:
-    """Seal ``master`` for ``job_id`` to ``path`` (mode 0600, written atomically)."""
+    """Seal ``master`` for ``job_id`` to ``path`` (mode 0600, written atomically).
+
+    Args:
+        platform: the platform whose sealing key is used.
+        path: the sealed key file (replaced if it exists).
+        master: the key to seal.
+        job_id: the job; bound in the header, checked when unsealing.
+
+    Returns:
+        The sealing key used (its ``source`` says where it came from).
+
+    Raises:
+        AttestationError: the platform cannot seal (a confidential VM).
+        StorageError: the file cannot be written.
+        KeyFileError: the simulation sealing key beside ``path`` is unusable.
+    """
     p = Path(path)
     key = SealingKey.for_platform(platform, p, create=True)
     salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
     header = _header(key.platform, job_id, key.key_id, salt, nonce)
     aead = Aead(hkdf(key.root, salt=salt, info="plinius/v1/seal/" + _PURPOSE))
     ct = aead.encrypt(nonce, master.raw_bytes(), header)
-    _write_atomic(p, header + struct.pack(">I", len(ct)) + ct)
+    write_atomic(p, header + struct.pack(">I", len(ct)) + ct, what="sealed key")
     return key
 
 
 def unseal_master_key(
     platform: Platform, path: str | os.PathLike[str], *, job_id: str
 ) -> MasterKey:
-    """Open the sealed key at ``path``; IntegrityError if it was tampered with."""
+    """Open the sealed key at ``path``.
+
+    Args:
+        platform: the platform whose sealing key is used.
+        path: the sealed key file.
+        job_id: the job it must have been sealed for.
+
+    Returns:
+        The master key.
+
+    Raises:
+        FormatError: not a plinius sealed key file (or another version).
+        IntegrityError: it was tampered with.
+        WrongKeyError: sealed on another platform, enclave or for another job,
+            or the simulation sealing key is missing.
+        StorageError: it cannot be read.
+    """
     p = Path(path)
     try:
         if p.exists() and not p.is_file():  # a FIFO would block, a device never end
@@ -238,7 +260,3 @@ class _Cursor:
             return self.take(n).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise IntegrityError(f"sealed key {self.path} is damaged or tampered with") from exc
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, data, what="sealed key")
