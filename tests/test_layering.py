@@ -30,8 +30,6 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "plinius"
 # tee/, counters/, crypto, _fsutil, pmem or bench/_common belongs here.
 KNOWN_ELSEWHERE: frozenset[str] = frozenset(
     {
-        "plinius.cli.data: plinius.data._sources",
-        "plinius.cli.demo: plinius.bench.demo._compare_mirrors",
         "plinius.cli.mirror: plinius.mirror._format",
     }
 )
