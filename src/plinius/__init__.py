@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MasterKey": "crypto",
     "Mirror": "mirror",
-    "RNGState": "mirror",
+    "RNGState": "rng",
     "seal_dataset": "data",
     "SealedDataset": "data",
     "SealedSampler": "data",
@@ -83,7 +83,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counter, FileCounter
     from .crypto import MasterKey
     from .data import SealedDataset, SealedSampler, seal_dataset
-    from .mirror import Mirror, RNGState
+    from .mirror import Mirror
+    from .rng import RNGState
     from .train import FitResult, fit
 
 

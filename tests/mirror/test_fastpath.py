@@ -22,7 +22,8 @@ from plinius.crypto import MasterKey
 from plinius.errors import ConfigError
 from plinius.mirror import Mirror, RNGState
 from plinius.mirror import _format as L
-from plinius.mirror._state import TORCH_DTYPES, FlattenMemo, _torch_src, flatten
+from plinius.mirror._codec import TORCH_DTYPES
+from plinius.mirror._flatten import FlattenMemo, flatten, torch_src
 
 
 def _model() -> torch.nn.Module:
@@ -133,8 +134,8 @@ def test_the_fast_tensor_view_matches_the_general_one(name: str) -> None:
     raw = t.view(torch.uint8)
     top = 2 if dtype == torch.bool else 256  # a bool byte is 0 or 1
     raw.copy_(torch.randint(0, top, raw.shape, dtype=torch.uint8))
-    fast = _torch_src(t, "t", copy=False)
-    slow = _torch_src(t, "t", copy=True)  # the general path: a staged copy
+    fast = torch_src(t, "t", copy=False)
+    slow = torch_src(t, "t", copy=True)  # the general path: a staged copy
     assert (fast.dtype, fast.shape, fast.nbytes) == (slow.dtype, slow.shape, slow.nbytes)
     assert bytes(fast.data) == bytes(slow.data) == raw.numpy().tobytes()
     assert fast.dtype == str(t.dtype).removeprefix("torch.")
@@ -142,7 +143,7 @@ def test_the_fast_tensor_view_matches_the_general_one(name: str) -> None:
 
 def test_a_parameter_that_requires_grad_is_viewed_without_a_copy() -> None:
     p = torch.nn.Parameter(torch.randn(4))
-    src = _torch_src(p, "p", copy=False)
+    src = torch_src(p, "p", copy=False)
     assert src.data.ctypes.data == p.data_ptr() and bytes(src.data) == p.detach().numpy().tobytes()
 
 

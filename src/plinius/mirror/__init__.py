@@ -59,8 +59,11 @@ from ..errors import (
     storage_error,
 )
 from ..pmem import Region, RegionLike
+from ..rng import RNGState
 from . import _format as L
-from ._state import FlattenMemo, RNGState, TensorSrc, flatten, plan_restore
+from ._codec import TORCH_DTYPES
+from ._flatten import FlattenMemo, TensorSrc, flatten
+from ._restore import plan_restore
 
 __all__ = [
     "CHUNK_BYTES",
@@ -580,8 +583,6 @@ class Mirror:
 
     def read_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Decrypted copies of the committed tensors whose name starts with ``prefix``."""
-        from ._state import TORCH_DTYPES
-
         with self._lock:
             self._join_pending()
             self._check_open()
@@ -657,7 +658,7 @@ class Mirror:
     # ------------------------------------------------------------ save internals
     def _restore_locked(self, skeleton: dict[str, Any], state: dict[str, Any]) -> int | None:
         m = self._manifest
-        plan = plan_restore(skeleton, m.saved_tensors(), state)
+        plan = plan_restore(skeleton, m.entries, state)
         self._precheck_tags(m)
         aead = self._save_aead(m.salt)
         jobs: list[_Job] = []
