@@ -52,7 +52,19 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 
 
 def encode_plain(v: Any, path: str = "value") -> Node:
-    """The skeleton node of a plain value, keeping its exact type."""
+    """The skeleton node of a plain value, keeping its exact type.
+
+    Args:
+        v: a plain value (str, int, float, bool, None, complex, bytes, a numpy
+            scalar, a torch dtype or Size, and lists, tuples and dicts of them).
+        path: where ``v`` is in the state (for messages).
+
+    Returns:
+        The node (a JSON-serialisable dict).
+
+    Raises:
+        ConfigError: ``v`` (or something in it) is of another type.
+    """
     tv = type(v)
     if tv is str:  # the commonest first: keys, then numbers (a save encodes hundreds)
         return {"t": "str", "v": v}
@@ -99,11 +111,16 @@ def encode_plain(v: Any, path: str = "value") -> Node:
 
 
 def node_error(what: str) -> ConfigError:
+    """The error for a malformed skeleton (raised by the caller)."""
     return ConfigError(f"malformed state skeleton: {what}")
 
 
 def decode_plain(node: Any) -> Any:
-    """The value of a plain skeleton node (inverse of :func:`encode_plain`)."""
+    """The value of a plain skeleton node (inverse of :func:`encode_plain`).
+
+    Raises:
+        ConfigError: the node is malformed.
+    """
     if not isinstance(node, dict) or not isinstance(node.get("t"), str):
         raise node_error("a node is not an object with a type")
     t = node["t"]
@@ -145,6 +162,7 @@ def decode_plain(node: Any) -> Any:
 
 
 def is_stateful(v: Any) -> bool:
+    """Whether ``v`` is saved by ``state_dict()`` and restored by ``load_state_dict()``."""
     return (
         not isinstance(v, type | torch.Tensor | Mapping)
         and callable(getattr(v, "state_dict", None))
@@ -153,6 +171,7 @@ def is_stateful(v: Any) -> bool:
 
 
 def stateful_kind(v: Any) -> str:
+    """``"module"``, ``"optimizer"`` or ``"object"``: which matching rules a Stateful follows."""
     if isinstance(v, torch.nn.Module):
         return "module"
     if isinstance(v, torch.optim.Optimizer):
@@ -165,6 +184,7 @@ def _key_str(k: Any) -> str:
 
 
 def join_path(path: str, k: Any) -> str:
+    """The dotted name of key ``k`` under ``path`` (tensor names and messages)."""
     ks = k if type(k) is str else _key_str(k)
     return f"{path}.{ks}" if path else ks
 
@@ -183,6 +203,11 @@ def check_tensor_refs(skeleton: Node, entries: int) -> None:
 
 
 def walk_nodes(node: Any) -> Iterator[Node]:
+    """Every node of a skeleton subtree (depth first), checking each one's shape.
+
+    Raises:
+        ConfigError: a node, list or dict item is malformed.
+    """
     stack = [node]
     while stack:
         n = stack.pop()

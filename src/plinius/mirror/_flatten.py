@@ -136,6 +136,16 @@ def fast_view(t: torch.Tensor) -> np.ndarray[Any, np.dtype[np.uint8]] | None:
 
 
 def torch_src(t: torch.Tensor, name: str, copy: bool) -> TensorSrc:
+    """The :class:`TensorSrc` of a torch tensor.
+
+    Args:
+        t: the tensor (any device; non-contiguous or lazy views are copied).
+        name: its flattened name.
+        copy: take a private copy of its bytes now (``save_async``'s capture).
+
+    Raises:
+        ConfigError: a quantized, sparse, nested or meta tensor.
+    """
     view = None if copy else fast_view(t)
     if view is not None:
         return TensorSrc(name, "torch", DTYPE_NAMES[t.dtype], tuple(t.shape), view)
@@ -451,6 +461,17 @@ def flatten(
     caller may change it (a forward pass updates BatchNorm statistics) while the
     copy is being encrypted. ``memo`` (kept by a Mirror from one save to the
     next) makes flattening the same structure again cheap; it is updated.
+
+    Args:
+        state: a dict with str keys.
+        capture: copy what a forward pass may change (see above).
+        memo: the structure the last flatten saw.
+
+    Returns:
+        The skeleton, and the tensors it refers to by index.
+
+    Raises:
+        ConfigError: the state holds something that cannot be saved.
     """
     if not isinstance(state, dict):
         raise ConfigError(f"the state must be a dict, not {type(state).__name__}")

@@ -408,10 +408,20 @@ def _has_state(v: Any, depth: int = 0) -> bool:
 def plan_restore(skeleton: Node, tensors: Sequence[TensorMeta], state: Any) -> RestorePlan:
     """Match the saved ``skeleton`` against ``state`` without writing anything.
 
-    Raises :class:`StateMismatchError` naming the first differences. The
-    returned plan's ``dsts`` say where to decrypt each tensor; ``finish`` puts
-    staged tensors into their targets and rebuilds the state (call it only after
-    every tensor has been authenticated).
+    Args:
+        skeleton: the saved skeleton (or a sub-dict of it).
+        tensors: what the manifest says of each saved tensor (its entries).
+        state: the target state, a dict.
+
+    Returns:
+        The plan: its ``dsts`` say where to decrypt each tensor; its ``finish``
+        puts staged tensors into their targets and rebuilds the state (call it
+        only after every tensor has been authenticated).
+
+    Raises:
+        StateMismatchError: the saved state does not fit ``state`` (naming the
+            first differences).
+        ConfigError: ``state`` is not a dict, or the skeleton is malformed.
     """
     if not isinstance(state, dict):
         raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
