@@ -30,7 +30,6 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "plinius"
 # tee/, counters/, crypto, _fsutil, pmem or bench/_common belongs here.
 KNOWN_ELSEWHERE: frozenset[str] = frozenset(
     {
-        "plinius.cli.mirror: plinius.mirror._format",
     }
 )
 

@@ -45,7 +45,7 @@ _LAZY = {
     "Mirror": "mirror",
     "MirrorInfo": "mirror",
     "PendingSave": "mirror",
-    "RNGState": "mirror",
+    "RNGState": "rng",
     "seal_dataset": "data",
     "SealedDataset": "data",
     "SealedSampler": "data",
@@ -89,7 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counter, FileCounter
     from .crypto import MasterKey
     from .data import SealedDataset, SealedSampler, seal_dataset
-    from .mirror import Mirror, MirrorInfo, PendingSave, RNGState
+    from .mirror import Mirror, MirrorInfo, PendingSave
+    from .rng import RNGState
     from .train import FitResult, StepEvent, fit
 
 

@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 
 from .data import SealedDataset, SealedSampler
 from .errors import ConfigError, IntegrityError, StateMismatchError
-from .mirror import Mirror, PendingSave, RNGState
+from .mirror import Mirror, PendingSave
+from .rng import RNGState
 
 __all__ = [
     "FitResult",

@@ -14,7 +14,7 @@ import torch
 from plinius.crypto import MasterKey
 from plinius.errors import FormatError, IntegrityError, PliniusError, WrongKeyError
 from plinius.mirror import Mirror
-from plinius.mirror import _format as L
+from plinius.mirror import _format as fmt
 
 SECRET = "do-not-leak-this-hyperparameter-string"
 
@@ -81,12 +81,12 @@ def test_wrong_key_is_named_before_any_decryption(
 def _regions(manifest: Any) -> dict[str, list[int]]:
     """Byte offsets in each part of the file that the committed generation depends on."""
     r = manifest.root
-    root_off = L.ROOT_OFFSETS[manifest.slot]
+    root_off = fmt.ROOT_OFFSETS[manifest.slot]
     out = {
-        "superblock": list(range(12, L.HEADER_LEN)),
-        "header padding": [L.HEADER_LEN, 200, L.COMMIT_OFFSET + 8, 4000],
-        "commit word": list(range(L.COMMIT_OFFSET, L.COMMIT_OFFSET + 8)),
-        "root": list(range(root_off, root_off + 20 + L.ROOT_PLAIN_SIZE + 16)),
+        "superblock": list(range(12, fmt.HEADER_LEN)),
+        "header padding": [fmt.HEADER_LEN, 200, fmt.COMMIT_OFFSET + 8, 4000],
+        "commit word": list(range(fmt.COMMIT_OFFSET, fmt.COMMIT_OFFSET + 8)),
+        "root": list(range(root_off, root_off + 20 + fmt.ROOT_PLAIN_SIZE + 16)),
         "body": sorted(random.Random(0).sample(range(r.body_off, r.body_off + r.body_len), 40)),
     }
     tensors = []
@@ -125,7 +125,7 @@ def test_bytes_nothing_refers_to_may_change_without_harm(mirror_file: Any, key: 
     path, st, manifest = mirror_file
     data = bytearray(path.read_bytes())
     # the superseded root slot, the other slot of each tensor pair, the other body slot
-    old_root = L.ROOT_OFFSETS[1 - manifest.slot]
+    old_root = fmt.ROOT_OFFSETS[1 - manifest.slot]
     data[old_root : old_root + 200] = bytes(random.Random(1).randbytes(200))
     for e in manifest.entries:
         other = e.slots[1 - e.cur]
@@ -139,10 +139,10 @@ def test_bytes_nothing_refers_to_may_change_without_harm(mirror_file: Any, key: 
 def test_swapped_manifest_slots_are_caught(mirror_file: Any, key: MasterKey) -> None:
     path, _, _ = mirror_file
     data = bytearray(path.read_bytes())
-    a, b = L.ROOT_OFFSETS
-    data[a : a + L.ROOT_SIZE], data[b : b + L.ROOT_SIZE] = (
-        data[b : b + L.ROOT_SIZE],
-        data[a : a + L.ROOT_SIZE],
+    a, b = fmt.ROOT_OFFSETS
+    data[a : a + fmt.ROOT_SIZE], data[b : b + fmt.ROOT_SIZE] = (
+        data[b : b + fmt.ROOT_SIZE],
+        data[a : a + fmt.ROOT_SIZE],
     )
     path.write_bytes(bytes(data))
     _refused(path, key)
@@ -204,12 +204,14 @@ def test_an_old_manifest_copied_over_is_caught(
     # generation 3 lives in the same root slot as generation 5: replay it
     data = bytearray(path.read_bytes())
     old_data = old.read_bytes()
-    off = L.ROOT_OFFSETS[root_slot]
-    data[off : off + L.ROOT_SIZE] = old_data[off : off + L.ROOT_SIZE]
+    off = fmt.ROOT_OFFSETS[root_slot]
+    data[off : off + fmt.ROOT_SIZE] = old_data[off : off + fmt.ROOT_SIZE]
     path.write_bytes(bytes(data))
     _refused(path, key)
     # and with the old commit word too: generation 3's tensors were overwritten since
-    data[L.COMMIT_OFFSET : L.COMMIT_OFFSET + 8] = old_data[L.COMMIT_OFFSET : L.COMMIT_OFFSET + 8]
+    data[fmt.COMMIT_OFFSET : fmt.COMMIT_OFFSET + 8] = old_data[
+        fmt.COMMIT_OFFSET : fmt.COMMIT_OFFSET + 8
+    ]
     path.write_bytes(bytes(data))
     _refused(path, key)
 
@@ -220,13 +222,13 @@ def test_a_commit_word_rewound_to_the_previous_generation_is_caught(
     path, _, manifest = mirror_file
     gen, slot = manifest.root.generation, manifest.slot
     data = bytearray(path.read_bytes())
-    word = L.pack_commit(gen - 1, 1 - slot)  # a valid check: the attacker knows the CRC
-    data[L.COMMIT_OFFSET : L.COMMIT_OFFSET + 8] = word.to_bytes(8, "little")
+    word = fmt.pack_commit(gen - 1, 1 - slot)  # a valid check: the attacker knows the CRC
+    data[fmt.COMMIT_OFFSET : fmt.COMMIT_OFFSET + 8] = word.to_bytes(8, "little")
     path.write_bytes(bytes(data))
     _refused(path, key)  # the superseded root was wiped after the commit
 
 
-@pytest.mark.parametrize("keep", [0, 5, 100, L.DATA_START - 1, L.DATA_START + 10, -1])
+@pytest.mark.parametrize("keep", [0, 5, 100, fmt.DATA_START - 1, fmt.DATA_START + 10, -1])
 def test_truncated_files_are_caught(mirror_file: Any, key: MasterKey, keep: int) -> None:
     path, _, _ = mirror_file
     data = path.read_bytes()
@@ -252,7 +254,7 @@ def test_zero_length_and_garbage_files(shm_dir: Path, key: MasterKey) -> None:
     with pytest.raises(FormatError, match="sealed dataset"):
         Mirror(ds, key)
     magic_only = shm_dir / "magic.plm"
-    magic_only.write_bytes(L.MAGIC + random.Random(3).randbytes(L.DATA_START * 2))
+    magic_only.write_bytes(fmt.MAGIC + random.Random(3).randbytes(fmt.DATA_START * 2))
     with pytest.raises((IntegrityError, FormatError)):
         Mirror(magic_only, key)
 

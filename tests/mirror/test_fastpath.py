@@ -21,8 +21,9 @@ import torch
 from plinius.crypto import MasterKey
 from plinius.errors import ConfigError
 from plinius.mirror import Mirror, RNGState
-from plinius.mirror import _format as L
-from plinius.mirror._state import TORCH_DTYPES, FlattenMemo, _torch_src, flatten
+from plinius.mirror import _format as fmt
+from plinius.mirror._codec import TORCH_DTYPES
+from plinius.mirror._flatten import FlattenMemo, flatten, torch_src
 
 
 def _model() -> torch.nn.Module:
@@ -133,8 +134,8 @@ def test_the_fast_tensor_view_matches_the_general_one(name: str) -> None:
     raw = t.view(torch.uint8)
     top = 2 if dtype == torch.bool else 256  # a bool byte is 0 or 1
     raw.copy_(torch.randint(0, top, raw.shape, dtype=torch.uint8))
-    fast = _torch_src(t, "t", copy=False)
-    slow = _torch_src(t, "t", copy=True)  # the general path: a staged copy
+    fast = torch_src(t, "t", copy=False)
+    slow = torch_src(t, "t", copy=True)  # the general path: a staged copy
     assert (fast.dtype, fast.shape, fast.nbytes) == (slow.dtype, slow.shape, slow.nbytes)
     assert bytes(fast.data) == bytes(slow.data) == raw.numpy().tobytes()
     assert fast.dtype == str(t.dtype).removeprefix("torch.")
@@ -142,19 +143,19 @@ def test_the_fast_tensor_view_matches_the_general_one(name: str) -> None:
 
 def test_a_parameter_that_requires_grad_is_viewed_without_a_copy() -> None:
     p = torch.nn.Parameter(torch.randn(4))
-    src = _torch_src(p, "p", copy=False)
+    src = torch_src(p, "p", copy=False)
     assert src.data.ctypes.data == p.data_ptr() and bytes(src.data) == p.detach().numpy().tobytes()
 
 
-def _entry(name: str, n: int, slots: tuple[int, int], cur: int, chunks: int = 1) -> L.Entry:
-    return L.Entry(
-        name, "torch", "uint8", (n,), n, slots, L.round_up(n + 16 * chunks, L.ALIGN), cur,
+def _entry(name: str, n: int, slots: tuple[int, int], cur: int, chunks: int = 1) -> fmt.Entry:
+    return fmt.Entry(
+        name, "torch", "uint8", (n,), n, slots, fmt.round_up(n + 16 * chunks, fmt.ALIGN), cur,
         [os.urandom(16) for _ in range(chunks)],
     )  # fmt: skip
 
 
 def test_the_body_encoder_matches_encode_body() -> None:
-    enc = L.BodyEncoder()
+    enc = fmt.BodyEncoder()
     skel: dict[str, Any] = {"t": "dict", "items": [[{"t": "str", "v": 'é"\\'}, {"t": "none"}]]}
     layouts = [
         [],
@@ -165,15 +166,15 @@ def test_the_body_encoder_matches_encode_body() -> None:
     for entries in layouts * 2:
         for e in entries:
             e.tags = [os.urandom(16) for _ in e.tags]
-        assert enc.encode(skel, entries) == L.encode_body(skel, entries)
+        assert enc.encode(skel, entries) == fmt.encode_body(skel, entries)
         skel = {
             "t": "dict",
             "items": [*skel["items"], [{"t": "int", "v": 1}, {"t": "bool", "v": True}]],
         }
 
 
-def _placements(committed: L.Manifest, wants: list[tuple[str, int]]) -> Any:
-    a = L.Allocator(committed)
+def _placements(committed: fmt.Manifest, wants: list[tuple[str, int]]) -> Any:
+    a = fmt.Allocator(committed)
     placed = a.place_tensors(wants)
     body = a.place_body(3000)
     return placed, body, a.end
@@ -181,16 +182,16 @@ def _placements(committed: L.Manifest, wants: list[tuple[str, int]]) -> Any:
 
 def test_the_same_layout_placement_matches_the_general_one() -> None:
     entries = [
-        _entry("a", 100, (L.DATA_START, L.DATA_START + 8192), 0),
-        _entry("b", 5000, (L.DATA_START + 4096, L.DATA_START + 12288), 1),
+        _entry("a", 100, (fmt.DATA_START, fmt.DATA_START + 8192), 0),
+        _entry("b", 5000, (fmt.DATA_START + 4096, fmt.DATA_START + 12288), 1),
     ]
-    root = L.Root(
+    root = fmt.Root(
         generation=3, step=3, saved_at=0.0, counter_expected=0, uses_counter=False,
-        counter_every=0, counter_interval_s=0.0, body_off=L.DATA_START + 20480, body_len=100,
-        body_other=L.DATA_START + 24576, body_cap=4096, body_tag=bytes(16), num_tensors=2,
-        tensor_bytes=5100, extent_end=L.DATA_START + 28672, chunk_bytes=1 << 20,
+        counter_every=0, counter_interval_s=0.0, body_off=fmt.DATA_START + 20480, body_len=100,
+        body_other=fmt.DATA_START + 24576, body_cap=4096, body_tag=bytes(16), num_tensors=2,
+        tensor_bytes=5100, extent_end=fmt.DATA_START + 28672, chunk_bytes=1 << 20,
     )  # fmt: skip
-    m = L.Manifest(root, 0, {"t": "dict", "items": []}, entries)
+    m = fmt.Manifest(root, 0, {"t": "dict", "items": []}, entries)
     same = [("a", 116), ("b", 5016)]
     fast = _placements(m, same)
     # The general path: the same wants in another order (the fast path needs the same order).

@@ -21,7 +21,7 @@ from plinius.errors import (
     StorageError,
 )
 from plinius.mirror import Mirror, MirrorInfo, PendingSave, RNGState
-from plinius.mirror._state import TORCH_DTYPES
+from plinius.mirror._codec import TORCH_DTYPES
 from plinius.testing import CrashSimRegion
 
 
@@ -31,7 +31,7 @@ def _bits(t: torch.Tensor) -> bytes:
 
 def _snapshot(state: dict[str, Any]) -> dict[str, bytes]:
     """Every tensor of a state, by flattened name, as bytes."""
-    from plinius.mirror._state import flatten
+    from plinius.mirror._flatten import flatten
 
     _, srcs = flatten(state)
     return {s.name: bytes(s.data) for s in srcs}

@@ -16,14 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plinius.errors import ConfigError, StateMismatchError
-from plinius.mirror._state import (
-    RNGState,
-    SavedTensor,
-    decode_plain,
-    encode_plain,
-    flatten,
-    plan_restore,
-)
+from plinius.mirror._codec import decode_plain, encode_plain
+from plinius.mirror._flatten import flatten
+from plinius.mirror._restore import SavedTensor, plan_restore
+from plinius.rng import RNGState
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import click
 
+from .._magic import FileKind, sniff
 from ..errors import ConfigError, FormatError, StorageError, storage_error
-
-_MIRROR_MAGIC = b"PLINIUSM"
-_DATASET_MAGIC = b"PLINIUSD"
 
 
 def register(group: click.Group) -> None:
@@ -36,36 +34,30 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _magic(path: Path) -> bytes:
+def _kind(path: Path) -> FileKind | None:
     try:
         # A FIFO or device would block or never end: only regular files are opened.
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise StorageError(f"{path} is not a regular file; give a mirror or dataset file")
-        with open(path, "rb") as f:
-            return f.read(8)
+        return sniff(path)
     except OSError as exc:
         raise storage_error(exc, f"cannot read {path}") from exc
 
 
 def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
     """What ``plinius inspect`` prints for a mirror file."""
-    from ..mirror import _format as L
+    from ..mirror import describe_file
     from ..pmem import describe_path
 
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        page0 = f.read(L.DATA_START)
-    sb = L.unpack_superblock(page0, str(path))
-    word = int.from_bytes(page0[L.COMMIT_OFFSET : L.COMMIT_OFFSET + 8], "little")
-    gen, slot = L.unpack_commit(word)
+    h = describe_file(path)
     lines = [
-        f"{path}: plinius mirror, format version {sb.version}",
-        f"  file size        {_size(size)} ({size} bytes)",
+        f"{path}: plinius mirror, format version {h.format_version}",
+        f"  file size        {_size(h.file_bytes)} ({h.file_bytes} bytes)",
         f"  storage          {describe_path(path)}",
-        f"  region id        {sb.region_id.hex()}",
-        f"  key fingerprint  {sb.fingerprint.hex()}",
-        f"  created          {_when(sb.created_at)}",
-        f"  committed        generation {gen} (manifest slot {slot})",
+        f"  region id        {h.region_id.hex()}",
+        f"  key fingerprint  {h.fingerprint.hex()}",
+        f"  created          {_when(h.created_at)}",
+        f"  committed        generation {h.generation} (manifest slot {h.slot})",
     ]
     if key_path is None:
         lines.append(
@@ -116,8 +108,8 @@ def inspect(path: Path, key_path: Path | None) -> None:
     Without --key, only what the plaintext header shows; with it, the step, the
     tensors (names, dtypes, shapes), and a check of every authentication tag.
     """
-    magic = _magic(path)
-    if magic == _DATASET_MAGIC:
+    kind = _kind(path)
+    if kind == "dataset":
         try:
             from ..data import inspect_dataset
         except ImportError as exc:
@@ -128,7 +120,7 @@ def inspect(path: Path, key_path: Path | None) -> None:
 
         key = MasterKey.load(key_path) if key_path is not None else None
         lines = inspect_dataset(path, key)
-    elif magic == _MIRROR_MAGIC:
+    elif kind == "mirror":
         lines = mirror_lines(path, key_path)
     else:
         raise FormatError(

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._hexutil import hex_exact
+from .._magic import DATASET, MIRROR
 from ..crypto import MAX_AEAD_BYTES, TAG_SIZE, Aead, MasterKey, aad
 from ..errors import (
     ConfigError,
@@ -32,7 +33,7 @@ from ..errors import (
     storage_error,
 )
 
-MAGIC = b"PLINIUSD"
+MAGIC = DATASET
 VERSION = 1
 PREFIX = struct.Struct("<8sII16s16s")  # magic, version, header length, dataset id, fingerprint
 PREFIX_SIZE = PREFIX.size  # 48
@@ -319,7 +320,7 @@ def read_prefix(buf: memoryview, path: Path) -> Header:
     """Magic, version and the sizes of the header, checked against the file size."""
     size = len(buf)
     if size < len(MAGIC) or bytes(buf[: len(MAGIC)]) != MAGIC:
-        if bytes(buf[: len(MAGIC)]) == b"PLINIUSM":
+        if bytes(buf[: len(MAGIC)]) == MIRROR:
             raise FormatError(f"{path} is a plinius mirror, not a sealed dataset")
         raise FormatError(f"{path} is not a plinius sealed dataset (bad magic); check the path")
     if size < PREFIX_SIZE:

@@ -2,7 +2,7 @@
 
 Everything here is pure: bytes in, values out, with every length and offset
 read from a file checked before use. The commit protocol that orders the
-writes lives in ``mirror.py``.
+writes lives in the ``mirror`` package.
 
 ::
 
@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import _magic
 from ..crypto import TAG_SIZE, hkdf
 from ..errors import FormatError, IntegrityError
-from . import _state
+from ._codec import TORCH_DTYPES, check_tensor_refs
 
 __all__ = [
     "ALIGN",
@@ -44,6 +45,7 @@ __all__ = [
     "Allocator",
     "Manifest",
     "Superblock",
+    "TensorMeta",
     "crc8",
     "ct_len",
     "decode_body",
@@ -57,7 +59,7 @@ __all__ = [
     "unpack_superblock",
 ]
 
-MAGIC = b"PLINIUSM"
+MAGIC = _magic.MIRROR
 FORMAT_VERSION = 1
 HEADER_LEN = 128  # superblock bytes; the rest of page 0 is zero but for the commit word
 COMMIT_OFFSET = 256  # its own cache line, 8-byte aligned
@@ -258,14 +260,25 @@ def round_up(n: int, a: int) -> int:
 
 
 @dataclass(slots=True)
-class Entry:
-    """One tensor in a manifest: what it is and where its two slots are."""
+class TensorMeta:
+    """What a tensor is: the five fields every tensor record shares.
+
+    A manifest :class:`Entry`, a tensor to save (``_flatten.TensorSrc``), a
+    saved tensor to match on restore and the public ``TensorInfo`` all carry
+    them; this is their one home.
+    """
 
     name: str
-    kind: str
-    dtype: str
+    kind: str  # "torch" or "numpy"
+    dtype: str  # a torch dtype name ("float32") or a numpy dtype string ("<f4")
     shape: tuple[int, ...]
-    nbytes: int
+    nbytes: int  # plaintext size in bytes
+
+
+@dataclass(slots=True)
+class Entry(TensorMeta):
+    """One tensor in a manifest: what it is and where its two slots are."""
+
     slots: tuple[int, int]
     cap: int
     cur: int  # which slot holds this generation's ciphertext
@@ -294,11 +307,6 @@ class Manifest:
     skeleton: dict[str, Any]
     entries: list[Entry]
     salt: bytes = b""  # the per-save key's salt
-
-    def saved_tensors(self) -> list[_state.SavedTensor]:
-        return [
-            _state.SavedTensor(e.name, e.kind, e.dtype, e.shape, e.nbytes) for e in self.entries
-        ]
 
 
 def _dumps(doc: Any) -> str:
@@ -363,7 +371,7 @@ class BodyEncoder:
 
 def _itemsize(kind: str, dtype: str) -> int:
     if kind == "torch":
-        dt = _state.TORCH_DTYPES.get(dtype)
+        dt = TORCH_DTYPES.get(dtype)
         if dt is None:
             raise ValueError(dtype)
         return int(dt.itemsize)
@@ -413,7 +421,7 @@ def decode_body(data: bytes, root: Root) -> tuple[dict[str, Any], list[Entry]]:
             raise ValueError("tensor count or size differs from the root")
         if not isinstance(skeleton, dict):
             raise ValueError("state")
-        _state.check_tensor_refs(skeleton, len(entries))
+        check_tensor_refs(skeleton, len(entries))
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as exc:
         raise IntegrityError(f"the manifest body is inconsistent ({exc})") from exc
     except Exception as exc:  # ConfigError from the skeleton checks

@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import _magic
 from .._fsutil import create_secret_file, write_atomic
 from ..crypto import KEY_SIZE, Aead, MasterKey, hkdf
 from ..errors import (
@@ -46,7 +47,7 @@ from .platform import Platform
 
 __all__ = ["SEAL_MAGIC", "SealingKey", "seal_master_key", "unseal_master_key"]
 
-SEAL_MAGIC = b"PLNSEAL\0"
+SEAL_MAGIC = _magic.SEALED_KEY
 SEAL_VERSION = 1
 _MAX_SEALED_BYTES = 4096
 _PURPOSE = "master-key"
