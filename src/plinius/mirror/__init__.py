@@ -97,6 +97,9 @@ __all__ = [
     "describe_file",
 ]
 
+# Public names report their public home, not the private module that defines them.
+MirrorHeader.__module__ = counter_bound.__module__ = describe_file.__module__ = __name__
+
 # Knobs. A tensor is sealed in AES-GCM pieces of at most CHUNK_BYTES (one call
 # is capped at 2**31 - 1 bytes; smaller pieces also let two threads share a big
 # tensor). Saves and restores above PARALLEL_MIN_BYTES use THREADS threads
