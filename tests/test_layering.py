@@ -1,4 +1,4 @@
-"""Layering of ``src/plinius`` (issue 12): no import cycles, no private names across modules.
+"""Layering of ``src/plinius`` (issue 12): data flows down, no cycles, no private names across modules.
 
 Run as a script to print the import graph's cycles and the violations::
 
@@ -28,10 +28,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "plinius"
 # Violations in areas other engineers are cleaning up in parallel (issue 12).
 # The integrator empties this list once their branches are merged; nothing in
 # tee/, counters/, crypto, _fsutil, pmem or bench/_common belongs here.
-KNOWN_ELSEWHERE: frozenset[str] = frozenset(
-    {
-    }
-)
+KNOWN_ELSEWHERE: frozenset[str] = frozenset({})
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -194,10 +191,68 @@ def test_the_allow_list_holds_only_live_violations() -> None:
     assert not stale, "fixed, remove from KNOWN_ELSEWHERE:\n" + "\n".join("  " + v for v in stale)
 
 
+# The layers, lowest first (docs/ARCHITECTURE.md draws them). A module may import
+# its own layer's modules and those of layers below, never one above. Within a
+# layer the cycle check keeps the order honest.
+LAYERS: list[tuple[str, ...]] = [
+    ("plinius.errors", "plinius._magic", "plinius._hexutil", "plinius._runtime"),
+    ("plinius._fsutil", "plinius.crypto", "plinius.pmem"),
+    ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),
+    ("plinius.counters", "plinius.data", "plinius.models"),
+    ("plinius.mirror",),
+    ("plinius.train",),
+    ("plinius.job",),
+    ("plinius.bench",),
+    ("plinius.cli", "plinius.__main__"),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in :data:`LAYERS` of the layer ``module`` belongs to."""
+    best = (-1, -1)  # (prefix length, layer)
+    for i, members in enumerate(LAYERS):
+        for m in members:
+            if (module == m or module.startswith(m + ".")) and len(m) > best[0]:
+                best = (len(m), i)
+    if best[1] < 0:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    return best[1]
+
+
+def upward_imports() -> list[str]:
+    """``"importer -> imported"`` for each import of a module in a higher layer."""
+    graph = import_graph()
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a != "plinius"
+        for b in targets
+        if b != "plinius" and layer_of(b) > layer_of(a)
+    )
+
+
+def test_every_module_has_a_layer() -> None:
+    for m in MODULES:
+        if m != "plinius":
+            layer_of(m)
+
+
+def test_the_layer_check_sees_an_upward_import() -> None:
+    assert layer_of("plinius.mirror._file") == layer_of("plinius.mirror")
+    assert layer_of("plinius.job") > layer_of("plinius.train") > layer_of("plinius.mirror")
+    assert layer_of("plinius.cli.train") > layer_of("plinius.bench.demo")  # demo never imports cli
+
+
+def test_nothing_imports_a_layer_above_it() -> None:
+    found = upward_imports()
+    assert not found, "imports of a higher layer:\n" + "\n".join("  " + v for v in found)
+
+
 if __name__ == "__main__":
     graph = import_graph()
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} import edges")
     print("cycles:", cycles(graph) or "none")
+    print("upward imports:", upward_imports() or "none")
     print("private names across modules:")
     for v in private_imports():
         print("  " + v + ("  (allow-listed)" if v in KNOWN_ELSEWHERE else ""))
