@@ -1,4 +1,4 @@
-"""Layering of ``src/plinius`` (issue 12): data flows down, no cycles, no private names across modules.
+"""Layering of ``src/plinius`` (issue 12): data flows down, no cycles, no private names shared.
 
 Run as a script to print the import graph's cycles and the violations::
 
