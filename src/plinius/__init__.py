@@ -19,9 +19,9 @@ Heavy modules (torch) are imported lazily, on first use of a name that needs the
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_exports
 from .errors import (
     AttestationError,
     ConfigError,
@@ -94,13 +94,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .train import FitResult, StepEvent, fit
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'plinius' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -19,12 +19,12 @@ server's protocol).
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .._fsutil import write_atomic
+from .._lazy import lazy_exports
 from ..errors import FormatError
 
 __all__ = ["Counter", "FileCounter", "KeyServerCounter", "TPMCounter"]
@@ -36,13 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .tpm import TPMCounter
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'plinius.counters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 @runtime_checkable

@@ -23,9 +23,9 @@ See docs/TEE.md.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .client import obtain_master_key, request_master_key
 from .evidence import Evidence, collect_evidence, simulation_measurement
 from .platform import KINDS, Platform, detect_platform
@@ -73,10 +73,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .keyserver import KeyServer, serve
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'plinius.tee' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
