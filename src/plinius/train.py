@@ -110,23 +110,26 @@ def _check_step_rates(optimizer: torch.optim.Optimizer, step: int) -> None:
             )
 
 
-def _label_range_error(bad: int, classes: int, where: str) -> ConfigError:
+def _label_range_error(bad: int, classes: int, where: str, verb: str) -> ConfigError:
     return ConfigError(
         f"{where} holds label {bad}, but the labels of {classes} classes are 0 to "
-        f"{classes - 1}: train with the data's number of classes (--num-classes), or fix "
+        f"{classes - 1}: {verb} with the data's number of classes (--num-classes), or fix "
         "the labels and seal the dataset again"
     )
 
 
-def _check_labels(y: Tensor, classes: int, where: str) -> None:
-    """Refuse class labels outside ``0 .. classes - 1`` (integer targets only)."""
+def _check_labels(y: Tensor, classes: int, where: str, verb: str = "train") -> None:
+    """Refuse class labels outside ``0 .. classes - 1`` (integer targets only).
+
+    ``where`` names the batch and ``verb`` what the user reruns, for the message.
+    """
     if y.numel() == 0 or y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         return
     lo, hi = int(y.min()), int(y.max())
     if lo < 0:
-        raise _label_range_error(lo, classes, where)
+        raise _label_range_error(lo, classes, where, verb)
     if hi >= classes:
-        raise _label_range_error(hi, classes, where)
+        raise _label_range_error(hi, classes, where, verb)
 
 
 def _classes_of(out: Tensor, y: Tensor) -> int | None:
@@ -149,7 +152,11 @@ def _classes_of(out: Tensor, y: Tensor) -> int | None:
 
 
 def _loss_checked(
-    loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, y: Tensor, where: str
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    out: Tensor,
+    y: Tensor,
+    where: str,
+    verb: str = "train",
 ) -> Tensor:
     """``loss_fn(out, y)``; a torch error caused by labels outside the classes is a ConfigError."""
     try:
@@ -158,7 +165,7 @@ def _loss_checked(
         classes = _classes_of(out, y)
         if classes is not None:
             try:
-                _check_labels(y, classes, where)
+                _check_labels(y, classes, where, verb)
             except ConfigError as bad:
                 raise bad from exc
         raise
@@ -747,11 +754,11 @@ def evaluate(
             else:
                 batch = _collate_tuple([dataset[i] for i in idx])
             x, y = split(batch)
-            where = f"records {lo} to {idx[-1]}"
+            where = f"the batch of records {lo} to {idx[-1]}"
             if num_classes is not None:
-                _check_labels(y, num_classes, where)
+                _check_labels(y, num_classes, where, "evaluate")
             out = model(prepare(x))
-            loss_sum += float(_loss_checked(loss_fn, out, y, where)) * y.numel()
+            loss_sum += float(_loss_checked(loss_fn, out, y, where, "evaluate")) * y.numel()
             correct += int((out.argmax(dim=-1) == y).sum())
             count += y.numel()
     finally:

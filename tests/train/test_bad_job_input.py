@@ -306,14 +306,20 @@ def test_fit_refuses_a_learning_rate_the_optimizer_cannot_use(lr: float) -> None
         fit(model, opt, loss_fn=nn.functional.cross_entropy, dataset=ds, batch_size=10, steps=2)
 
 
-def test_fit_refuses_a_schedule_that_overflows_the_learning_rate() -> None:
+def test_fit_refuses_a_schedule_that_overflows_the_learning_rate(
+    shm_dir: Path, key: MasterKey
+) -> None:
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1e300 if k >= 2 else 1.0)
     ds = torch.utils.data.TensorDataset(torch.zeros(40, 4), torch.zeros(40, dtype=torch.int64))
-    with pytest.raises(ConfigError, match=r"learning rate.*step 3"):
-        fit(model, opt, loss_fn=nn.functional.cross_entropy, dataset=ds, batch_size=10,
-            steps=4, scheduler=sched)  # fmt: skip
+    with Mirror(shm_dir / "s.plm", key) as m:
+        with pytest.raises(ConfigError, match=r"learning rate.*1e\+299 at step 3"):
+            fit(model, opt, loss_fn=nn.functional.cross_entropy, dataset=ds, batch_size=10,
+                steps=4, scheduler=sched, mirror=m)  # fmt: skip
+        # Refused before step 3's update: the mirror keeps step 2, and it verifies.
+        assert m.info().step == 2
+        m.verify()
 
 
 @pytest.mark.parametrize(
