@@ -29,8 +29,11 @@ pjreddie/darknet's ``parser.c`` and the layer sources that Plinius embedded):
   Darknet's default for convolutional and connected layers is ``logistic``.
 
 Anything else (an unknown section, an unknown key, a bad value, a layer that
-shrinks the map to nothing) is a :class:`~plinius.errors.DarknetConfigError`
-naming the file and line.
+shrinks the map to nothing, a layer of more than 2**31 parameters or an input or
+layer output of more than 2**31 values per record, a learning rate above
+:data:`plinius.train.MAX_LEARNING_RATE`) is a
+:class:`~plinius.errors.DarknetConfigError` naming the file and line, raised
+before torch allocates anything.
 
 Training semantics. Darknet sums the gradient over the batch and scales the
 update by ``learning_rate / batch``; weight decay (``decay * batch``) enters the
@@ -879,7 +882,8 @@ def load_cfg(
 
     Raises:
         DarknetConfigError: The cfg cannot be built (the message names the file
-            and line), is not a regular text file, or is too large.
+            and line; sizes beyond the caps are refused before anything is
+            allocated), is not a regular text file, or is too large.
         StorageError: The file cannot be read.
     """
     p = Path(path)
