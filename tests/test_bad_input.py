@@ -416,7 +416,7 @@ API_ROWS = [
     Bad("cfg-weights-beyond-memory", lambda w: _cfg(
         w, "[net]\nheight=1024\nwidth=1024\nchannels=1048576\n[convolutional]\n"
         "filters=1048576\nsize=1024\npad=1\nactivation=linear\n[softmax]\n"),
-        DarknetConfigError, "needs more memory"),
+        DarknetConfigError, "values per record, more than"),
     Bad("cfg-input-spec", lambda w: lambda: parse_input_spec("8x8"), DarknetConfigError,
         "is not HxWxC"),
     Bad("cfg-input-spec-zero", lambda w: lambda: parse_input_spec("0x8x1"), DarknetConfigError,

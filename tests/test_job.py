@@ -119,7 +119,8 @@ def test_label_classes_is_the_largest_label_plus_one(shm_dir: Path, key: MasterK
     [
         (np.array([0.0, 1.0], dtype=np.float32), "not integer class labels"),
         (np.array([True, False]), "not integer class labels"),
-        (np.array([-1, -2], dtype=np.int64), "labels are negative"),
+        (np.array([-1, -2], dtype=np.int64), "record 0 has label -1"),
+        (np.array([0, 1, 2, -1, 1], dtype=np.int64), "record 3 has label -1"),
     ],
 )
 def test_label_classes_refuses_labels_that_are_no_classes(

@@ -29,8 +29,11 @@ pjreddie/darknet's ``parser.c`` and the layer sources that Plinius embedded):
   Darknet's default for convolutional and connected layers is ``logistic``.
 
 Anything else (an unknown section, an unknown key, a bad value, a layer that
-shrinks the map to nothing) is a :class:`~plinius.errors.DarknetConfigError`
-naming the file and line.
+shrinks the map to nothing, a layer of more than 2**31 parameters or an input or
+layer output of more than 2**31 values per record, a learning rate above
+:data:`plinius.train.MAX_LEARNING_RATE`) is a
+:class:`~plinius.errors.DarknetConfigError` naming the file and line, raised
+before torch allocates anything.
 
 Training semantics. Darknet sums the gradient over the batch and scales the
 update by ``learning_rate / batch``; weight decay (``decay * batch``) enters the
@@ -101,6 +104,16 @@ _AUGMENT_KEYS = frozenset(
 # A sanity cap on any dimension or count read from a cfg (an untrusted file).
 _MAX_DIM = 1 << 20
 _MAX_CFG_BYTES = 16 << 20
+# What a cfg may ask torch to build. Dimensions under _MAX_DIM still multiply to
+# sizes torch cannot represent (a 2**20-cubed input is 2**60 values: computing
+# its storage size overflows) or allocate (a 2**20-filter 1024x1024 convolution
+# has 2**40 weights, 4 TiB of float32). So every layer's parameter count and
+# every activation (values per record, input included) is computed with Python's
+# exact integers and refused, naming the line, before torch sees it: at most
+# 2**31 parameters in a layer (8 GiB of float32) and 2**31 values per record in
+# an activation, far above any network Darknet or plinius trains.
+_MAX_LAYER_PARAMS = 1 << 31
+_MAX_VALUES = 1 << 31
 
 
 # --------------------------------------------------------------------------- parsing
@@ -191,7 +204,8 @@ class _Options:
         except ValueError:
             raise self.error(key, f"{key}={raw!r} is not an integer") from None
         if not lo <= value <= hi:
-            raise self.error(key, f"{key}={value} is out of range [{lo}, {hi}]")
+            fix = "smaller" if value > hi else "larger"
+            raise self.error(key, f"{key}={value} is out of range [{lo}, {hi}]; make it {fix}")
         return value
 
     def get_flag(self, key: str, default: int = 0) -> bool:
@@ -393,7 +407,9 @@ def _parse_net(opts: _Options) -> NetConfig:
     subdivisions = opts.get_int("subdivisions", 1, 1)
     if batch % subdivisions:
         raise opts.error("subdivisions", f"batch={batch} is not a multiple of subdivisions")
-    lr = opts.get_float("learning_rate", 0.001)
+    from .train import MAX_LEARNING_RATE
+
+    lr = opts.get_float("learning_rate", 0.001, 0.0, MAX_LEARNING_RATE)
     if lr <= 0:
         raise opts.error("learning_rate", "learning_rate must be positive")
     momentum = opts.get_float("momentum", 0.9, 0.0, 0.999999)
@@ -412,6 +428,16 @@ def _parse_net(opts: _Options) -> NetConfig:
             )
         if any(s < 0 for s in steps) or steps != sorted(steps):
             raise opts.error("steps", "steps must be non-negative and increasing")
+        # The rate after the last step is lr times every scale: it must stay
+        # usable too (a scale of 1e200 would overflow the optimizer mid-job).
+        rate = lr
+        for scale in scales:
+            rate *= scale
+            if not (0 < rate <= MAX_LEARNING_RATE):
+                raise opts.error(
+                    "scales", f"scales={opts.section.options['scales'][0]} take the learning "
+                    f"rate to {rate:g}, outside (0, {MAX_LEARNING_RATE:g}]; use smaller scales",
+                )  # fmt: skip
     policy = LRPolicy(name, power, tuple(steps), tuple(scales), max_batches, burn_in)
     height = opts.get_int("height", 0)
     width = opts.get_int("width", 0)
@@ -579,6 +605,11 @@ def _build_conv(
         raise o.error(
             "size", f"a {size}x{size} kernel does not fit the {h}x{w} input (padding {padding})"
         )
+    params = filters * (c // groups) * size * size + (2 * filters if bn else filters)
+    _check_size(
+        o, params, f"{filters} filters x {c // groups} channels x {size}x{size}",
+        "filters or size", (filters, oh, ow), "filters smaller or stride larger",
+    )  # fmt: skip
     conv = nn.Conv2d(c, filters, size, stride, padding, groups=groups, bias=not bn)
     _conv_init(conv)
     parts: list[nn.Module] = [conv]
@@ -609,8 +640,34 @@ def _build_maxpool(
         out.append(m)
         pads.append((left, (m - 1) * stride + size - n - left))
     (top, bottom), (left, right) = pads
+    # Padding can grow a map (a 1x1 input, size=1024, padding=2046: 1024x1024).
+    _check_size(o, 0, "", "", (c, out[0], out[1]), "padding smaller or stride larger")
     detail = f"{size}x{size}/{stride}" + (f" padding {padding}" if padding != size - 1 else "")
     return DarknetMaxPool(size, stride, (left, right, top, bottom)), (c, out[0], out[1]), detail
+
+
+def _check_size(
+    o: _Options,
+    params: int,
+    how: str,
+    fix_params: str,
+    out: tuple[int, int, int],
+    fix_out: str,
+) -> None:
+    """Refuse a layer torch cannot build: see ``_MAX_LAYER_PARAMS`` and ``_MAX_VALUES``."""
+    kind = o.section.name
+    if params > _MAX_LAYER_PARAMS:
+        raise _error(
+            o.source, o.section.line, f"[{kind}] would have {params} parameters ({how}), more "
+            f"than the {_MAX_LAYER_PARAMS} a layer may have; make {fix_params} smaller",
+        )  # fmt: skip
+    values = out[0] * out[1] * out[2]
+    if values > _MAX_VALUES:
+        c, h, w = out
+        raise _error(
+            o.source, o.section.line, f"[{kind}] would output {h}x{w}x{c} = {values} values per "
+            f"record, more than the {_MAX_VALUES} plinius builds; make {fix_out}",
+        )  # fmt: skip
 
 
 def _build_connected(
@@ -620,6 +677,11 @@ def _build_connected(
     outputs = o.get_int("output", 1, 1)
     bn = o.get_flag("batch_normalize")
     act = o.get_choice("activation", "logistic", ACTIVATIONS)
+    params = inputs * outputs + (2 * outputs if bn else outputs)
+    _check_size(
+        o, params, f"{inputs} inputs x {outputs} outputs",
+        "output (or the layers before it)", (outputs, 1, 1), "output smaller",
+    )  # fmt: skip
     layer = Connected(inputs, outputs, bn, act)
     _linear_init(layer.linear)
     return layer, (outputs, 1, 1), f"{outputs} {act}{' bn' if bn else ''}"
@@ -648,6 +710,13 @@ def build_network(
     net = _parse_net(net_opts)
     net_opts.check_unused()
     shape = in0 = _input_shape(net, input_shape, source, first.line, resize)
+    if math.prod(in0) > _MAX_VALUES:
+        c, h, w = in0
+        raise _error(
+            source, first.line, f"the input {h}x{w}x{c} is {math.prod(in0)} values per record, "
+            f"more than the {_MAX_VALUES} plinius builds; make height, width or channels "
+            "(or --input) smaller",
+        )  # fmt: skip
 
     modules: list[nn.Module] = []
     infos: list[LayerInfo] = []
@@ -813,7 +882,8 @@ def load_cfg(
 
     Raises:
         DarknetConfigError: The cfg cannot be built (the message names the file
-            and line), is not a regular text file, or is too large.
+            and line; sizes beyond the caps are refused before anything is
+            allocated), is not a regular text file, or is too large.
         StorageError: The file cannot be read.
     """
     p = Path(path)

@@ -223,7 +223,8 @@ def make_counter(
 def label_classes(ds: SealedDataset) -> int:
     """The number of classes in a sealed dataset: one more than its largest label.
 
-    The labels are the last field; the whole dataset is read, a batch at a time.
+    The labels are the last field; the whole dataset is read, a batch at a time,
+    and a negative label anywhere is refused (no model has a class for it).
 
     Args:
         ds: An open sealed dataset.
@@ -232,7 +233,7 @@ def label_classes(ds: SealedDataset) -> int:
         The largest label plus one.
 
     Raises:
-        ConfigError: The last field does not hold integers, or every label is negative.
+        ConfigError: The last field does not hold integers, or a label is negative.
     """
     import torch
 
@@ -245,10 +246,18 @@ def label_classes(ds: SealedDataset) -> int:
     n = len(ds)
     step = 4096
     for lo in range(0, n, step):
-        batch = ds.get_batch(list(range(lo, min(n, lo + step))))
-        top = max(top, int(batch[-1].max()))
+        labels = ds.get_batch(list(range(lo, min(n, lo + step))))[-1]
+        if int(labels.min()) < 0:
+            rows = labels.reshape(len(labels), -1)
+            first = int((rows < 0).any(dim=1).nonzero()[0, 0])
+            raise ConfigError(
+                f"record {lo + first} has label {int(rows[first].min())} in field "
+                f"{info.name!r}; class labels must be 0, 1, 2, ...: fix the labels and seal "
+                "the dataset again"
+            )
+        top = max(top, int(labels.max()))
     if top < 0:
-        raise ConfigError("the labels are negative; class labels must be 0, 1, 2, ...")
+        raise ConfigError("the dataset has no labels; class labels must be 0, 1, 2, ...")
     return top + 1
 
 

@@ -354,10 +354,23 @@ def _lm_split(fields: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _lm_prepare(x: Tensor) -> Tensor:
-    if x.is_floating_point() or x.dtype == torch.bool:
-        raise ConfigError(f"tiny-lm needs integer token ids, not {x.dtype} values")
-    return x.to(torch.int64)
+def _lm_prepare(vocab: int) -> Callable[[Tensor], Tensor]:
+    def prepare(x: Tensor) -> Tensor:
+        if x.is_floating_point() or x.dtype == torch.bool:
+            raise ConfigError(f"tiny-lm needs integer token ids, not {x.dtype} values")
+        # The embedding would fail on an id outside the vocabulary (the targets
+        # are checked as labels; the first token of a record is input only).
+        if x.numel():
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= vocab:
+                raise ConfigError(
+                    f"token id {lo if lo < 0 else hi} is outside the vocabulary of {vocab} "
+                    f"(ids 0 to {vocab - 1}): give the vocabulary size as --num-classes, or "
+                    "fix the tokens and seal the dataset again"
+                )
+        return x.to(torch.int64)
+
+    return prepare
 
 
 def _lm_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -381,7 +394,7 @@ def _lm_spec(name: str, raw: tuple[int, ...], vocab: int) -> ModelSpec:
         name=name,
         module=module,
         input_shape=(raw[0] - 1,),
-        prepare=_lm_prepare,
+        prepare=_lm_prepare(vocab),
         loss=_lm_loss,
         make_optimizer=make_optimizer,
         make_scheduler=LRPolicy("constant").scheduler,

@@ -41,8 +41,10 @@ from .mirror import Mirror, PendingSave
 from .rng import RNGState
 
 __all__ = [
+    "MAX_LEARNING_RATE",
     "FitResult",
     "StepEvent",
+    "check_learning_rate",
     "evaluate",
     "fit",
     "make_sampler",
@@ -51,6 +53,123 @@ __all__ = [
 ]
 
 Batch = tuple[Tensor, ...]
+
+# The largest learning rate a job may use. torch hands the rate, or what the
+# optimizer derives from it (Adam's first step is lr / (1 - beta1): 10x for the
+# default beta1), to kernels that convert it to the parameters' dtype, and fails
+# in the middle of a step ("value cannot be converted to type float without
+# overflow") beyond that dtype's range. float16, the narrowest dtype torch trains
+# in, ends at 65504: 1e3 keeps Adam's 10x under it, and no optimizer trains with
+# a rate anywhere near it (SGD's are below 10, Adam's below 0.1).
+MAX_LEARNING_RATE = 1e3
+# Job settings that older versions did not record: a mirror without one resumes
+# (the setting was not recorded, so it cannot be checked).
+_ADDED_SETTINGS = frozenset({"threads"})
+
+
+def check_learning_rate(lr: object, what: str = "the learning rate") -> float:
+    """Refuse a learning rate an optimizer cannot use (see :data:`MAX_LEARNING_RATE`).
+
+    Args:
+        lr: The rate (a number, or a one-element tensor).
+        what: Where it comes from, for the message (``--lr``, say).
+
+    Returns:
+        The rate as a float.
+
+    Raises:
+        ConfigError: Not a finite number above 0 and at most :data:`MAX_LEARNING_RATE`.
+    """
+    try:
+        value = float(lr)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{what} is {lr!r}, not a number") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_LEARNING_RATE):
+        raise ConfigError(
+            f"{what} is {value:g}, not a usable learning rate: give a number above 0 and at "
+            f"most {MAX_LEARNING_RATE:g} (larger rates overflow the optimizer's arithmetic; "
+            "common ones are 1e-4 to 1)"
+        )
+    return value
+
+
+def _check_step_rates(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Refuse a rate a scheduler (or a restored optimizer) set beyond what optimizers take.
+
+    0 is allowed here: a ``poly`` schedule ends at 0 on the job's last step.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if lr is None:
+            continue
+        value = float(lr)
+        if not (math.isfinite(value) and 0 <= value <= MAX_LEARNING_RATE):
+            raise ConfigError(
+                f"the learning rate of parameter group {i} reached {value:g} at step {step}, "
+                f"outside [0, {MAX_LEARNING_RATE:g}]: the optimizer cannot apply it; fix the "
+                "schedule (a Darknet cfg's scales=) or the rate"
+            )
+
+
+def _label_range_error(bad: int, classes: int, where: str, verb: str) -> ConfigError:
+    return ConfigError(
+        f"{where} holds label {bad}, but the labels of {classes} classes are 0 to "
+        f"{classes - 1}: {verb} with the data's number of classes (--num-classes), or fix "
+        "the labels and seal the dataset again"
+    )
+
+
+def _check_labels(y: Tensor, classes: int, where: str, verb: str = "train") -> None:
+    """Refuse class labels outside ``0 .. classes - 1`` (integer targets only).
+
+    ``where`` names the batch and ``verb`` what the user reruns, for the message.
+    """
+    if y.numel() == 0 or y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise _label_range_error(lo, classes, where, verb)
+    if hi >= classes:
+        raise _label_range_error(hi, classes, where, verb)
+
+
+def _classes_of(out: Tensor, y: Tensor) -> int | None:
+    """The class count ``out`` implies for integer targets ``y``, or ``None`` if unclear.
+
+    Logits ``(N, C)`` for ``N`` targets, ``(..., C)`` for targets ``(...)``, or
+    torch's ``(N, C, d1, ...)`` for targets ``(N, d1, ...)``.
+    """
+    if y.dtype == torch.bool or y.is_floating_point() or not out.is_floating_point():
+        return None
+    found = set()
+    if out.ndim == 2 and y.numel() == out.shape[0]:
+        found.add(out.shape[1])
+    if out.ndim == y.ndim + 1:
+        if out.shape[:-1] == y.shape:
+            found.add(out.shape[-1])
+        if out.shape[0] == y.shape[0] and out.shape[2:] == y.shape[1:]:
+            found.add(out.shape[1])
+    return found.pop() if len(found) == 1 else None
+
+
+def _loss_checked(
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    out: Tensor,
+    y: Tensor,
+    where: str,
+    verb: str = "train",
+) -> Tensor:
+    """``loss_fn(out, y)``; a torch error caused by labels outside the classes is a ConfigError."""
+    try:
+        return loss_fn(out, y)
+    except (IndexError, RuntimeError) as exc:
+        classes = _classes_of(out, y)
+        if classes is not None:
+            try:
+                _check_labels(y, classes, where, verb)
+            except ConfigError as bad:
+                raise bad from exc
+        raise
 
 
 @dataclass(frozen=True)
@@ -332,6 +451,7 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     on_resume: Callable[[int | None, float], None] | None = None,
     job_info: dict[str, Any] | None = None,
+    num_classes: int | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
 
@@ -370,7 +490,11 @@ def fit(
             after (or ``None``) and the seconds the restore took.
         job_info: Plain settings (say the model name and learning rate) added
             to those a resume must match (batch size, seed, shuffle,
-            ``mirror_every``).
+            ``mirror_every``, the number of torch threads).
+        num_classes: The number of classes: each batch's integer targets are
+            checked to lie in ``0 .. num_classes - 1`` before the forward pass.
+            ``None`` checks them only when the loss fails, against the class
+            count the model's output implies.
 
     Returns:
         A :class:`FitResult`: the loss of every step of the job, how it resumed,
@@ -379,9 +503,14 @@ def fit(
     Raises:
         ConfigError: Bad arguments: a non-positive ``batch_size`` or
             ``mirror_every``, both or neither of ``steps`` and ``epochs``, a
-            dataset smaller than one batch, reserved names in ``extra_state``.
+            dataset smaller than one batch, reserved names in ``extra_state``,
+            a learning rate that is not finite, above 0 and at most
+            :data:`MAX_LEARNING_RATE` (on start, or set so by the scheduler);
+            a batch with a label outside the classes. Raised before the
+            step's update: the mirror keeps the last committed step.
         StateMismatchError: The mirror holds another job: another model,
-            optimizer, number of steps or settings (the message names them).
+            optimizer, number of steps or settings (the message names them;
+            the thread count is one, as float sums depend on it).
         IntegrityError: The mirror was trained on another dataset, or fails
             authentication.
         RollbackError: The mirror is older than its freshness counter allows.
@@ -405,6 +534,13 @@ def fit(
     total = steps if steps is not None else per_epoch * int(epochs or 0)
     if total <= 0:
         raise ConfigError("the number of steps must be positive")
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"num_classes must be at least 1, not {num_classes}")
+    for i, group in enumerate(optimizer.param_groups):
+        # A scheduler keeps the rate it was given as initial_lr (and may start lower).
+        lr = group.get("initial_lr", group.get("lr"))
+        if lr is not None:
+            check_learning_rate(lr, f"the learning rate of parameter group {i}")
     prepare = prepare or _identity
     split = split or _default_split
 
@@ -416,6 +552,9 @@ def fit(
         "seed": seed,
         "shuffle": shuffle if isinstance(shuffle, str) else bool(shuffle),
         "mirror_every": mirror_every,
+        # Float sums split across threads depend on their number: another
+        # thread count computes another result, so it is a setting too.
+        "threads": torch.get_num_threads(),
         **(job_info or {}),
     }
     state = training_state(
@@ -459,18 +598,22 @@ def fit(
                     f"the mirror was trained on dataset {state['dataset_id']}, "
                     f"not on {dataset_id}: resume with the job's own dataset"
                 )
-            if state["job"] != job:
-                saved = state["job"]
+            saved = state["job"]
+            # A setting a mirror does not record (written before it was) is not checked.
+            now = {k: v for k, v in job.items() if k in saved or k not in _ADDED_SETTINGS}
+            if saved != now:
                 diff = [
-                    f"{k}={saved.get(k)!r} (now {job.get(k)!r})"
-                    for k in sorted(set(saved) | set(job))
-                    if saved.get(k) != job.get(k)
+                    f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
+                    for k in sorted(set(saved) | set(now))
+                    if saved.get(k) != now.get(k)
                 ]
                 raise StateMismatchError(
                     "the mirror belongs to a job with other settings: "
                     + ", ".join(diff)
                     + "; rerun with the job's own settings or use a new mirror file"
                 )
+            # From now on the mirror records every setting (thread count included).
+            state["job"] = job
             start = restored
             resumed_from = restored
     if start > total:
@@ -489,8 +632,11 @@ def fit(
             t_step = time.perf_counter()
             batch = source.next()
             x, y = split(batch)
+            where = f"the batch of step {step + 1}"
+            if num_classes is not None:
+                _check_labels(y, num_classes, where)
             out = model(prepare(x))
-            loss = loss_fn(out, y)
+            loss = _loss_checked(loss_fn, out, y, where)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             # IMPORTANT: the background save of the previous step reads the
@@ -500,6 +646,7 @@ def fit(
                 pending.wait()
                 save_wait += time.perf_counter() - tw
                 pending = None
+            _check_step_rates(optimizer, step + 1)
             optimizer.step()
             loss_value = float(loss.detach())
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -558,6 +705,7 @@ def evaluate(
     batch_size: int = 256,
     prepare: Callable[[Tensor], Tensor] | None = None,
     split: Callable[[Batch], tuple[Tensor, Tensor]] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[float, float]:
     """The accuracy and mean loss of ``model`` over ``dataset``, in order, in eval mode.
 
@@ -573,18 +721,24 @@ def evaluate(
         prepare: Maps a batch's raw input field to the model's input.
         split: Maps a batch of fields to ``(input, target)``; default: the
             first and the last field.
+        num_classes: The number of classes: integer targets are checked to lie
+            in ``0 .. num_classes - 1`` before the forward pass; ``None`` checks
+            them when the loss fails, against the class count the output implies.
 
     Returns:
         ``(accuracy, loss)``: the fraction of targets predicted, from 0 to 1,
         and the loss averaged over every target.
 
     Raises:
-        ConfigError: A non-positive ``batch_size``, or an empty dataset.
+        ConfigError: A non-positive ``batch_size``, an empty dataset, or a
+            label outside the classes.
     """
     prepare = prepare or _identity
     split = split or _default_split
     if batch_size <= 0:
         raise ConfigError("batch size must be positive")
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"num_classes must be at least 1, not {num_classes}")
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise ConfigError("cannot evaluate on an empty dataset")
@@ -601,8 +755,11 @@ def evaluate(
             else:
                 batch = _collate_tuple([dataset[i] for i in idx])
             x, y = split(batch)
+            where = f"the batch of records {lo} to {idx[-1]}"
+            if num_classes is not None:
+                _check_labels(y, num_classes, where, "evaluate")
             out = model(prepare(x))
-            loss_sum += float(loss_fn(out, y)) * y.numel()
+            loss_sum += float(_loss_checked(loss_fn, out, y, where, "evaluate")) * y.numel()
             correct += int((out.argmax(dim=-1) == y).sum())
             count += y.numel()
     finally:

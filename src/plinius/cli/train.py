@@ -155,8 +155,8 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--lr",
     default=None,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Learning rate override.",
+    type=float,
+    help="Learning rate override (above 0, at most 1000).",
 )
 @click.option(
     "--seed",
@@ -249,6 +249,10 @@ def train(
     the job's total, and the result is bit-for-bit the uninterrupted one.
     """
     check_key_options(key_path, key_server)
+    if lr is not None:
+        from ..train import check_learning_rate
+
+        check_learning_rate(lr, "--lr")
     if counter_spec is None:
         given = (("--counter-every", counter_every), ("--counter-interval", counter_interval))
         stray = [flag for flag, value in given if value is not None]
@@ -325,6 +329,7 @@ def train(
                     ),
                     # A resume with another model or learning rate is refused.
                     job_info={"model": model_name, "lr": lr, "classes": classes},
+                    num_classes=classes,
                 )
             finally:
                 stop()
@@ -406,7 +411,7 @@ def evaluate(
     if not mirror_path.exists():
         raise ConfigError(f"mirror {mirror_path} does not exist; train first with 'plinius train'")
     with SealedDataset(data_path, key) as ds:
-        spec, _ = build_job(model_name, ds, num_classes, 0)
+        spec, classes = build_job(model_name, ds, num_classes, 0)
         with Mirror(mirror_path, key, readonly=True) as mirror:
             try:
                 step = mirror.restore_model(spec.module)
@@ -424,5 +429,6 @@ def evaluate(
             batch_size=batch_size,
             prepare=spec.prepare,
             split=spec.split,
+            num_classes=classes,
         )
     click.echo(f"step {step}: accuracy {acc * 100:.2f}% ({len(ds)} records), loss {loss:.4f}")
