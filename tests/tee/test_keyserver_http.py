@@ -1,0 +1,234 @@
+"""The key server's HTTP layer under attack: slow and idle clients, connection floods, and
+refusals that must each leave one audit line.
+
+Every server here is `plinius keyserver` as a subprocess (``ts.keyserver_process``, which
+always stops and reaps it) or the real uvicorn server in a thread of this process (stopped
+and joined by ``_in_process``). Clients connect over loopback only, from several 127.0.0.x
+source addresses so that per-address limits can be exercised; every socket is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tests.fixtures import tee_support as ts
+
+HEADER_TIMEOUT = 5.0  # what the server promises (keyserver.HEADER_TIMEOUT)
+PER_CLIENT = 16  # keyserver.MAX_CONNECTIONS_PER_CLIENT
+
+
+def _addr(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def _connect(addr: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(addr, timeout=10, source_address=(source, 0))
+
+
+def _read_until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """What the server sends until it closes the connection (or ``deadline``): data, closed."""
+    data = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return data, False
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+
+
+def _answer(raw: bytes) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of a raw HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _raw(addr: tuple[str, int], request: bytes, source: str = "127.0.0.1") -> bytes:
+    with _connect(addr, source) as s:
+        s.sendall(request)
+        data, closed = _read_until_closed(s, time.monotonic() + 10)
+        assert closed, data
+        return data
+
+
+def _get(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def _refusals(events: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("event") == "refusal" and e.get("code") == code]
+
+
+@contextlib.contextmanager
+def _sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+# -- Item 8: slow and idle clients ---------------------------------------------------------
+
+
+def test_slow_clients_cannot_starve_legitimate_requests(tmp_path: Path) -> None:
+    """80 slow clients (40 idle, 40 trickling a header byte a second) from 10 addresses."""
+    with ts.keyserver_process(tmp_path / "ks") as srv, _sockets() as slow:
+        addr = _addr(srv.url)
+        opened_at = time.monotonic()
+        for i in range(80):
+            slow.append(_connect(addr, f"127.0.0.{2 + i % 10}"))
+        trickling = slow[40:]  # and slow[:40] stay idle
+        for s in trickling:
+            s.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        stop = threading.Event()
+
+        def trickle() -> None:
+            while not stop.wait(1.0):
+                for s in trickling:
+                    with contextlib.suppress(OSError):
+                        s.send(b"a")
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            time.sleep(1.5)  # the server has accepted them all; the trickle is going
+            latencies = []
+            for _ in range(5):
+                for method, path in (("GET", "/v1/info"), ("POST", "/v1/nonce")):
+                    start = time.monotonic()
+                    status, body = _get(srv.url + path, method, b"{}" if method == "POST" else None)
+                    latencies.append(time.monotonic() - start)
+                    assert status == 200, (path, status, body)
+            assert max(latencies) < 2.0, latencies
+            # ... while every slow client was still connected.
+            readable, _, _ = select.select(slow, [], [], 0)
+            assert readable == [] and time.monotonic() - opened_at < HEADER_TIMEOUT - 1
+            # Then the server closes each of them once the header timeout has passed.
+            deadline = opened_at + HEADER_TIMEOUT + 5
+            for s in slow:
+                data, closed = _read_until_closed(s, deadline)
+                assert closed, "a slow client was not closed"
+                if data:
+                    assert data.startswith(b"HTTP/1.1 408 "), data
+            assert time.monotonic() - opened_at >= HEADER_TIMEOUT - 0.5
+        finally:
+            stop.set()
+            thread.join()
+        events = srv.events()
+        assert len(_refusals(events, "idle_timeout")) == 40
+        assert len(_refusals(events, "header_timeout")) == 40
+        line = _refusals(events, "header_timeout")[0]
+        assert line["status"] == 408 and line["client"].startswith("127.0.0.")
+        assert line["path"] == "/v1/info"
+
+
+def test_one_client_address_cannot_take_every_connection(tmp_path: Path) -> None:
+    with ts.keyserver_process(tmp_path / "ks") as srv, _sockets() as held:
+        addr = _addr(srv.url)
+        for _ in range(PER_CLIENT):
+            held.append(_connect(addr, "127.0.0.20"))
+        extra = _connect(addr, "127.0.0.20")
+        held.append(extra)
+        data, closed = _read_until_closed(extra, time.monotonic() + 3)
+        assert closed, "the connection over the per-client cap was kept"
+        status, body = _answer(data)
+        assert (status, body["error"]) == (503, "too_many_connections_from_client")
+        # Other addresses are served meanwhile.
+        assert _get(srv.url + "/v1/info")[0] == 200
+        line = _refusals(srv.events(), "too_many_connections_from_client")
+        assert len(line) == 1 and line[0]["client"] == "127.0.0.20"
+        assert line[0]["status"] == 503
+
+
+# -- Item 9: every refusal leaves one audit line --------------------------------------------
+
+
+def test_every_http_level_refusal_is_audited(tmp_path: Path) -> None:
+    with ts.keyserver_process(tmp_path / "ks") as srv:
+        addr = _addr(srv.url)
+        cases: list[tuple[bytes, int, str, str | None]] = [
+            # request, status, code, path in the audit line
+            (
+                b"GET /v2/anything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                404,
+                "not_found",
+                "/v2/anything",
+            ),
+            (
+                b"GET /v1/release HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                405,
+                "method_not_allowed",
+                "/v1/release",
+            ),
+            (
+                b"POST /v1/nonce HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Length: 2000\r\n\r\n" + b"x" * 2000,
+                413,
+                "too_large",
+                "/v1/nonce",
+            ),
+            (
+                b"POST /v1/nonce HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n7d0\r\n" + b"x" * 2000 + b"\r\n0\r\n\r\n",
+                413,
+                "too_large",
+                "/v1/nonce",
+            ),
+            (b"THIS IS NOT HTTP\r\n\r\n", 400, "bad_http", None),
+            (b"GET /v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_http", None),
+            (
+                b"GET /v1/info HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
+                431,
+                "headers_too_large",
+                "/v1/info",
+            ),
+        ]
+        for i, (request, status, code, path) in enumerate(cases):
+            source = f"127.0.0.{30 + i}"
+            data = _raw(addr, request, source)
+            assert data.startswith(f"HTTP/1.1 {status} ".encode()), (i, data[:200])
+            lines = [e for e in srv.events() if e.get("client") == source]
+            assert len(lines) == 1, (i, lines)
+            assert lines[0]["event"] == "refusal" and lines[0]["status"] == status
+            assert lines[0]["code"] == code and lines[0].get("path") == path, (i, lines)
+        assert srv.key.raw_bytes().hex() not in srv.audit.read_text()
+
+
+def test_audited_paths_are_bounded_and_escaped(tmp_path: Path) -> None:
+    hostile = "/" + "%0a%22}" * 10 + "x" * 10_000
+    with ts.keyserver_process(tmp_path / "ks") as srv:
+        data = _raw(_addr(srv.url), f"GET {hostile} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert data.startswith(b"HTTP/1.1 404 ")
+        text = srv.audit.read_text()
+        assert text.count("\n") == 1 and len(text) < 1024
+        (line,) = srv.events()
+        assert line["code"] == "not_found" and line["path"].startswith("/%0a%22}")
+        assert line["path"].endswith("...") and len(line["path"]) <= 260
