@@ -22,6 +22,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from plinius.crypto import MasterKey
+from plinius.tee.audit import AuditLog
+from plinius.tee.keyserver import KeyServer
+from plinius.tee.policy import Policy
 from tests.fixtures import tee_support as ts
 
 HEADER_TIMEOUT = 5.0  # what the server promises (keyserver.HEADER_TIMEOUT)
@@ -79,6 +88,24 @@ def _get(url: str, method: str = "GET", data: bytes | None = None) -> tuple[int,
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _server(
+    tmp_path: Path, cls: type[KeyServer] = KeyServer, **kwargs: Any
+) -> tuple[KeyServer, Path]:
+    audit = tmp_path / "audit.jsonl"
+    server = cls(
+        MasterKey.generate(),
+        Policy.parse(ts.SIM_POLICY),
+        Ed25519PrivateKey.generate(),
+        audit_log=AuditLog(audit),
+        **kwargs,
+    )
+    return server, audit
 
 
 def _refusals(events: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
@@ -223,12 +250,152 @@ def test_every_http_level_refusal_is_audited(tmp_path: Path) -> None:
 
 
 def test_audited_paths_are_bounded_and_escaped(tmp_path: Path) -> None:
-    hostile = "/" + "%0a%22}" * 10 + "x" * 10_000
+    hostile = '/"\\}{%0a' * 10 + "x" * 10_000  # quotes, backslashes, braces; 10 KB
+    method = "M" * 5000
     with ts.keyserver_process(tmp_path / "ks") as srv:
-        data = _raw(_addr(srv.url), f"GET {hostile} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert data.startswith(b"HTTP/1.1 404 ")
+        for request in (f"GET {hostile}", f"{method} /v1/info"):
+            data = _raw(
+                _addr(srv.url),
+                f"{request} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+            )
+            assert data.startswith((b"HTTP/1.1 404 ", b"HTTP/1.1 405 "))
         text = srv.audit.read_text()
-        assert text.count("\n") == 1 and len(text) < 1024
-        (line,) = srv.events()
-        assert line["code"] == "not_found" and line["path"].startswith("/%0a%22}")
-        assert line["path"].endswith("...") and len(line["path"]) <= 260
+        assert text.count("\n") == 2 and all(len(line) < 1024 for line in text.splitlines())
+        first, second = srv.events()
+        assert first["code"] == "not_found" and first["path"].startswith('/"\\}{%0a/')
+        assert first["path"].endswith("...") and len(first["path"]) <= 203
+        assert second["code"] == "method_not_allowed" and len(second["method"]) <= 19
+
+
+def test_a_full_nonce_store_answers_busy_and_is_audited(tmp_path: Path) -> None:
+    server, audit = _server(tmp_path, max_nonces=1)
+    with ts.keyserver_thread(server) as url:
+        assert _get(url + "/v1/nonce", "POST", b"{}")[0] == 200
+        status, body = _get(url + "/v1/nonce", "POST", b"{}")
+        assert status == 503 and json.loads(body)["error"] == "busy"
+    (line,) = _events(audit)
+    assert (line["status"], line["code"], line["path"]) == (503, "busy", "/v1/nonce")
+    assert line["client"] == "127.0.0.1" and line["method"] == "POST"
+    server.audit.close()
+
+
+def test_refusals_of_the_counter_endpoint_and_internal_errors_are_audited(
+    tmp_path: Path,
+) -> None:
+    class Crashing(KeyServer):
+        def routes(self) -> list[BaseRoute]:
+            async def boom(request: Request) -> Response:
+                raise RuntimeError("a bug")
+
+            return [*super().routes(), Route("/v1/boom", boom, methods=["GET"])]
+
+    server, audit = _server(tmp_path, Crashing)
+    with ts.keyserver_thread(server) as url:
+        status, body = _get(url + "/v1/counter", "POST", b"{}")  # no --counter-dir
+        assert status == 404 and json.loads(body)["error"] == "counters_disabled"
+        assert _get(url + "/v1/boom")[0] == 500
+        addr = _addr(url)
+        # A client that goes away in the middle of its body.
+        with _connect(addr) as s:
+            s.sendall(b"POST /v1/nonce HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while len(_events(audit)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    codes = [(e["status"], e["code"], e["path"]) for e in _events(audit)]
+    assert codes == [
+        (404, "counters_disabled", "/v1/counter"),
+        (500, "internal", "/v1/boom"),
+        (400, "disconnected", "/v1/nonce"),
+    ]
+    server.audit.close()
+
+
+def test_when_every_connection_is_taken_the_longest_waiting_one_makes_room(
+    tmp_path: Path,
+) -> None:
+    server, audit = _server(tmp_path)
+    with ts.keyserver_thread(server, connections=6, per_client=3) as url, _sockets() as held:
+        addr = _addr(url)
+        for i in range(6):
+            held.append(_connect(addr, f"127.0.0.{2 + i // 3}"))
+            time.sleep(0.05)  # so that held[0] is the one that waited longest
+        assert _get(url + "/v1/info")[0] == 200
+        data, closed = _read_until_closed(held[0], time.monotonic() + 3)
+        assert closed and _answer(data) == (503, {"error": "evicted", "reason": ANY_REASON})
+        assert select.select(held[1:], [], [], 0)[0] == []  # the others are still there
+    (line,) = _refusals(_events(audit), "evicted")
+    assert line["client"] == "127.0.0.2" and line["status"] == 503
+    server.audit.close()
+
+
+def test_when_every_connection_is_busy_a_new_one_is_refused(tmp_path: Path) -> None:
+    server, audit = _server(tmp_path)
+    with ts.keyserver_thread(server, connections=4, per_client=4) as url, _sockets() as held:
+        addr = _addr(url)
+        for _ in range(4):  # each waits for a body in the application: not evictable
+            held.append(_connect(addr))
+            held[-1].sendall(b"POST /v1/release HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+        time.sleep(1.0)
+        with _connect(addr, "127.0.0.2") as extra:
+            data, closed = _read_until_closed(extra, time.monotonic() + 3)
+        assert closed and _answer(data)[0] == 503
+        assert _answer(data)[1]["error"] == "too_many_connections"
+    assert len(_refusals(_events(audit), "too_many_connections")) == 1
+    server.audit.close()
+
+
+def test_keep_alive_and_pipelining_work_as_before(tmp_path: Path) -> None:
+    import http.client
+
+    server, audit = _server(tmp_path)
+    with ts.keyserver_thread(server, header_timeout=1.0) as url:
+        host, port = _addr(url)
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            for _ in range(3):  # one connection, three requests, each well within the timeout
+                conn.request("GET", "/v1/info")
+                assert conn.getresponse().read() and conn.sock is not None
+                conn.request("POST", "/v1/nonce", b"{}")
+                assert json.loads(conn.getresponse().read())["nonce"]
+        finally:
+            conn.close()
+        with _connect((host, port)) as s:  # two pipelined requests in one packet
+            s.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+            data, closed = _read_until_closed(s, time.monotonic() + 4)
+        # Both answered; then, idle after an answer, closed quietly after the timeout.
+        assert closed and data.count(b"HTTP/1.1 200 OK") == 2
+    assert _events(audit) == []  # nothing refused, nothing logged
+    server.audit.close()
+
+
+def test_the_header_timeout_also_runs_between_requests(tmp_path: Path) -> None:
+    server, audit = _server(tmp_path)
+    with ts.keyserver_thread(server, header_timeout=1.0) as url, _sockets() as held:
+        addr = _addr(url)
+        # A first request answered, then the next one's head trickled.
+        held.append(_connect(addr, "127.0.0.2"))
+        held[-1].sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/nonce HTTP/1.1\r\n")
+        # A body the application never reads (GET), trickled after the answer.
+        held.append(_connect(addr, "127.0.0.3"))
+        held[-1].sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        start = time.monotonic()
+        while time.monotonic() - start < 3.5:
+            for s in held:
+                with contextlib.suppress(OSError):
+                    s.send(b"a")
+            time.sleep(0.2)
+        for s in held:
+            data, closed = _read_until_closed(s, time.monotonic() + 0.5)
+            assert closed and data.startswith(b"HTTP/1.1 200 OK"), data
+    lines = _refusals(_events(audit), "header_timeout")
+    assert sorted(e["client"] for e in lines) == ["127.0.0.2", "127.0.0.3"]
+    server.audit.close()
+
+
+class _Any:
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+ANY_REASON: Any = _Any()

@@ -301,7 +301,15 @@ class KeyServer:
 
     def _audit_refusal(self, event: dict[str, Any], r: Refusal) -> None:
         with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
-            self.audit.write({"event": "refusal", "code": r.code, "reason": r.reason, **event})
+            self.audit.write(
+                {
+                    "event": "refusal",
+                    "status": r.status,
+                    "code": r.code,
+                    "reason": r.reason,
+                    **event,
+                }
+            )
 
     def _release(self, body: bytes, event: dict[str, Any]) -> dict[str, Any]:
         if len(body) > MAX_MESSAGE_BYTES:
