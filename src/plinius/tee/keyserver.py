@@ -6,7 +6,7 @@ HTTP; :meth:`KeyServer.app` puts it behind a Starlette application and
 freshness counter) are added by extending :meth:`KeyServer.routes`.
 
 Endpoints (JSON in and out; errors are ``{"error": CODE, "reason": TEXT}`` with
-a 4xx status):
+a 4xx or 5xx status):
 
 * ``POST /v1/nonce`` -> ``{"version", "nonce", "expires_in"}``
 * ``POST /v1/release`` ``{"version", "job_id", "nonce", "client_public_key",
@@ -16,25 +16,31 @@ a 4xx status):
   -> ``{"payload", "signature"}``: the per-job freshness counters (see
   :mod:`.counter_service`; only when the server was given a :class:`.counter_service.CounterStore`)
 
-Limits (see :func:`serve`): a request line and headers of at most 16 KiB, all
-received within 5 s of connecting (or of the previous answer on a kept-alive
-connection), else the connection is answered 408 and closed; request bodies of
-at most 64 KiB, read within 10 s (408); at most 512 connections at once (fewer
-when the open-file limit is lower) and 16 per client address (an IPv6 client:
-per /64), else 503; when all 512 are taken, the connection that has waited
-longest without a complete request is closed (503 ``evicted``) to make room;
-10,000 outstanding nonces (503 ``busy``).
+Limits (see :func:`serve`): a request line and headers of at most 16 KiB (else
+431 ``headers_too_large``), all received within 5 s of connecting or of the
+previous answer on a kept-alive connection (else 408 ``idle_timeout`` when
+nothing came, ``header_timeout`` when part did, and the connection is closed);
+request bodies of at most 64 KiB (413), read within 10 s (408); at most 16
+connections at once per client address (an IPv6 client: per /64) and 512 in
+all (fewer when the open-file limit is lower), else 503
+``too_many_connections_from_client`` or ``too_many_connections``; when all are
+taken, the connection that has waited longest without a complete request is
+closed (503 ``evicted``) to make room; 10,000 outstanding nonces (503 ``busy``).
 
-Every release and every non-2xx answer is written to the audit log (JSON
-lines; never the key): one line with the client's address, the path when it is
-known, the status and a code, also for what Starlette or the HTTP layer refuse
-(404, 405, malformed HTTP, the connection limits and timeouts). A keep-alive
-connection closed for idleness after an answer is not a refusal and is not
-logged. Releases and counter advances are fsynced before they happen; the HTTP
-layer's refusal lines are not fsynced, so that a flood cannot stall the server
-on the disk. Not defended: a flood from many addresses (each line is small,
-but the log grows with it), and, with TLS, handshakes (asyncio's own 60 s
-limit; a connection is counted from the end of its handshake).
+Every release and every non-2xx answer is written to the audit log (JSON lines,
+never the key): one line with the client's address, the path when it is known
+(at most 200 characters), the status and a code, also for what Starlette or
+the HTTP layer refuse (404, 405, malformed HTTP, the limits and timeouts). A
+kept-alive connection closed because it stayed idle after an answer is not a
+refusal and is not logged. Releases and counter advances are fsynced before
+they happen; the HTTP layer's refusal lines are not, so that a flood cannot
+stall the server on the disk.
+
+Not defended: a flood from many addresses can still take all connections (each
+for at most 5 s while it waits for a request, 10 s while it sends a body), and
+every refused connection is a line (small, but the log grows with the flood);
+with TLS, a handshake is bounded only by asyncio's own 60 s and a connection is
+counted from the end of its handshake.
 """
 
 from __future__ import annotations
@@ -552,7 +558,9 @@ class _AuditRefusals:
     def _audit(self, scope: Any, status: int, body: bytes) -> None:
         if scope.get(_AUDITED):
             return
-        code, reason = _CODES.get(status, "error"), HTTPStatus(status).phrase
+        code, reason = _CODES.get(status, "error"), ""
+        with contextlib.suppress(ValueError):  # a status without a name
+            reason = HTTPStatus(status).phrase
         with contextlib.suppress(ValueError, RecursionError):
             answer = json.loads(body)
             if isinstance(answer, dict) and isinstance(answer.get("error"), str):
@@ -834,6 +842,12 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``server`` with uvicorn until SIGINT/SIGTERM.
+
+    Each connection is guarded (see the module docstring): its request line and
+    headers must arrive within :data:`HEADER_TIMEOUT` seconds of connecting or of
+    the previous answer; at most :data:`MAX_CONNECTIONS_PER_CLIENT` connections per
+    client address and :data:`MAX_CONNECTIONS` in all (fewer when the open-file
+    limit is lower). Behind a proxy every client has the proxy's address.
 
     Args:
         server: the protocol logic.
