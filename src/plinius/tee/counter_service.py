@@ -336,7 +336,13 @@ class CounterService:
         """
         with contextlib.suppress(PliniusError):
             self.audit.write(
-                {"event": "counter-refusal", "code": r.code, "reason": r.reason, **event}
+                {
+                    "event": "counter-refusal",
+                    "status": r.status,
+                    "code": r.code,
+                    "reason": r.reason,
+                    **event,
+                }
             )
 
     def _handle(self, body: bytes, event: dict[str, Any]) -> dict[str, str]:

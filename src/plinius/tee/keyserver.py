@@ -6,7 +6,7 @@ HTTP; :meth:`KeyServer.app` puts it behind a Starlette application and
 freshness counter) are added by extending :meth:`KeyServer.routes`.
 
 Endpoints (JSON in and out; errors are ``{"error": CODE, "reason": TEXT}`` with
-a 4xx status):
+a 4xx or 5xx status):
 
 * ``POST /v1/nonce`` -> ``{"version", "nonce", "expires_in"}``
 * ``POST /v1/release`` ``{"version", "job_id", "nonce", "client_public_key",
@@ -16,17 +16,42 @@ a 4xx status):
   -> ``{"payload", "signature"}``: the per-job freshness counters (see
   :mod:`.counter_service`; only when the server was given a :class:`.counter_service.CounterStore`)
 
-Limits: request bodies of at most 64 KiB, read within 10 s; at most 64
-connections at once; 10,000 outstanding nonces. Every release and every
-refusal is written to the audit log (JSON lines; never the key).
+Limits (see :func:`serve`): a request line and headers of at most 16 KiB (else
+431 ``headers_too_large``), all received within 5 s of connecting or of the
+previous answer on a kept-alive connection (else 408 ``idle_timeout`` when
+nothing came, ``header_timeout`` when part did, and the connection is closed);
+request bodies of at most 64 KiB (413), read within 10 s (408); at most 16
+connections at once per client address (an IPv6 client: per /64) and 512 in
+all (fewer when the open-file limit is lower), else 503
+``too_many_connections_from_client`` or ``too_many_connections``; when all are
+taken, the connection that has waited longest without a complete request is
+closed (503 ``evicted``) to make room; 10,000 outstanding nonces (503 ``busy``).
+
+Every release and every non-2xx answer is written to the audit log (JSON lines,
+never the key): one line with the client's address, the path when it is known
+(at most 200 characters), the status and a code, also for what Starlette or
+the HTTP layer refuse (404, 405, malformed HTTP, the limits and timeouts). A
+kept-alive connection closed because it stayed idle after an answer is not a
+refusal and is not logged. Releases and counter advances are fsynced before
+they happen; the HTTP layer's refusal lines are not, so that a flood cannot
+stall the server on the disk.
+
+Not defended: a flood from many addresses can still take all connections (each
+for at most 5 s while it waits for a request, 10 s while it sends a body), and
+every refused connection is a line (small, but the log grows with the flood);
+with TLS, a handshake is bounded only by asyncio's own 60 s and a connection is
+counted from the end of its handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
+import re
+import resource
 import secrets
 import socket
 import ssl
@@ -34,21 +59,26 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+import h11
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError
 from ._wire import MAX_MESSAGE_BYTES, Refusal, bad_request, decode_hex
-from .audit import AuditLog
+from .audit import AuditLog, clip
 from .counter_service import MAX_COUNTER_REQUEST, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
@@ -71,7 +101,10 @@ DEFAULT_PORT = 8470
 DEFAULT_NONCE_TTL = 60.0
 MAX_OUTSTANDING_NONCES = 10_000
 REQUEST_TIMEOUT = 10.0
-MAX_CONNECTIONS = 64
+HEADER_TIMEOUT = 5.0
+MAX_HEAD_BYTES = 16 * 1024
+MAX_CONNECTIONS = 512
+MAX_CONNECTIONS_PER_CLIENT = 16
 
 
 class NonceStore:
@@ -274,7 +307,15 @@ class KeyServer:
 
     def _audit_refusal(self, event: dict[str, Any], r: Refusal) -> None:
         with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
-            self.audit.write({"event": "refusal", "code": r.code, "reason": r.reason, **event})
+            self.audit.write(
+                {
+                    "event": "refusal",
+                    "status": r.status,
+                    "code": r.code,
+                    "reason": r.reason,
+                    **event,
+                }
+            )
 
     def _release(self, body: bytes, event: dict[str, Any]) -> dict[str, Any]:
         if len(body) > MAX_MESSAGE_BYTES:
@@ -381,6 +422,7 @@ class KeyServer:
 
         return Starlette(
             routes=self.routes(),
+            middleware=[Middleware(_AuditRefusals, audit=self.audit)],
             exception_handlers={HTTPException: http_error, Exception: http_error},
         )
 
@@ -396,6 +438,7 @@ class KeyServer:
 
     async def _http_release(self, request: Request) -> Response:
         client = request.client.host if request.client else "unknown"
+        request.scope[_AUDITED] = True  # release() audits its every refusal itself
         try:
             body = await read_body(request)
         except Refusal as r:
@@ -406,6 +449,8 @@ class KeyServer:
 
     async def _http_counter(self, request: Request) -> Response:
         client = request.client.host if request.client else "unknown"
+        if self.counters is not None:  # which audits its every refusal itself
+            request.scope[_AUDITED] = True
         try:
             body = await read_body(request, limit=MAX_COUNTER_REQUEST)
         except Refusal as r:
@@ -434,7 +479,8 @@ async def read_body(
         The body.
 
     Raises:
-        Refusal: 400 for a bad Content-Length, 413 past ``limit``, 408 past ``timeout``.
+        Refusal: 400 for a bad Content-Length, 413 past ``limit``, 408 past ``timeout``,
+            400 ``disconnected`` when the client goes away first.
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -454,7 +500,336 @@ async def read_body(
         await asyncio.wait_for(collect(), timeout)
     except TimeoutError as exc:
         raise Refusal(408, "timeout", "the request body was not received in time") from exc
+    except ClientDisconnect as exc:
+        raise Refusal(
+            400, "disconnected", "the client closed the connection before its body ended"
+        ) from exc
     return bytes(buf)
+
+
+_AUDITED = "plinius.audited"  # in an ASGI scope: the handler audited its refusal itself
+_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "timeout",
+    413: "too_large",
+    500: "internal",
+    503: "busy",
+}
+
+
+class _AuditRefusals:
+    """ASGI middleware: one audit line for every non-2xx answer not already audited.
+
+    Release and counter refusals are audited by the protocol logic (with the job,
+    the nonce, ...); everything else the application answers (404, 405, a 413 or
+    ``busy`` on ``/v1/nonce``, an internal error) is audited here. The code is the
+    answer's ``error``, else one derived from the status.
+    """
+
+    def __init__(self, app: Any, audit: AuditLog) -> None:
+        self.app, self.audit = app, audit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+        body = bytearray()
+
+        async def watch(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not 200 <= status < 300:
+                body.extend(message.get("body", b"")[: 1024 - len(body)])
+                if not message.get("more_body", False):
+                    self._audit(scope, status, bytes(body))  # before the client hears of it
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if status == 0:  # the error handler outside answers 500
+                self._audit(scope, 500, b"")
+            raise
+
+    def _audit(self, scope: Any, status: int, body: bytes) -> None:
+        if scope.get(_AUDITED):
+            return
+        code, reason = _CODES.get(status, "error"), ""
+        with contextlib.suppress(ValueError):  # a status without a name
+            reason = HTTPStatus(status).phrase
+        with contextlib.suppress(ValueError, RecursionError):
+            answer = json.loads(body)
+            if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+                code, reason = answer["error"], str(answer.get("reason", ""))
+        client = scope.get("client")
+        _audit_refusal(
+            self.audit,
+            client[0] if client else "unknown",
+            Refusal(status, clip(code, 40), clip(reason)),
+            path=clip(scope.get("raw_path") or scope["path"]),
+            method=clip(scope["method"], 16),
+        )
+
+
+def _audit_refusal(
+    audit: AuditLog,
+    client: str,
+    refusal: Refusal,
+    *,
+    path: str | None = None,
+    method: str | None = None,
+) -> None:
+    """One audit line for a refusal of the HTTP layer (best effort, not fsynced)."""
+    event: dict[str, Any] = {
+        "event": "refusal",
+        "status": refusal.status,
+        "code": refusal.code,
+        "reason": refusal.reason,
+        "client": clip(client, 64),
+    }
+    if path is not None:
+        event["path"] = path
+    if method is not None:
+        event["method"] = method
+    with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
+        audit.write(event, sync=False)
+
+
+def _client_key(host: str) -> str:
+    """What the per-client limit counts by: the address; for IPv6, its /64."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
+
+
+class _ConnectionGuard:
+    """The connections of one server: how many in all and per client, and which wait.
+
+    A connection *waits* from when it is made, and again from each answer on it,
+    until its next request line and headers are complete; each connection has
+    ``limits.header_timeout`` seconds of waiting at a time. Used on the event loop
+    only.
+    """
+
+    def __init__(self, limits: _Limits, audit: AuditLog) -> None:
+        self.limits, self.audit = limits, audit
+        self.members: set[_GuardedH11Protocol] = set()
+        self.per_client: dict[str, int] = {}
+        self.waiting: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # oldest first
+
+    def admit(self, conn: _GuardedH11Protocol) -> Refusal | None:
+        """Count ``conn`` in, or say why it is refused (it is then not counted)."""
+        if self.per_client.get(conn.key, 0) >= self.limits.per_client:
+            return Refusal(
+                503,
+                "too_many_connections_from_client",
+                f"at most {self.limits.per_client} connections at once per client address",
+            )
+        if len(self.members) >= self.limits.connections:
+            if not self.waiting:
+                return Refusal(
+                    503, "too_many_connections", "the server is at its connection limit; retry"
+                )
+            oldest = next(iter(self.waiting))
+            oldest.expire(evicted=True)
+            self.leave(oldest)
+        self.members.add(conn)
+        self.per_client[conn.key] = self.per_client.get(conn.key, 0) + 1
+        return None
+
+    def leave(self, conn: _GuardedH11Protocol) -> None:
+        """Count ``conn`` out (once; refused connections were never in)."""
+        self.waiting.pop(conn, None)
+        if conn in self.members:
+            self.members.discard(conn)
+            left = self.per_client[conn.key] - 1
+            if left:
+                self.per_client[conn.key] = left
+            else:
+                del self.per_client[conn.key]
+
+
+_REQUEST_LINE = re.compile(rb"[!-~]{1,16} ([!-~]+)")
+
+
+class _HeadWatch(h11.Connection):
+    """An h11 connection that tells its protocol when a request's head is complete."""
+
+    def __init__(self, owner: _GuardedH11Protocol, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self._owner = owner
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self._owner.protocol_error(exc)
+            raise
+        if isinstance(event, h11.Request):
+            self._owner.head_complete(event)
+        return event
+
+
+class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
+    """uvicorn's h11 protocol under a :class:`_ConnectionGuard`.
+
+    uvicorn has no timeout for a request's head (its keep-alive timer starts only
+    after an answer, and any byte stops it), counts every connection towards one
+    global limit and audits nothing; this adds the header timeout, the limits per
+    client and in all, and an audit line for every refusal it or uvicorn makes.
+    ``guard`` is set on a subclass made for each server.
+    """
+
+    guard: _ConnectionGuard
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _HeadWatch(self, self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES)
+        self.host = self.key = "unknown"
+        self._timer: asyncio.TimerHandle | None = None
+        self._after_answer = False  # waiting for a second or later request
+        self._received = 0  # bytes received while waiting
+        self._head = b""  # their first bytes, for the path in an audit line
+        self._error: Refusal | None = None
+        self._error_path: str | None = None
+
+    # -- uvicorn's hooks --
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.client:
+            self.host = str(self.client[0])
+            self.key = _client_key(self.host)
+        refusal = self.guard.admit(self)
+        if refusal is not None:
+            self.refuse(refusal)
+        else:
+            self._arm(after_answer=False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.guard.leave(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._received += len(data)
+            self._head += data[: 256 - len(self._head)]
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        # Armed first: the super call may start a pipelined request (which disarms).
+        if not self.transport.is_closing():
+            self._arm(after_answer=True)
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        refusal = self._error or Refusal(400, "bad_http", "the request is not valid HTTP/1.1")
+        self.refuse(refusal, self._error_path)
+
+    # -- from _HeadWatch --
+
+    def head_complete(self, event: h11.Request) -> None:
+        """A request line and headers arrived: stop the clock; refuse an oversized head."""
+        self._disarm()
+        size = len(event.method) + len(event.target)
+        size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if size > MAX_HEAD_BYTES:  # h11 checks only heads that arrive in pieces
+            self._error, self._error_path = self._too_large(), clip(event.target)
+            raise h11.RemoteProtocolError("request head too large", 431)
+
+    def protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        """h11 refused what the client sent (uvicorn then calls :meth:`send_400_response`)."""
+        if self._error is not None:  # raised by head_complete
+            return
+        if exc.error_status_hint == 431:
+            self._error, self._error_path = self._too_large(), self._head_path()
+        else:
+            self._error = Refusal(400, "bad_http", f"not valid HTTP/1.1: {clip(str(exc), 100)}")
+
+    @staticmethod
+    def _too_large() -> Refusal:
+        return Refusal(
+            431,
+            "headers_too_large",
+            f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes",
+        )
+
+    # -- the guard's --
+
+    def expire(self, *, evicted: bool = False) -> None:
+        """The waiting time is over (or the guard needs the room): close, saying why."""
+        after_answer, received, path = self._after_answer, self._received, self._head_path()
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        if after_answer and not received:  # an idle keep-alive connection: a normal close
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+            return
+        seconds = f"{self.guard.limits.header_timeout:g}"
+        if evicted:
+            refusal = Refusal(
+                503,
+                "evicted",
+                "the server is at its connection limit and this connection had sent no "
+                "complete request; retry",
+            )
+        elif not received:
+            refusal = Refusal(408, "idle_timeout", f"no request within {seconds} s")
+        else:
+            refusal = Refusal(
+                408,
+                "header_timeout",
+                f"the request line and headers did not arrive within {seconds} s",
+            )
+        self.refuse(refusal, path)
+
+    def refuse(self, refusal: Refusal, path: str | None = None) -> None:
+        """Audit ``refusal``, answer it (JSON, as the application would) and close."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
+        _audit_refusal(self.guard.audit, self.host, refusal, path=path)
+        body = json.dumps({"error": refusal.code, "reason": refusal.reason}).encode()
+        head = (
+            f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n"
+            "cache-control: no-store\r\n"
+            "connection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+    # -- waiting --
+
+    def _arm(self, *, after_answer: bool) -> None:
+        self._disarm()
+        self._after_answer, self._received, self._head = after_answer, 0, b""
+        self._timer = self.loop.call_later(self.guard.limits.header_timeout, self.expire)
+        self.guard.waiting[self] = None
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.guard.waiting.pop(self, None)
+
+    def _head_path(self) -> str | None:
+        match = _REQUEST_LINE.match(self._head)
+        return clip(match.group(1)) if match else None
 
 
 def serve(
@@ -467,6 +842,12 @@ def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve ``server`` with uvicorn until SIGINT/SIGTERM.
+
+    Each connection is guarded (see the module docstring): its request line and
+    headers must arrive within :data:`HEADER_TIMEOUT` seconds of connecting or of
+    the previous answer; at most :data:`MAX_CONNECTIONS_PER_CLIENT` connections per
+    client address and :data:`MAX_CONNECTIONS` in all (fewer when the open-file
+    limit is lower). Behind a proxy every client has the proxy's address.
 
     Args:
         server: the protocol logic.
@@ -499,22 +880,62 @@ def serve(
     scheme = "https" if tls_cert is not None else "http"
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"{scheme}://{shown}:{sock.getsockname()[1]}"
+    uv = _uvicorn_server(
+        server,
+        _Limits.for_this_process(),
+        lambda: on_ready(url) if on_ready else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    uv.run(sockets=[sock])
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """The connection limits :func:`serve` enforces (see the module docstring)."""
+
+    connections: int = MAX_CONNECTIONS
+    per_client: int = MAX_CONNECTIONS_PER_CLIENT
+    header_timeout: float = HEADER_TIMEOUT
+
+    @classmethod
+    def for_this_process(cls) -> _Limits:
+        """The defaults, with fewer connections when the open-file limit is lower."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return cls()
+        # Room for the listening socket, the audit log, counter files, the threads.
+        return cls(connections=max(1, min(MAX_CONNECTIONS, soft - 64)))
+
+
+def _uvicorn_server(
+    server: KeyServer,
+    limits: _Limits,
+    started: Callable[[], None],
+    *,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+) -> _Server:
+    """The uvicorn server :func:`serve` runs (tests run it in a thread, with other limits)."""
+    guard = _ConnectionGuard(limits, server.audit)
+    protocol = type("KeyServerH11Protocol", (_GuardedH11Protocol,), {"guard": guard})
     config = uvicorn.Config(
         server.app(),
-        http="h11",
+        http=protocol,
+        ws="none",  # a WebSocket upgrade would leave the connection guard
         loop="asyncio",
         lifespan="off",
         log_level="warning",
         access_log=False,
         proxy_headers=False,  # the audit log records the real peer, not a header
         server_header=False,
-        limit_concurrency=MAX_CONNECTIONS,
+        limit_concurrency=None,  # the connection guard limits connections, and audits
         timeout_keep_alive=5,
-        h11_max_incomplete_event_size=16 * 1024,  # bounds the request line and headers
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # the guard checks complete heads
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
     )
-    _Server(config, lambda: on_ready(url) if on_ready else None).run(sockets=[sock])
+    return _Server(config, started)
 
 
 class _Server(uvicorn.Server):  # type: ignore[misc]
