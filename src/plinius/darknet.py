@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import DarknetConfigError, storage_error
+from .limits import MAX_LEARNING_RATE
 
 __all__ = [
     "ACTIVATIONS",
@@ -407,7 +408,6 @@ def _parse_net(opts: _Options) -> NetConfig:
     subdivisions = opts.get_int("subdivisions", 1, 1)
     if batch % subdivisions:
         raise opts.error("subdivisions", f"batch={batch} is not a multiple of subdivisions")
-    from .train import MAX_LEARNING_RATE
 
     lr = opts.get_float("learning_rate", 0.001, 0.0, MAX_LEARNING_RATE)
     if lr <= 0:

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from .data import SealedDataset, SealedSampler
 from .errors import ConfigError, IntegrityError, StateMismatchError
+from .limits import MAX_LEARNING_RATE, check_learning_rate
 from .mirror import Mirror, PendingSave
 from .rng import RNGState
 
@@ -54,43 +55,9 @@ __all__ = [
 
 Batch = tuple[Tensor, ...]
 
-# The largest learning rate a job may use. torch hands the rate, or what the
-# optimizer derives from it (Adam's first step is lr / (1 - beta1): 10x for the
-# default beta1), to kernels that convert it to the parameters' dtype, and fails
-# in the middle of a step ("value cannot be converted to type float without
-# overflow") beyond that dtype's range. float16, the narrowest dtype torch trains
-# in, ends at 65504: 1e3 keeps Adam's 10x under it, and no optimizer trains with
-# a rate anywhere near it (SGD's are below 10, Adam's below 0.1).
-MAX_LEARNING_RATE = 1e3
 # Job settings that older versions did not record: a mirror without one resumes
 # (the setting was not recorded, so it cannot be checked).
 _ADDED_SETTINGS = frozenset({"threads"})
-
-
-def check_learning_rate(lr: object, what: str = "the learning rate") -> float:
-    """Refuse a learning rate an optimizer cannot use (see :data:`MAX_LEARNING_RATE`).
-
-    Args:
-        lr: The rate (a number, or a one-element tensor).
-        what: Where it comes from, for the message (``--lr``, say).
-
-    Returns:
-        The rate as a float.
-
-    Raises:
-        ConfigError: Not a finite number above 0 and at most :data:`MAX_LEARNING_RATE`.
-    """
-    try:
-        value = float(lr)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"{what} is {lr!r}, not a number") from None
-    if not (math.isfinite(value) and 0 < value <= MAX_LEARNING_RATE):
-        raise ConfigError(
-            f"{what} is {value:g}, not a usable learning rate: give a number above 0 and at "
-            f"most {MAX_LEARNING_RATE:g} (larger rates overflow the optimizer's arithmetic; "
-            "common ones are 1e-4 to 1)"
-        )
-    return value
 
 
 def _check_step_rates(optimizer: torch.optim.Optimizer, step: int) -> None:
