@@ -64,9 +64,7 @@ def _train(job: dict[str, Path], steps: int, *extra: str) -> Result:
 
 
 def _export(job: dict[str, Path], out: str, *extra: str) -> Result:
-    return run_cli(
-        "export", job["mirror"], "--key", job["key"], "--out", job["dir"] / out, *extra
-    )
+    return run_cli("export", job["mirror"], "--key", job["key"], "--out", job["dir"] / out, *extra)
 
 
 def _evaluate(job: dict[str, Path], *extra: str) -> Result:
