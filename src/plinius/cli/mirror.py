@@ -131,14 +131,6 @@ def mirror_lines(
         f"  step             {info.step if info.step is not None else 'none (never saved)'}",
         f"  saved            {_when(info.saved_at)}",
         f"  tensors          {info.num_tensors}, {_size(info.tensor_bytes)}",
-        "  counter          "
-        + (
-            f"the job's policy: {info.counter_bound}, once checked against it "
-            f"(this generation expects counter value {info.counter_expected})"
-            if info.counter_expected is not None
-            else info.counter_bound
-        ),
-        f"  freshness        {freshness_line(info, source.spec)}",
     ]
     for t in tensors:
         shape = "x".join(str(d) for d in t.shape) or "scalar"
@@ -148,6 +140,17 @@ def mirror_lines(
         f"  verified: the superblock, the manifest and all {info.num_tensors} tensors "
         "authenticate under this key"
     )
+    # What freshness means here comes last: it is the one check the tags cannot make.
+    lines += [
+        "  counter          "
+        + (
+            f"the job's policy: {info.counter_bound}, once checked against it "
+            f"(this generation expects counter value {info.counter_expected})"
+            if info.counter_expected is not None
+            else info.counter_bound
+        ),
+        f"  freshness        {freshness_line(info, source.spec)}",
+    ]
     return lines
 
 
