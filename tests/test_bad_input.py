@@ -316,7 +316,7 @@ API_ROWS = [
         "does not hold a counter value"),
     Bad("mirror-counter-is-a-directory",
         lambda w: lambda: Mirror(w.mirror, w.key, counter=FileCounter(w.subdir)), FormatError,
-        "unreadable"),
+        "not a regular file"),
     # -- sealed datasets (SealedDataset; train --data, evaluate, inspect)
     Bad("dataset-directory", lambda w: lambda: SealedDataset(w.subdir, w.key), StorageError,
         "not a regular file"),
@@ -584,10 +584,10 @@ CLI_ROWS = [
         "--model", "mlp", "--sealed-key", str(w.dir / "s")], 2, "--sealed-key"),
     BadCli("seal-out-is-the-key", lambda w: _seal(
         w, "--out", str(w.keyfile), "--builtin", "digits", "--overwrite"), 2,
-        "is the --key file"),
+        "--key and --out name the same file"),
     BadCli("seal-out-is-the-source", lambda w: _seal(
         w, "--out", str(_npz(w, a=np.zeros((2, 2)))), "--npz", str(w.dir / "in.npz"),
-        "--overwrite"), 2, "is the --npz file"),
+        "--overwrite"), 2, "--out and --npz name the same file"),
     BadCli("seal-two-sources", lambda w: _seal(
         w, "--out", str(w.dir / "o.pld"), "--builtin", "digits", "--npz", str(w.text)), 2,
         "exactly one source"),

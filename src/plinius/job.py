@@ -171,6 +171,8 @@ def make_counter(
     key_server: str | None,
     key_server_pubkey: str | None,
     job_id: str,
+    *,
+    create: bool = True,
 ) -> tuple[Counter | None, int]:
     """The trusted freshness counter a ``--counter`` spec names, and its advance interval.
 
@@ -187,6 +189,9 @@ def make_counter(
         key_server: The key server's URL (for ``keyserver``).
         key_server_pubkey: The key server's public key, hex (for ``keyserver``).
         job_id: The job whose counter the key server keeps.
+        create: Whether a missing TPM index may be defined (training); the
+            commands that only read a mirror pass False, so that a deleted
+            index is a :class:`~plinius.errors.RollbackError`, never 0.
 
     Returns:
         ``(counter, every)``: the counter (``None`` without a spec) and how many
@@ -208,7 +213,7 @@ def make_counter(
 
         # for_key: the index password derives from the master key, so a host
         # that forges or replays TPM answers is caught (HMAC sessions).
-        return TPMCounter.for_key(key, arg or DEFAULT_TCTI), 100
+        return TPMCounter.for_key(key, arg or DEFAULT_TCTI, create=create), 100
     if kind == "keyserver" and not arg:
         if not key_server or not key_server_pubkey:
             raise ConfigError("--counter keyserver needs --key-server and --key-server-pubkey")

@@ -80,3 +80,52 @@ def test_missing_directory_is_a_storage_error(tmp_path: Path) -> None:
     assert c.read() == 0
     with pytest.raises(StorageError):
         c.increment()
+
+
+_READ_FIFO = """
+import sys
+from plinius.counters import FileCounter
+from plinius.errors import PliniusError
+c = FileCounter(sys.argv[1])
+for op in (c.read, c.increment):
+    try:
+        op()
+    except PliniusError as exc:
+        print(type(exc).__name__, exc)
+    else:
+        print("no error")
+"""
+
+
+def test_a_fifo_in_place_of_the_counter_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    # The attack: the host puts a FIFO where the counter file is; opening it for
+    # reading would block until a writer appears, hanging the job forever. The
+    # read runs in a subprocess with a timeout so that this test can never hang.
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "ctr"
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _READ_FIFO, str(fifo)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("FileCounter blocked on a FIFO")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        assert line.startswith("FormatError ") and "not a regular file" in line, line
+    assert fifo.exists() and not fifo.is_file()  # nothing replaced it
+
+
+def test_a_directory_in_place_of_the_counter_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ctr").mkdir()
+    with pytest.raises(FormatError, match="not a regular file"):
+        FileCounter(tmp_path / "ctr").read()

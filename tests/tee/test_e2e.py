@@ -223,9 +223,12 @@ def test_keyserver_cli_bad_input(tmp_path: Path) -> None:
     bad_policy.write_text("allow_simulation = true\n[sgx]\nmrenclav = []\n")
     code, out = run("--key", str(key), "--policy", str(bad_policy), "--identity", str(ident))
     assert code == 1 and "mrenclav is not a known key" in out
-    code, out = run(*base, "--tls-cert", str(key))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a PEM\n")
+    junk.chmod(0o600)
+    code, out = run(*base, "--tls-cert", str(junk))
     assert code == 1 and "both --tls-cert and --tls-key" in out
-    code, out = run(*base, "--tls-cert", str(key), "--tls-key", str(key))
+    code, out = run(*base, "--tls-cert", str(junk), "--tls-key", str(junk))
     assert code == 1 and "cannot load the TLS" in out
     code, out = run(*base, "--verifier", "nonsense")
     assert code == 1 and "unknown verifier" in out
@@ -239,5 +242,8 @@ def test_keyserver_cli_bad_input(tmp_path: Path) -> None:
     code, out = run(*base)
     assert code == 1 and "accessible by group or others" in out
     ident.chmod(0o600)
-    code, out = run("--key", str(key), "--policy", str(policy), "--identity", str(key))
+    code, out = run("--key", str(key), "--policy", str(policy), "--identity", str(junk))
     assert code == 1 and "not a PEM Ed25519 private key" in out
+    # The key file as the identity: one file, two options (tests/cli/test_path_collisions.py).
+    code, out = run("--key", str(key), "--policy", str(policy), "--identity", str(key))
+    assert code == 2 and "--key and --identity name the same file" in out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import StorageError
+from ._paths import check_distinct_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -95,15 +95,16 @@ def seal(
 
     # --overwrite must never replace an input: sealing over the key file would
     # lose the only key that opens the data.
-    for flag, given in (
-        ("--key", key_path),
-        ("--npz", npz),
-        ("--idx-images", idx_images),
-        ("--idx-labels", idx_labels),
-        ("--csv", csv_path),
-    ):
-        if given is not None and _same_file(out, given):
-            raise click.UsageError(f"--out {out} is the {flag} file; give another --out path")
+    check_distinct_paths(
+        {
+            "--key": key_path,
+            "--out": out,
+            "--npz": npz,
+            "--idx-images": idx_images,
+            "--idx-labels": idx_labels,
+            "--csv": csv_path,
+        }
+    )
 
     from ..crypto import MasterKey
     from ..data import sources as readers
@@ -136,14 +137,6 @@ def seal(
     for name, arr in fields.items():
         click.echo(f"  field {name}: {arr.dtype} {tuple(arr.shape[1:])}")
     click.echo(f"key fingerprint: {key.fingerprint.hex()}")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` name one existing file (links and relative paths included)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _seal_with_progress(

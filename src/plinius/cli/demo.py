@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from ._paths import check_distinct_paths, job_paths
 from .train import data_option, mirror_option
 
 
@@ -245,6 +246,16 @@ def crash_test(
             )
     if not math.isfinite(bid):
         raise click.BadParameter(f"{bid} is not a finite price", param_hint="--bid")
+    # The campaign appends to these files in --workdir, and writes MIRROR.reference.
+    written = {"events.jsonl", "train.log", "reference.events.jsonl", "reference.log"}
+    check_distinct_paths(
+        {
+            **job_paths(key=key_path, data=data_path, mirror=mirror_path, model=model_name),
+            "--mirror's .reference": mirror_path.with_name(mirror_path.name + ".reference"),
+            "--trace": trace_path,
+        },
+        {"--workdir": (workdir, written.__contains__)},
+    )
     key = MasterKey.load(key_path)
     if mirror_path.exists():
         raise ConfigError(f"{mirror_path} exists; a crash test starts from a new mirror file")

@@ -6,12 +6,26 @@ import datetime as _dt
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .._magic import FileKind, sniff
 from ..errors import ConfigError, FormatError, StorageError, storage_error
+from ._freshness import (
+    READ_COUNTER_HELP,
+    counter_option,
+    freshness_line,
+    open_for_reading,
+    unchecked_note,
+)
+from ._paths import check_distinct_paths, counter_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..crypto import MasterKey
+    from ..mirror import Mirror
 
 
 def register(group: click.Group) -> None:
@@ -44,7 +58,45 @@ def _kind(path: Path) -> FileKind | None:
         raise storage_error(exc, f"cannot read {path}") from exc
 
 
-def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
+class CounterSource:
+    """``--counter`` of ``plinius export`` and ``inspect``, and the key server it may need."""
+
+    def __init__(
+        self, spec: str | None, url: str | None, pubkey: str | None, job_id: str | None
+    ) -> None:
+        if spec != "keyserver":
+            stray = [f for f, v in (("--key-server", url), ("--key-server-pubkey", pubkey),
+                                    ("--job-id", job_id)) if v is not None]  # fmt: skip
+            if stray:
+                verb = "applies" if len(stray) == 1 else "apply"
+                raise click.UsageError(f"{', '.join(stray)} only {verb} to --counter keyserver")
+        self.spec, self.url, self.pubkey, self.job_id = spec, url, pubkey, job_id
+
+    def open(self, path: Path, key: MasterKey) -> Mirror:
+        """Open the mirror at ``path`` read-only, checked against the counter if one is given."""
+        return open_for_reading(path, key, self.spec, self.url, self.pubkey, self.job_id)
+
+
+def _key_server_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(
+        [
+            click.option("--key-server", help="Key server URL (for --counter keyserver)."),
+            click.option(
+                "--key-server-pubkey",
+                help="The key server's public key, hex (for --counter keyserver).",
+            ),
+            click.option(
+                "--job-id", help="The job's id (for --counter keyserver; default: the file name)."
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def mirror_lines(
+    path: Path, key_path: Path | None, counter: CounterSource | None = None
+) -> list[str]:
     """What ``plinius inspect`` prints for a mirror file."""
     from ..mirror import describe_file
     from ..pmem import describe_path
@@ -64,24 +116,21 @@ def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
             "  the manifest (step, tensors, state) is encrypted: pass --key KEY to read and "
             "verify it; the superblock above was checked but not authenticated"
         )
+        lines.append(
+            "  freshness        NOT checked (needs --key, and --counter if the job used one)"
+        )
         return lines
     from ..crypto import MasterKey
-    from ..mirror import Mirror
 
+    source = counter or CounterSource(None, None, None, None)
     key = MasterKey.load(key_path)
-    with Mirror(path, key, readonly=True) as m:
+    with source.open(path, key) as m:
         info = m.verify()
         tensors = m.committed_tensors()
     lines += [
         f"  step             {info.step if info.step is not None else 'none (never saved)'}",
         f"  saved            {_when(info.saved_at)}",
         f"  tensors          {info.num_tensors}, {_size(info.tensor_bytes)}",
-        f"  freshness        {info.counter_bound}"
-        + (
-            f" (expects counter {info.counter_expected})"
-            if info.counter_expected is not None
-            else ""
-        ),
     ]
     for t in tensors:
         shape = "x".join(str(d) for d in t.shape) or "scalar"
@@ -91,6 +140,17 @@ def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
         f"  verified: the superblock, the manifest and all {info.num_tensors} tensors "
         "authenticate under this key"
     )
+    # What freshness means here comes last: it is the one check the tags cannot make.
+    lines += [
+        "  counter          "
+        + (
+            f"the job's policy: {info.counter_bound}, once checked against it "
+            f"(this generation expects counter value {info.counter_expected})"
+            if info.counter_expected is not None
+            else info.counter_bound
+        ),
+        f"  freshness        {freshness_line(info, source.spec)}",
+    ]
     return lines
 
 
@@ -102,13 +162,33 @@ def mirror_lines(path: Path, key_path: Path | None) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Master key file: decrypt the manifest and verify every tag.",
 )
-def inspect(path: Path, key_path: Path | None) -> None:
+@counter_option(READ_COUNTER_HELP + " Needs --key.")
+@_key_server_options
+def inspect(
+    path: Path,
+    key_path: Path | None,
+    counter_spec: str | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    job_id: str | None,
+) -> None:
     """Describe a mirror file or a sealed dataset at PATH.
 
     Without --key, only what the plaintext header shows; with it, the step, the
-    tensors (names, dtypes, shapes), and a check of every authentication tag.
+    tensors (names, dtypes, shapes), and a check of every authentication tag;
+    with --counter too, a check that the mirror is not a rolled-back copy.
     """
+    source = CounterSource(counter_spec, key_server, key_server_pubkey, job_id)
+    check_distinct_paths(
+        {"PATH": path, "--key": key_path, "--counter file:": counter_file(counter_spec)}
+    )
     kind = _kind(path)
+    if counter_spec is not None and kind == "dataset":
+        raise click.UsageError("--counter applies to mirrors only; PATH is a sealed dataset")
+    if counter_spec is not None and key_path is None:
+        raise click.UsageError(
+            "--counter needs --key: the counter value a mirror expects is in its encrypted manifest"
+        )
     if kind == "dataset":
         try:
             from ..data import inspect_dataset
@@ -121,7 +201,7 @@ def inspect(path: Path, key_path: Path | None) -> None:
         key = MasterKey.load(key_path) if key_path is not None else None
         lines = inspect_dataset(path, key)
     elif kind == "mirror":
-        lines = mirror_lines(path, key_path)
+        lines = mirror_lines(path, key_path, source)
     else:
         raise FormatError(
             f"{path} is neither a plinius mirror nor a sealed dataset (unknown header)"
@@ -145,7 +225,17 @@ def inspect(path: Path, key_path: Path | None) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="The .safetensors file to write (never overwritten).",
 )
-def export(mirror: Path, key_path: Path, out: Path) -> None:
+@counter_option(READ_COUNTER_HELP)
+@_key_server_options
+def export(
+    mirror: Path,
+    key_path: Path,
+    out: Path,
+    counter_spec: str | None,
+    key_server: str | None,
+    key_server_pubkey: str | None,
+    job_id: str | None,
+) -> None:
     """Decrypt the model in MIRROR into a safetensors file (plaintext!).
 
     Writes the tensors of state["model"] (names without the "model." prefix),
@@ -155,12 +245,20 @@ def export(mirror: Path, key_path: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from ..crypto import MasterKey
-    from ..mirror import Mirror
 
+    source = CounterSource(counter_spec, key_server, key_server_pubkey, job_id)
+    check_distinct_paths(
+        {
+            "MIRROR": mirror,
+            "--key": key_path,
+            "--out": out,
+            "--counter file:": counter_file(counter_spec),
+        }
+    )
     if out.exists():
         raise StorageError(f"{out} already exists; refusing to overwrite it")
     key = MasterKey.load(key_path)
-    with Mirror(mirror, key, readonly=True) as m:
+    with source.open(mirror, key) as m:
         info = m.info()
         if info.generation == 0:
             raise ConfigError(f"{mirror} holds no saved state yet; nothing to export")
@@ -194,5 +292,7 @@ def export(mirror: Path, key_path: Path, out: Path) -> None:
     finally:
         Path(tmp).unlink(missing_ok=True)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if counter_spec is None:
+        click.echo(unchecked_note(info), err=True)
     click.echo(f"wrote {len(tensors)} tensors ({_size(total)}) of step {info.step} to {out}")
     click.echo("note: the exported file is plaintext; protect it like the model itself")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ._paths import check_distinct_paths, owned_by_counter_dir
+
 _ROOT_HELP = "(for testing or unusual mounts; default ${env} or {default})"
 
 
@@ -170,6 +172,20 @@ def keyserver(
 
     if pccs_url is not None and verifier != "dcap-qvl":
         raise click.UsageError("--pccs-url applies to --verifier dcap-qvl only")
+    # The audit log is appended to, the identity created, the counter directory
+    # rewritten: none may be another option's file (see plinius.cli._paths).
+    check_distinct_paths(
+        {
+            "--key": key_path,
+            "--policy": policy_path,
+            "--identity": identity,
+            "--audit-log": audit_log,
+            "--tls-cert": tls_cert,
+            "--tls-key": tls_key,
+        },
+        {"--counter-dir": (counter_dir, owned_by_counter_dir)},
+        allowed=frozenset({frozenset({"--tls-cert", "--tls-key"})}),
+    )
     master = MasterKey.load(key_path)
     policy = Policy.load(policy_path)
     ident = load_identity(identity)

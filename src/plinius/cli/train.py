@@ -13,6 +13,9 @@ import click
 
 from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, load_key, make_counter, process_age_s
+from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
+from ._freshness import unchecked_note as _unchecked_note
+from ._paths import check_distinct_paths, job_paths
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -49,22 +52,6 @@ def check_key_options(key_path: Path | None, key_server: str | None) -> None:
             f"{', '.join(unused)} only {verb} to key release (--key-server); "
             f"with --key {it} would be ignored"
         )
-
-
-def check_distinct_files(**paths: Path | None) -> None:
-    """Refuse one existing file given for two options (``--events`` on the key, say)."""
-    items = [(k, p) for k, p in paths.items() if p is not None and p.exists()]
-    for i, (a, pa) in enumerate(items):
-        for b, pb in items[i + 1 :]:
-            try:
-                same = os.path.samefile(pa, pb)
-            except OSError:
-                same = False
-            if same:
-                raise click.UsageError(
-                    f"--{a.replace('_', '-')} and --{b.replace('_', '-')} name the same file "
-                    f"{pb}; give each its own"
-                )
 
 
 def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
@@ -259,8 +246,18 @@ def train(
         if stray:
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
-    # Appending events to the key, dataset or mirror would damage it.
-    check_distinct_files(key=key_path, data=data_path, mirror=mirror_path, events=events_path)
+    # Appending events to the key, dataset, mirror or counter would damage it.
+    check_distinct_paths(
+        job_paths(
+            key=key_path,
+            data=data_path,
+            mirror=mirror_path,
+            sealed_key=sealed_key,
+            counter_spec=counter_spec,
+            events=events_path,
+            model=model_name,
+        )
+    )
     age = process_age_s()
     t_start = time.perf_counter()
     events = EventLog(events_path)
@@ -300,6 +297,8 @@ def train(
             counter_interval_s=counter_interval,
         ) as mirror:
             t_open = time.perf_counter() - t0
+            if counter is None:
+                click.echo(train_note(mirror.info()), err=True)
             show = sys.stdout.isatty() if progress is None else progress
             update, stop = make_progress(show, steps)
 
@@ -387,6 +386,7 @@ def _report_resume(
     "--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Batch size."
 )
 @num_classes_option
+@counter_option(READ_COUNTER_HELP)
 def evaluate(
     key_path: Path | None,
     key_server: str | None,
@@ -398,13 +398,23 @@ def evaluate(
     model_name: str,
     batch_size: int,
     num_classes: int | None,
+    counter_spec: str | None,
 ) -> None:
     """Accuracy and loss of the model in MIRROR on a sealed dataset (read-only)."""
     from ..data import SealedDataset
-    from ..mirror import Mirror
     from ..train import evaluate as run_evaluate
 
     check_key_options(key_path, key_server)
+    check_distinct_paths(
+        job_paths(
+            key=key_path,
+            data=data_path,
+            mirror=mirror_path,
+            sealed_key=sealed_key,
+            counter_spec=counter_spec,
+            model=model_name,
+        )
+    )
     key, _ = load_key(
         key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
     )
@@ -412,7 +422,10 @@ def evaluate(
         raise ConfigError(f"mirror {mirror_path} does not exist; train first with 'plinius train'")
     with SealedDataset(data_path, key) as ds:
         spec, classes = build_job(model_name, ds, num_classes, 0)
-        with Mirror(mirror_path, key, readonly=True) as mirror:
+        with open_for_reading(
+            mirror_path, key, counter_spec, key_server, key_server_pubkey, job_id
+        ) as mirror:
+            info = mirror.info()
             try:
                 step = mirror.restore_model(spec.module)
             except StateMismatchError as exc:
@@ -431,4 +444,6 @@ def evaluate(
             split=spec.split,
             num_classes=classes,
         )
+    if counter_spec is None:
+        click.echo(_unchecked_note(info), err=True)
     click.echo(f"step {step}: accuracy {acc * 100:.2f}% ({len(ds)} records), loss {loss:.4f}")

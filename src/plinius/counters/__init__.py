@@ -20,6 +20,7 @@ server's protocol).
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -28,6 +29,9 @@ from .._lazy import lazy_exports
 from ..errors import FormatError
 
 __all__ = ["Counter", "FileCounter", "KeyServerCounter", "TPMCounter"]
+
+# A counter file holds at most 20 digits and a newline; anything longer is not one.
+_MAX_FILE_BYTES = 64
 
 _LAZY = {"KeyServerCounter": "keyserver", "TPMCounter": "tpm"}
 
@@ -101,14 +105,36 @@ class FileCounter:
             The value; 0 if the file does not exist yet.
 
         Raises:
-            FormatError: the file is unreadable or holds no counter value.
+            FormatError: the file is unreadable, not a regular file (a FIFO,
+                a directory: refused at once, never waited on) or holds no
+                counter value.
         """
         try:
-            text = self.path.read_text(encoding="ascii").strip()
+            # O_NONBLOCK: a FIFO in place of the counter file must not hang the
+            # open (as MasterKey.load); then only a regular file is read.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return 0
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FormatError(f"counter file {self.path} is unreadable: {exc}") from exc
+        except OSError as exc:
+            raise FormatError(
+                f"counter file {self.path} is unreadable: {exc.strerror or exc}"
+            ) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FormatError(
+                    f"counter file {self.path} is not a regular file; give the path of a file"
+                )
+            raw = os.read(fd, _MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            raise FormatError(
+                f"counter file {self.path} is unreadable: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            os.close(fd)
+        try:
+            text = raw.decode("ascii").strip()
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"counter file {self.path} does not hold a counter value") from exc
         # At most 20 digits (any 64-bit value): int() refuses very long digit strings.
         if not text.isdigit() or len(text) > 20:
             raise FormatError(f"counter file {self.path} does not hold a counter value")
