@@ -64,13 +64,17 @@ def assert_one_line_error(res: Result, *needles: str, code: int = 1, match: str 
         match: a regular expression the error text must match (searched).
 
     Returns:
-        The error text (stderr, stripped).
+        The error line (for exit 1), else stderr, stripped.
     """
     assert res.exit_code == code, (res.exit_code, res.output)
     assert "Traceback" not in res.output
     err = res.stderr.strip()
     if code == 1:
-        assert "\n" not in err and err.startswith("error: "), err
+        # The error is one line, the last; only one-line notes said before it
+        # (``note: freshness is unprotected``, say) may precede it.
+        *notes, err = err.splitlines() or [""]
+        assert err.startswith("error: "), res.stderr
+        assert all(n.startswith("note: ") for n in notes), res.stderr
     for n in needles:
         assert n in err, (n, err)
     if match:
