@@ -53,7 +53,7 @@ from ..errors import ConfigError, IntegrityError, PliniusError, StateMismatchErr
 from ..pmem import RegionLike
 from ..rng import RNGState
 from . import _format as fmt
-from ._codec import TORCH_DTYPES
+from ._codec import TORCH_DTYPES, describe
 from ._file import (
     MirrorHeader,
     commit,
@@ -489,7 +489,7 @@ class Mirror:
 
     def _check_step(self, step: int) -> None:
         if type(step) is not int or not (-(1 << 63) <= step < (1 << 63)):
-            raise ConfigError(f"step must be an int that fits in 64 bits, not {step!r}")
+            raise ConfigError(f"step must be an int that fits in 64 bits, not {describe(step)}")
 
     def _check_open(self) -> None:
         if self._closed:

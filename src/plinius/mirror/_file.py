@@ -306,7 +306,7 @@ def read_committed(
         )
     except IntegrityError as exc:
         raise IntegrityError(f"the manifest body of {label} fails authentication") from exc
-    skeleton, entries = fmt.decode_body(text, root)
+    skeleton, entries = fmt.decode_body(text, root, label)
     return fmt.Manifest(root, slot, skeleton, entries, salt)
 
 
