@@ -236,6 +236,7 @@ class Mirror:
             counter, counter_every, counter_interval_s, readonly=readonly, label=self._label
         )
         self._region: RegionLike
+        self._in_use = 0  # where the committed manifest's extents end
         if isinstance(path_or_region, str | os.PathLike):
             self._region, self._lock_fd = open_file(
                 Path(path_or_region),
@@ -248,9 +249,17 @@ class Mirror:
             if not readonly and not np.frombuffer(self._region.buf, dtype=np.uint8).any():
                 self._fresh.check_new_allowed()
                 self._init_region(self._region)
+        # Only what the manifest uses is pre-faulted: by a writer at once, by a
+        # reader once it reads tensors (a region object without ``populate``
+        # is in memory already).
+        self._populate = getattr(self._region, "populate", None)
         try:
             self._load()
             self._fresh.check_and_catch_up(self._manifest.root)
+            if not readonly:
+                # A writer pre-faults now, not in its first save: first-touch
+                # page faults cost more than AES-GCM on the same bytes.
+                self._prefault(self._in_use)
         except BaseException:
             self._release()
             raise
@@ -280,6 +289,12 @@ class Mirror:
         self._manifest = read_committed(
             self._region, self._mirror_key, self._sb.region_id, self._label
         )
+        self._in_use = fmt.in_use_end(self._manifest)
+
+    def _prefault(self, end: int) -> None:
+        """Pre-fault the region up to ``end`` (once: cheap when it already is)."""
+        if self._populate is not None:
+            self._populate(end)
 
     # ------------------------------------------------------------ public API
     def restore(self, state: dict[str, Any]) -> int | None:
@@ -363,6 +378,7 @@ class Mirror:
             self._join_pending()
             self._check_open()
             m = self._manifest
+            self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
             largest = max((min(e.nbytes, m.root.chunk_bytes) for e in m.entries), default=0)
@@ -385,6 +401,7 @@ class Mirror:
             self._join_pending()
             self._check_open()
             m = self._manifest
+            self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
             out: dict[str, torch.Tensor] = {}
@@ -460,6 +477,7 @@ class Mirror:
         # Nothing is written until the saved state fits the target (the plan)
         # and every stored tag is the manifest's (a swapped tensor is caught here).
         plan = plan_restore(skeleton, m.entries, state)
+        self._prefault(self._in_use)
         check_stored_tags(m, self._region.buf, self._label)
         aead = save_aead(self._mirror_key, m.salt)
         jobs: list[Job] = []
@@ -537,6 +555,7 @@ class Mirror:
         # Grow before anything refers to the new space: a crash now leaves a
         # longer file whose committed manifest never mentions the tail.
         grow_to(region, alloc.end)
+        self._prefault(alloc.end)  # what this save writes, before it does
         buf = region.buf
         salt = os.urandom(16)
         aead = save_aead(self._mirror_key, salt)
@@ -579,6 +598,7 @@ class Mirror:
         text = self._body.fill(pieces, entries)
         body_off, body_other, body_cap = alloc.place_body(len(text) + TAG_SIZE)
         grow_to(region, alloc.end)
+        self._prefault(alloc.end)
         fresh = self._fresh
         counter_expected, advance = fresh.next_value()
         root = fmt.Root(
@@ -592,6 +612,7 @@ class Mirror:
         write_manifest(region, aead, self._sb.region_id, root, slot, text, salt)
         commit(region, gen, slot)
         self._manifest = fmt.Manifest(root, slot, skeleton, entries, salt)
+        self._in_use = alloc.end
         # The superseded root is wiped, so that rewriting the commit word alone
         # cannot roll back to it (a full-file rollback needs the counter).
         wipe_root(region, 1 - slot)

@@ -103,7 +103,10 @@ def open_file(
             raise FormatError(
                 f"{path} is not a plinius mirror (it does not start with {fmt.MAGIC!r})"
             )
-        region = Region.open(path, readonly=readonly)
+        # Nothing is pre-faulted yet: the file may be far longer than what its
+        # committed manifest uses (a sparse hole appended to it costs nothing
+        # until touched); the Mirror pre-faults what is in use (Region.populate).
+        region = Region.open(path, readonly=readonly, populate=False)
     try:
         fd = take_lock(path, readonly)
     except BaseException:

@@ -50,6 +50,7 @@ __all__ = [
     "ct_len",
     "decode_body",
     "encode_body",
+    "in_use_end",
     "nchunks",
     "pack_commit",
     "pack_root",
@@ -307,6 +308,19 @@ class Manifest:
     skeleton: dict[str, Any]
     entries: list[Entry]
     salt: bytes = b""  # the per-save key's salt
+
+
+def in_use_end(m: Manifest) -> int:
+    """Where the extents a manifest references end: its body pair and every tensor pair.
+
+    At most the root's ``extent_end`` (the file size at the commit): the file
+    past it, and between the extents, is free space.
+    """
+    r = m.root
+    end = max(r.body_off, r.body_other) + r.body_cap
+    for e in m.entries:
+        end = max(end, e.slots[0] + e.cap, e.slots[1] + e.cap)
+    return end
 
 
 def _dumps(doc: Any) -> str:
