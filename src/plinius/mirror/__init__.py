@@ -55,6 +55,7 @@ from ..rng import RNGState
 from . import _format as fmt
 from ._codec import TORCH_DTYPES, describe
 from ._file import (
+    FileLock,
     MirrorHeader,
     commit,
     describe_file,
@@ -226,7 +227,7 @@ class Mirror:
         self._pending: PendingSave | None = None
         self._runner = Runner(self._threads)
         self._driver: ThreadPoolExecutor | None = None
-        self._lock_fd = -1
+        self._file_lock: FileLock | None = None
         self._closed = False
         self._body = fmt.BodyEncoder()
         self._memo = FlattenMemo()  # the state's structure, as the last save saw it
@@ -238,7 +239,7 @@ class Mirror:
         self._region: RegionLike
         self._in_use = 0  # where the committed manifest's extents end
         if isinstance(path_or_region, str | os.PathLike):
-            self._region, self._lock_fd = open_file(
+            self._region, self._file_lock = open_file(
                 Path(path_or_region),
                 readonly=readonly,
                 before_create=self._fresh.check_new_allowed,
@@ -517,6 +518,11 @@ class Mirror:
         self._check_open()
         if self._readonly:
             raise ConfigError(f"the mirror {self._label} was opened read-only; it cannot save")
+        if self._file_lock is not None and self._file_lock.forked:
+            raise ConfigError(
+                f"the mirror {self._label} was opened by the process this one was forked from; "
+                "it holds no lock here: open the mirror anew in this process to save"
+            )
 
     def _join_pending(self) -> None:
         p, self._pending = self._pending, None
@@ -651,6 +657,5 @@ class Mirror:
         if region is not None:
             with contextlib.suppress(PliniusError, BufferError, ValueError):
                 region.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self._file_lock is not None:
+            self._file_lock.release()
