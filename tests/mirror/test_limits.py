@@ -271,9 +271,10 @@ def _forge_body(path: Path, key: MasterKey, skeleton: dict[str, Any]) -> None:
         commit(region, gen, slot)
 
 
+@pytest.mark.parametrize("limit", [1000, 20000], ids=["default-limit", "raised-limit"])
 @pytest.mark.parametrize("depth", [MAX_DEPTH, 300, 1000, 3000])
 def test_reading_a_body_nested_too_deep_is_a_clear_error(
-    shm_dir: Path, key: MasterKey, depth: int, high_recursion_limit: None
+    shm_dir: Path, key: MasterKey, depth: int, limit: int, high_recursion_limit: None
 ) -> None:
     path = shm_dir / "m.plm"
     sk = {
@@ -284,7 +285,7 @@ def test_reading_a_body_nested_too_deep_is_a_clear_error(
         ],
     }
     _forge_body(path, key, sk)
-    sys.setrecursionlimit(1000)
+    sys.setrecursionlimit(limit)
     with pytest.raises(FormatError, match=f"deeper than the {MAX_DEPTH} levels") as ei:
         Mirror(path, key, readonly=True)
     assert "\n" not in str(ei.value)
@@ -301,3 +302,25 @@ def test_a_mismatch_naming_huge_integer_keys_is_still_a_clear_error(
         m.save({"d": {10**5000: torch.ones(1)}}, step=1)
     with Mirror(path, key) as m, pytest.raises(StateMismatchError, match="an integer of"):
         m.restore({"d": {-(10**5000): torch.ones(1)}})
+
+
+def test_a_recursion_limit_lowered_below_what_a_state_needs_is_a_clear_error(
+    shm_dir: Path, key: MasterKey
+) -> None:
+    path = shm_dir / "m.plm"
+    _committed(path, key)
+    old = sys.getrecursionlimit()
+    with Mirror(path, key) as m:
+        try:
+            sys.setrecursionlimit(len(_stack()) + 60)
+            with pytest.raises(ConfigError, match="recursion limit"):
+                m.save({"deep": _nested(MAX_DEPTH - 1)}, step=8)
+        finally:
+            sys.setrecursionlimit(old)
+        assert m.info().generation == 1
+
+
+def _stack() -> list[Any]:
+    import inspect
+
+    return inspect.stack(0)

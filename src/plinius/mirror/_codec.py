@@ -3,7 +3,10 @@
 A saved state is a JSON *skeleton* (its structure and every plain value) plus
 a list of tensors the skeleton refers to by index. Plain values keep their
 exact type: 1 is not 1.0 or True, tuples stay tuples, integer dict keys stay
-integers, floats are stored by their IEEE bits. This module also holds the
+integers, floats are stored by their IEEE bits, integers of any size are
+exact (JSON integers up to ``INT_DIGITS`` digits, longer ones in hex).
+Containers nest at most ``MAX_DEPTH`` levels, so that any process can read a
+skeleton back. This module also holds the
 vocabulary the flattener (``_flatten``) and the restore planner
 (``_restore``) share: torch dtype names, walking a skeleton, what counts as a
 Stateful object, and how paths are named.

@@ -11,6 +11,7 @@ structure again cheap.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -515,7 +516,9 @@ def flatten(
         The skeleton, and the tensors it refers to by index.
 
     Raises:
-        ConfigError: the state holds something that cannot be saved.
+        ConfigError: the state holds something that cannot be saved: an
+            unsupported value, containers nested deeper than ``MAX_DEPTH``, a
+            container that contains itself (each named by its path).
     """
     if not isinstance(state, dict):
         raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
@@ -524,7 +527,19 @@ def flatten(
             raise ConfigError(f"the state's top-level keys must be strings, not {describe(k)}")
     f = _Flattener(capture, memo)
     f.walking[id(state)] = ""  # level 1; its values are level 2
-    skeleton = {"t": "dict", "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()]}
+    try:
+        skeleton = {
+            "t": "dict",
+            "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()],
+        }
+    except RecursionError as exc:
+        # MAX_DEPTH levels take a few hundred frames: only a recursion limit
+        # lowered far below Python's default, or a caller already deep, gets here.
+        raise ConfigError(
+            f"cannot save the state: walking it exceeded this process's recursion limit "
+            f"({sys.getrecursionlimit()}); raise it with sys.setrecursionlimit() (Python's "
+            "default is 1000)"
+        ) from exc
     if memo is not None:
         memo.entries = f.next_memo  # only what this state still has
     return skeleton, f.tensors
