@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from plinius import pmem
@@ -207,6 +208,73 @@ def test_open_file_not_a_multiple_of_the_page_size(shm_dir: Path) -> None:
         r.persist(0, size)
         r.persist(PAGE + 1, 2 * PAGE)  # unaligned start, crossing pages
     assert (shm_dir / "odd").read_bytes()[-5:] == b"TAIL!"
+
+
+def _start_of(buf: memoryview) -> int:
+    """The address a (possibly read-only) view starts at."""
+    return int(np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0])
+
+
+def _resident_pages(buf: memoryview, pages: int) -> bool:
+    """Whether about ``pages`` pages of the mapping are resident: a fault maps up to
+    64 KiB of neighbouring pages already in the page cache (the kernel's fault-around)."""
+    rss = _rss_of_mapping(_start_of(buf))
+    return pages * PAGE <= rss <= pages * PAGE + (64 << 10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+@pytest.mark.parametrize("ro", [False, True], ids=["rw", "ro"])
+def test_open_without_populate_prefaults_only_what_is_asked(shm_dir: Path, ro: bool) -> None:
+    p = shm_dir / "r"
+    Region.create(p, 4 * PAGE, lambda r: r.buf.__setitem__(slice(0, 3), b"hdr")).close()
+    os.truncate(p, 1 << 30)  # a sparse hole: 1 GiB that costs nothing until touched
+    blocks = p.stat().st_blocks * 512
+    with Region.open(p, readonly=ro, populate=False) as r:
+        assert r.size == 1 << 30 and r.populated == 0
+        assert _rss_of_mapping(_start_of(r.buf)) == 0
+        r.populate(16 * PAGE + 1)
+        assert r.populated == 16 * PAGE + 1
+        assert _resident_pages(r.buf, 17)
+        r.populate(8 * PAGE)  # already: nothing to do
+        assert _resident_pages(r.buf, 17)
+        assert bytes(r.buf[:3]) == b"hdr"
+    assert p.stat().st_blocks * 512 - blocks <= 17 * PAGE
+    os.truncate(p, 8 * PAGE)
+    with Region.open(p, readonly=ro, populate=False) as r:
+        r.populate(1 << 40)  # clipped to the region
+        assert r.populated == 8 * PAGE
+        assert _resident_pages(r.buf, 8)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_growing_a_partly_populated_region_prefaults_that_part_again(shm_dir: Path) -> None:
+    p = shm_dir / "r"
+    Region.create(p, 64 * PAGE).close()
+    with Region.open(p, populate=False) as r:
+        r.populate(4 * PAGE)
+        r.grow(128 * PAGE)
+        assert r.populated == 4 * PAGE
+        assert _resident_pages(r.buf, 4)
+        r.populate(128 * PAGE)
+        r.grow(256 * PAGE)  # fully pre-faulted: stays so
+        assert r.populated == 256 * PAGE
+        assert _resident_pages(r.buf, 256)
+    with Region.create(shm_dir / "c", 8 * PAGE) as r:
+        assert r.populated == 8 * PAGE
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_populate_falls_back_to_touching_pages_on_old_kernels(
+    shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pmem, "_MADV_POPULATE_READ", 0x7FFF)  # unknown advice: EINVAL
+    Region.create(shm_dir / "r", 32 * PAGE).close()
+    with Region.open(shm_dir / "r", readonly=True, populate=False) as r:
+        r.populate(5 * PAGE)
+        assert _resident_pages(r.buf, 5)
+    r.close()
+    with pytest.raises(StorageError, match="closed"):
+        r.populate(PAGE)
 
 
 # --- persist ---------------------------------------------------------------------

@@ -11,7 +11,12 @@ Where a region lives decides what "persistent" means (see ``describe_path``):
   that writes the pages back; durable, but at the speed of the disk.
 
 Pages are pre-faulted when a region is created or opened (``MAP_POPULATE``),
-because first-touch page faults cost more than AES-GCM on the same bytes.
+because first-touch page faults cost more than AES-GCM on the same bytes. A
+caller that knows which part of a file is in use opens it with
+``populate=False`` and pre-faults that part with :meth:`Region.populate`: a
+file may be far longer than what it holds (a sparse hole appended by
+``truncate -s 1G`` costs nothing until touched; pre-faulted on tmpfs, it is
+1 GiB of RAM).
 
 This layer knows nothing about crypto or file formats.
 :class:`plinius.testing.CrashSimRegion` has the same interface and produces
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import stat
@@ -50,6 +56,9 @@ PAGE = mmap.PAGESIZE
 _MAP_SHARED_VALIDATE = 0x03
 _MAP_SYNC = 0x80000
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
+# madvise(MADV_POPULATE_READ) (Linux 5.14): pre-fault a range as MAP_POPULATE
+# does a whole shared mapping (read faults: nothing is dirtied).
+_MADV_POPULATE_READ = 22
 
 
 class RegionLike(Protocol):
@@ -191,7 +200,9 @@ class Region:
             r.persist(0, 5)  # durable as the medium allows (describe_path)
     """
 
-    def __init__(self, path: Path, fd: int, size: int, readonly: bool) -> None:
+    def __init__(
+        self, path: Path, fd: int, size: int, readonly: bool, populate: bool = True
+    ) -> None:
         self._path = path
         self._fd = fd
         self._readonly = readonly
@@ -200,7 +211,8 @@ class Region:
         self._old: list[mmap.mmap] = []
         self._is_pmem = False
         self._base = 0
-        self._map(size)
+        self._populated = 0  # [0, _populated) is pre-faulted
+        self._map(size, populate)
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -278,12 +290,17 @@ class Region:
         return region
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Region:
+    def open(
+        cls, path: str | os.PathLike[str], *, readonly: bool = False, populate: bool = True
+    ) -> Region:
         """Map an existing file.
 
         Args:
             path: a regular, non-empty file (a FIFO or device is refused, never opened blocking).
             readonly: map it without write access (``persist`` then raises).
+            populate: pre-fault the whole file now. False: nothing is pre-faulted
+                (pages fault in when first touched) until :meth:`populate` says
+                what is in use; for a file whose size its contents do not vouch for.
 
         Returns:
             The open region.
@@ -306,14 +323,16 @@ class Region:
             size = st.st_size
             if size == 0:
                 raise StorageError(f"{p} is empty; it cannot be mapped")
-            return cls(p, fd, size, readonly)
+            return cls(p, fd, size, readonly, populate)
         except BaseException:
             os.close(fd)
             raise
 
     # -- mapping ------------------------------------------------------
-    def _map(self, size: int) -> None:
+    def _map(self, size: int, populate: bool) -> None:
+        """Map ``size`` bytes; pre-fault all of them if ``populate``."""
         prot = mmap.PROT_READ | (0 if self._readonly else mmap.PROT_WRITE)
+        pop = _MAP_POPULATE if populate else 0
         mm = None
         is_pmem = False
         lib = _load_libpmem()
@@ -322,24 +341,46 @@ class Region:
             # flushed from the CPU caches, and pmem_persist is enough.
             try:
                 mm = mmap.mmap(
-                    self._fd,
-                    size,
-                    flags=_MAP_SHARED_VALIDATE | _MAP_SYNC | _MAP_POPULATE,
-                    prot=prot,
+                    self._fd, size, flags=_MAP_SHARED_VALIDATE | _MAP_SYNC | pop, prot=prot
                 )
                 is_pmem = True
             except OSError:
                 mm = None
         if mm is None:
             try:
-                mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | _MAP_POPULATE, prot=prot)
+                mm = mmap.mmap(self._fd, size, flags=mmap.MAP_SHARED | pop, prot=prot)
             except OSError as exc:
                 raise storage_error(exc, f"cannot map {self._path}") from exc
         self._mm = mm
         self._buf = memoryview(mm)
         self._is_pmem = is_pmem
+        self._populated = size if populate else 0
         if is_pmem:
             self._base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+    def populate(self, end: int) -> None:
+        """Pre-fault ``[0, end)`` (what is not yet), so that first touches cost no page faults.
+
+        For a region opened with ``populate=False``: the caller names the part
+        of the file in use; the rest faults in when first touched, if ever.
+
+        Args:
+            end: the end of the range; clipped to the region's size.
+        """
+        mm = self._mm
+        if mm is None:
+            raise StorageError(f"region {self._path} is closed")
+        end = min(end, len(mm))
+        start = self._populated - self._populated % PAGE
+        if end <= self._populated:
+            return
+        _prefault(mm, start, end - start)
+        self._populated = end
+
+    @property
+    def populated(self) -> int:
+        """How much of the region, from its start, is pre-faulted."""
+        return self._populated
 
     @property
     def path(self) -> Path:
@@ -406,7 +447,12 @@ class Region:
         except OSError as exc:
             raise storage_error(exc, f"cannot grow {self._path} to {new_size} bytes") from exc
         old_mm, old_buf = self._mm, self._buf
-        self._map(new_size)
+        populated, old_size = self._populated, self.size
+        # A fully pre-faulted region stays so (the new bytes are about to be
+        # written); else what was pre-faulted is again, in the new mapping.
+        self._map(new_size, populate=populated >= old_size)
+        if populated < old_size:
+            self.populate(populated)
         # Views into the old mapping may still be alive in callers; the mapping
         # is closed now if nothing refers to it, else when the last view dies.
         if old_buf is not None:
@@ -448,6 +494,28 @@ class Region:
     def __repr__(self) -> str:
         mode = "ro" if self._readonly else "rw"
         return f"Region({str(self._path)!r}, size={self.size if self._buf else 0}, {mode})"
+
+
+def _prefault(mm: mmap.mmap, start: int, length: int) -> None:
+    """Pre-fault ``[start, start + length)`` of ``mm`` (``start`` page-aligned)."""
+    while True:
+        try:
+            mm.madvise(_MADV_POPULATE_READ, start, length)
+            return
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            if exc.errno != errno.EINVAL:
+                # ENOMEM, EFAULT, EHWPOISON: as MAP_POPULATE, pre-faulting is
+                # best effort; a store there faults (and fails) on its own.
+                return
+            break
+    # Before Linux 5.14: read one byte of every page.
+    view = memoryview(mm)
+    try:
+        view[start : start + length : PAGE].tobytes()
+    finally:
+        view.release()
 
 
 def _allocate(fd: int, size: int) -> None:

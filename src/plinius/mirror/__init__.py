@@ -53,8 +53,9 @@ from ..errors import ConfigError, IntegrityError, PliniusError, StateMismatchErr
 from ..pmem import RegionLike
 from ..rng import RNGState
 from . import _format as fmt
-from ._codec import TORCH_DTYPES
+from ._codec import TORCH_DTYPES, describe
 from ._file import (
+    FileLock,
     MirrorHeader,
     commit,
     describe_file,
@@ -226,7 +227,7 @@ class Mirror:
         self._pending: PendingSave | None = None
         self._runner = Runner(self._threads)
         self._driver: ThreadPoolExecutor | None = None
-        self._lock_fd = -1
+        self._file_lock: FileLock | None = None
         self._closed = False
         self._body = fmt.BodyEncoder()
         self._memo = FlattenMemo()  # the state's structure, as the last save saw it
@@ -236,8 +237,9 @@ class Mirror:
             counter, counter_every, counter_interval_s, readonly=readonly, label=self._label
         )
         self._region: RegionLike
+        self._in_use = 0  # where the committed manifest's extents end
         if isinstance(path_or_region, str | os.PathLike):
-            self._region, self._lock_fd = open_file(
+            self._region, self._file_lock = open_file(
                 Path(path_or_region),
                 readonly=readonly,
                 before_create=self._fresh.check_new_allowed,
@@ -248,9 +250,17 @@ class Mirror:
             if not readonly and not np.frombuffer(self._region.buf, dtype=np.uint8).any():
                 self._fresh.check_new_allowed()
                 self._init_region(self._region)
+        # Only what the manifest uses is pre-faulted: by a writer at once, by a
+        # reader once it reads tensors (a region object without ``populate``
+        # is in memory already).
+        self._populate = getattr(self._region, "populate", None)
         try:
             self._load()
             self._fresh.check_and_catch_up(self._manifest.root)
+            if not readonly:
+                # A writer pre-faults now, not in its first save: first-touch
+                # page faults cost more than AES-GCM on the same bytes.
+                self._prefault(self._in_use)
         except BaseException:
             self._release()
             raise
@@ -280,6 +290,12 @@ class Mirror:
         self._manifest = read_committed(
             self._region, self._mirror_key, self._sb.region_id, self._label
         )
+        self._in_use = fmt.in_use_end(self._manifest)
+
+    def _prefault(self, end: int) -> None:
+        """Pre-fault the region up to ``end`` (once: cheap when it already is)."""
+        if self._populate is not None:
+            self._populate(end)
 
     # ------------------------------------------------------------ public API
     def restore(self, state: dict[str, Any]) -> int | None:
@@ -363,6 +379,7 @@ class Mirror:
             self._join_pending()
             self._check_open()
             m = self._manifest
+            self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
             largest = max((min(e.nbytes, m.root.chunk_bytes) for e in m.entries), default=0)
@@ -385,6 +402,7 @@ class Mirror:
             self._join_pending()
             self._check_open()
             m = self._manifest
+            self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
             out: dict[str, torch.Tensor] = {}
@@ -460,6 +478,7 @@ class Mirror:
         # Nothing is written until the saved state fits the target (the plan)
         # and every stored tag is the manifest's (a swapped tensor is caught here).
         plan = plan_restore(skeleton, m.entries, state)
+        self._prefault(self._in_use)
         check_stored_tags(m, self._region.buf, self._label)
         aead = save_aead(self._mirror_key, m.salt)
         jobs: list[Job] = []
@@ -489,7 +508,7 @@ class Mirror:
 
     def _check_step(self, step: int) -> None:
         if type(step) is not int or not (-(1 << 63) <= step < (1 << 63)):
-            raise ConfigError(f"step must be an int that fits in 64 bits, not {step!r}")
+            raise ConfigError(f"step must be an int that fits in 64 bits, not {describe(step)}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -499,6 +518,11 @@ class Mirror:
         self._check_open()
         if self._readonly:
             raise ConfigError(f"the mirror {self._label} was opened read-only; it cannot save")
+        if self._file_lock is not None and self._file_lock.forked:
+            raise ConfigError(
+                f"the mirror {self._label} was opened by the process this one was forked from; "
+                "it holds no lock here: open the mirror anew in this process to save"
+            )
 
     def _join_pending(self) -> None:
         p, self._pending = self._pending, None
@@ -537,6 +561,7 @@ class Mirror:
         # Grow before anything refers to the new space: a crash now leaves a
         # longer file whose committed manifest never mentions the tail.
         grow_to(region, alloc.end)
+        self._prefault(alloc.end)  # what this save writes, before it does
         buf = region.buf
         salt = os.urandom(16)
         aead = save_aead(self._mirror_key, salt)
@@ -579,6 +604,7 @@ class Mirror:
         text = self._body.fill(pieces, entries)
         body_off, body_other, body_cap = alloc.place_body(len(text) + TAG_SIZE)
         grow_to(region, alloc.end)
+        self._prefault(alloc.end)
         fresh = self._fresh
         counter_expected, advance = fresh.next_value()
         root = fmt.Root(
@@ -592,6 +618,7 @@ class Mirror:
         write_manifest(region, aead, self._sb.region_id, root, slot, text, salt)
         commit(region, gen, slot)
         self._manifest = fmt.Manifest(root, slot, skeleton, entries, salt)
+        self._in_use = alloc.end
         # The superseded root is wiped, so that rewriting the commit word alone
         # cannot roll back to it (a full-file rollback needs the counter).
         wipe_root(region, 1 - slot)
@@ -630,6 +657,5 @@ class Mirror:
         if region is not None:
             with contextlib.suppress(PliniusError, BufferError, ValueError):
                 region.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self._file_lock is not None:
+            self._file_lock.release()

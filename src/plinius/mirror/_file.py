@@ -13,6 +13,7 @@ import fcntl
 import hmac
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..pmem import Region, RegionLike
 from . import _format as fmt
 
 __all__ = [
+    "FileLock",
     "MirrorHeader",
     "commit",
     "describe_file",
@@ -54,7 +56,7 @@ def open_file(
     readonly: bool,
     before_create: Callable[[], None],
     init: Callable[[RegionLike], None],
-) -> tuple[RegionLike, int]:
+) -> tuple[RegionLike, FileLock]:
     """Open the mirror file at ``path`` (creating it atomically if missing) and lock it.
 
     Args:
@@ -64,7 +66,7 @@ def open_file(
         init: writes a new mirror into the region being created (see :func:`init_region`).
 
     Returns:
-        The region and the file descriptor holding the lock (the caller closes it).
+        The region and the lock (the caller releases it).
 
     Raises:
         StorageError: the file cannot be opened, is not a regular file, or is locked.
@@ -103,35 +105,117 @@ def open_file(
             raise FormatError(
                 f"{path} is not a plinius mirror (it does not start with {fmt.MAGIC!r})"
             )
-        region = Region.open(path, readonly=readonly)
+        # Nothing is pre-faulted yet: the file may be far longer than what its
+        # committed manifest uses (a sparse hole appended to it costs nothing
+        # until touched); the Mirror pre-faults what is in use (Region.populate).
+        region = Region.open(path, readonly=readonly, populate=False)
     try:
-        fd = take_lock(path, readonly)
+        lock = take_lock(path, readonly)
     except BaseException:
         region.close()
         raise
-    return region, fd
+    return region, lock
 
 
-def take_lock(path: Path, readonly: bool) -> int:
-    """Lock ``path`` (shared when ``readonly``, else exclusive); return the lock's descriptor.
+# ---------------------------------------------------------------- locking
+# One writer at a time: two processes saving into one mirror would overwrite
+# each other's uncommitted slots. Readers share.
+#
+# The lock must die with the process that took it. A flock() lock belongs to
+# an open file description, which fork() shares: DataLoader workers forked
+# while the mirror is open would hold the lock as long as they live, orphaned
+# after a SIGKILL of their parent, and keep the restarted job out. POSIX
+# record locks (lockf, F_SETLK) are per process and not inherited, but a
+# process loses all of them on a file whenever it closes ANY descriptor of
+# that file: Python's mmap keeps a dup of the region's descriptor and closes
+# it at every remap (Region.grow) and at close, and describe_file, a backup
+# copy or anything else that opens and closes the file in the process would
+# silently drop a live writer's lock. So: flock, on a descriptor of its own
+# that nothing else uses, and every child forked from Python (os.fork,
+# multiprocessing, DataLoader workers) closes its copy at once (the at-fork
+# hook below): the lock is its taker's alone. Children that exec never have
+# it (the descriptor is close-on-exec). A fork made from C, bypassing
+# Python's at-fork hooks, would still share it.
+_held: set[FileLock] = set()  # the locks this process holds
+_guard = threading.Lock()  # no fork while a lock is being taken or released
+
+
+class FileLock:
+    """A mirror file's lock: a flock on a descriptor of its own (see above).
+
+    Attributes:
+        fd: the descriptor; -1 once released, or in a forked child.
+        forked: True in a child forked while the lock was held: it holds nothing.
+    """
+
+    __slots__ = ("fd", "forked")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.forked = False
+
+    def release(self) -> None:
+        """Unlock (by closing the descriptor); idempotent."""
+        with _guard:
+            fd, self.fd = self.fd, -1
+            _held.discard(self)
+            if fd >= 0:
+                os.close(fd)  # under the guard: no child may inherit it meanwhile
+
+
+def _before_fork() -> None:
+    _guard.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _guard.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child's copies refer to its parent's lock: closing them leaves the
+    # lock to the parent, and lets it go when the parent dies.
+    for lock in _held:
+        fd, lock.fd, lock.forked = lock.fd, -1, True
+        try:
+            os.close(fd)
+        except OSError:  # pragma: no cover - closed behind our back
+            pass
+    _held.clear()
+    _guard.release()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)
+
+
+def take_lock(path: Path, readonly: bool) -> FileLock:
+    """Lock ``path``: shared when ``readonly``, else exclusive.
+
+    Returns:
+        The lock; :meth:`FileLock.release` it.
 
     Raises:
-        StorageError: another process holds a conflicting lock, or the file cannot be opened.
+        StorageError: another process holds a conflicting lock (or this one,
+            through another Mirror), or the file cannot be opened.
     """
-    # One writer at a time: two processes saving into one mirror would
-    # overwrite each other's uncommitted slots.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise storage_error(exc, f"cannot open {path}") from exc
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise StorageError(
-            f"{path} is in use by another process (it is locked); stop that process first"
-        ) from exc
-    return fd
+    with _guard:
+        try:
+            # O_NONBLOCK: a FIFO put in the file's place never blocks here.
+            # os.open makes the descriptor close-on-exec.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot open {path}") from exc
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(
+                f"{path} is in use by another process (it is locked); stop that process first"
+            ) from exc
+        lock = FileLock(fd)
+        _held.add(lock)
+    return lock
 
 
 def initial_size() -> int:
@@ -306,7 +390,7 @@ def read_committed(
         )
     except IntegrityError as exc:
         raise IntegrityError(f"the manifest body of {label} fails authentication") from exc
-    skeleton, entries = fmt.decode_body(text, root)
+    skeleton, entries = fmt.decode_body(text, root, label)
     return fmt.Manifest(root, slot, skeleton, entries, salt)
 
 

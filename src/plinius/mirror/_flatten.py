@@ -11,6 +11,7 @@ structure again cheap.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,12 +23,16 @@ import torch
 from ..errors import ConfigError
 from ._codec import (
     DTYPE_NAMES,
+    MAX_DEPTH,
     TORCH_DTYPES,
     Node,
+    contains_itself,
+    describe,
     encode_plain,
     is_stateful,
     join_path,
     stateful_kind,
+    too_deep,
 )
 from ._format import TensorMeta
 
@@ -255,6 +260,23 @@ class _Flattener:
         self.names: set[str] = set()
         self.memo = memo.entries if memo is not None else {}
         self.next_memo: dict[tuple[int, str], _Memo] = {}
+        # The containers being walked (id -> path), from the top down to the
+        # current one: a value among them is a cycle, refused by name.
+        self.walking: dict[int, str] = {}
+
+    def enter(self, v: Any, path: str, level: int) -> None:
+        """Start walking container ``v`` at ``path`` (refused too deep, or if it is its own
+        ancestor); :meth:`leave` it when done. An error abandons the whole walk."""
+        if level > MAX_DEPTH:
+            raise too_deep(path)
+        walking = self.walking
+        i = id(v)
+        if i in walking:
+            raise contains_itself(path, walking[i])
+        walking[i] = path
+
+    def leave(self, v: Any) -> None:
+        del self.walking[id(v)]
 
     def _reuse(self, obj: Any, path: str, keys: tuple[Any, ...]) -> _Memo | None:
         m = self.memo.get((id(obj), path))
@@ -273,6 +295,7 @@ class _Flattener:
         """A module's state dict when every value is a tensor (else None), through the memo.
 
         ``params``: data pointers of the module's parameters (for save_async's capture).
+        Its keys are str or int (leaves): the caller has checked the dict's own level.
         """
         vals = list(d.values())
         for t in vals:
@@ -311,7 +334,8 @@ class _Flattener:
 
     def nested_tensor_dict(self, obj: Any, d: Any, path: str) -> Node | None:
         """An optimizer's per-parameter state, ``{id: {key: tensor}}`` with every
-        value a tensor (else None), through the memo. All of it is live."""
+        value a tensor (else None), through the memo. All of it is live.
+        Its keys are str or int (leaves): the caller has checked both dicts' levels."""
         if type(d) is not dict:
             return None
         inner = list(d.values())
@@ -371,33 +395,48 @@ class _Flattener:
         self.tensors.append(src)
         return {"t": "tensor", "i": len(self.tensors) - 1}
 
-    def value(self, v: Any, path: str, live: bool = False) -> Node:
+    def value(self, v: Any, path: str, live: bool = False, level: int = 2) -> Node:
+        """The node of ``v`` at ``path``, ``level`` deep (the top-level dict is level 1)."""
         tv = type(v)
         if tv in _SCALARS:
             return encode_plain(v, path)
         if tv is torch.Tensor or tv is np.ndarray or isinstance(v, torch.Tensor | np.ndarray):
             return self.tensor(v, path, live)
         if tv is dict or tv is OrderedDict:
+            self.enter(v, path, level)
+            inner = level + 1
             node: Node = {
                 "t": "dict",
                 "items": [
-                    [encode_plain(k, path), self.value(x, join_path(path, k), live)]
+                    [encode_plain(k, path, inner), self.value(x, join_path(path, k), live, inner)]
                     for k, x in v.items()
                 ],
             }
+            self.leave(v)
             if tv is OrderedDict:
                 node["o"] = True
             return node
         if tv is list or tv is tuple:
-            return {
+            self.enter(v, path, level)
+            node = {
                 "t": "list" if tv is list else "tuple",
-                "items": [self.value(x, join_path(path, i), live) for i, x in enumerate(v)],
+                "items": [
+                    self.value(x, join_path(path, i), live, level + 1) for i, x in enumerate(v)
+                ],
             }
+            self.leave(v)
+            return node
         if is_stateful(v):
-            return self.stateful(v, path)
-        return encode_plain(v, path)
+            self.enter(v, path, level)
+            node = self.stateful(v, path, level)
+            self.leave(v)
+            return node
+        return encode_plain(v, path, level)
 
-    def stateful(self, obj: Any, path: str) -> Node:
+    def stateful(self, obj: Any, path: str, level: int) -> Node:
+        """The node of a Stateful ``obj`` at ``level``; its state dict is one level deeper."""
+        if level + 1 > MAX_DEPTH:
+            raise too_deep(path)
         kind = stateful_kind(obj)
         try:
             sd = obj.state_dict()
@@ -411,13 +450,14 @@ class _Flattener:
                 inner: Node = fast
             else:
                 items = []
+                below = level + 2
                 for k, t in sd.items():
                     p = join_path(path, k)
                     if isinstance(t, torch.Tensor):
                         live = _is_param(t, params)
-                        items.append([encode_plain(k, path), self.tensor(t, p, live)])
+                        items.append([encode_plain(k, path, below), self.tensor(t, p, live)])
                     else:
-                        items.append([encode_plain(k, path), self.value(t, p)])
+                        items.append([encode_plain(k, path, below), self.value(t, p, False, below)])
                 inner = {"t": "dict", "o": True, "items": items}
         elif kind == "optimizer":
             # Only per-parameter state changes in optimizer.step(); the rest
@@ -425,13 +465,18 @@ class _Flattener:
             if not isinstance(sd, dict) or set(sd) < {"state", "param_groups"}:
                 raise ConfigError(f"cannot save {path}: unexpected optimizer state_dict()")
             items = []
+            # "state" is {id: {key: tensor}}: its inner dicts are level + 3.
+            fits = level + 3 <= MAX_DEPTH
             for k, x in sd.items():
                 p = join_path(path, k)
-                node = self.nested_tensor_dict(obj, x, p) if k == "state" else None
-                items.append([encode_plain(k), node or self.value(x, p, live=(k == "state"))])
+                node = self.nested_tensor_dict(obj, x, p) if k == "state" and fits else None
+                items.append(
+                    [encode_plain(k, path, level + 2),
+                     node or self.value(x, p, k == "state", level + 2)]
+                )  # fmt: skip
             inner = {"t": "dict", "items": items}
         else:
-            inner = self.value(sd, path)
+            inner = self.value(sd, path, False, level + 1)
         cls = type(obj)
         return {"t": "stateful", "kind": kind, "cls": f"{cls.__module__}.{cls.__qualname__}",
                 "v": inner}  # fmt: skip
@@ -471,15 +516,30 @@ def flatten(
         The skeleton, and the tensors it refers to by index.
 
     Raises:
-        ConfigError: the state holds something that cannot be saved.
+        ConfigError: the state holds something that cannot be saved: an
+            unsupported value, containers nested deeper than ``MAX_DEPTH``, a
+            container that contains itself (each named by its path).
     """
     if not isinstance(state, dict):
         raise ConfigError(f"the state must be a dict, not {type(state).__name__}")
     for k in state:
         if not isinstance(k, str):
-            raise ConfigError(f"the state's top-level keys must be strings, not {k!r}")
+            raise ConfigError(f"the state's top-level keys must be strings, not {describe(k)}")
     f = _Flattener(capture, memo)
-    skeleton = {"t": "dict", "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()]}
+    f.walking[id(state)] = ""  # level 1; its values are level 2
+    try:
+        skeleton = {
+            "t": "dict",
+            "items": [[encode_plain(k), f.value(v, k)] for k, v in state.items()],
+        }
+    except RecursionError as exc:
+        # MAX_DEPTH levels take a few hundred frames: only a recursion limit
+        # lowered far below Python's default, or a caller already deep, gets here.
+        raise ConfigError(
+            f"cannot save the state: walking it exceeded this process's recursion limit "
+            f"({sys.getrecursionlimit()}); raise it with sys.setrecursionlimit() (Python's "
+            "default is 1000)"
+        ) from exc
     if memo is not None:
         memo.entries = f.next_memo  # only what this state still has
     return skeleton, f.tensors

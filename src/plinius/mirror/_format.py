@@ -29,8 +29,8 @@ import numpy as np
 
 from .. import _magic
 from ..crypto import TAG_SIZE, hkdf
-from ..errors import FormatError, IntegrityError
-from ._codec import TORCH_DTYPES, check_tensor_refs
+from ..errors import ConfigError, FormatError, IntegrityError
+from ._codec import INT_DIGITS, MAX_DEPTH, TORCH_DTYPES, check_tensor_refs, skeleton_depth
 
 __all__ = [
     "ALIGN",
@@ -50,6 +50,7 @@ __all__ = [
     "ct_len",
     "decode_body",
     "encode_body",
+    "in_use_end",
     "nchunks",
     "pack_commit",
     "pack_root",
@@ -309,6 +310,19 @@ class Manifest:
     salt: bytes = b""  # the per-save key's salt
 
 
+def in_use_end(m: Manifest) -> int:
+    """Where the extents a manifest references end: its body pair and every tensor pair.
+
+    At most the root's ``extent_end`` (the file size at the commit): the file
+    past it, and between the extents, is free space.
+    """
+    r = m.root
+    end = max(r.body_off, r.body_other) + r.body_cap
+    for e in m.entries:
+        end = max(end, e.slots[0] + e.cap, e.slots[1] + e.cap)
+    return end
+
+
 def _dumps(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
@@ -337,7 +351,16 @@ class BodyEncoder:
     def prepare(self, skeleton: dict[str, Any], entries: list[Entry]) -> list[str]:
         """The body's text around the entries' tags: ``len(entries) + 1`` pieces."""
         if skeleton != self._skeleton:
-            self._skeleton_json = _dumps(skeleton)
+            try:
+                self._skeleton_json = _dumps(skeleton)
+            except ValueError as exc:
+                # Only where sys.set_int_max_str_digits() lowered Python's
+                # default: integers of up to INT_DIGITS digits are JSON integers.
+                raise ConfigError(
+                    f"cannot save the state: it holds an integer longer than this process "
+                    f"converts to decimal ({exc}); raise sys.set_int_max_str_digits() to at "
+                    f"least {INT_DIGITS}, Python's default"
+                ) from exc
             self._skeleton = skeleton
         heads = self._heads
         if len(heads) > 4 * len(entries) + 64:
@@ -383,11 +406,53 @@ def _itemsize(kind: str, dtype: str) -> int:
     raise ValueError(kind)
 
 
-def decode_body(data: bytes, root: Root) -> tuple[dict[str, Any], list[Entry]]:
-    """Parse an authenticated body, checking every field against the root."""
+def _too_deep(label: str, depth: int | None) -> FormatError:
+    levels = f" ({depth} levels)" if depth is not None else ""
+    return FormatError(
+        f"the saved state in {label} is nested deeper than the {MAX_DEPTH} levels plinius "
+        f"reads{levels}: an older plinius wrote it under a raised recursion limit (or someone "
+        "holding the key forged it); read it with that release and save it flattened, or "
+        "restore the mirror from another copy"
+    )
+
+
+def decode_body(
+    data: bytes, root: Root, label: str = "the mirror"
+) -> tuple[dict[str, Any], list[Entry]]:
+    """Parse an authenticated body, checking every field against the root.
+
+    Raises:
+        IntegrityError: the body is malformed or disagrees with the root.
+        FormatError: the state nests deeper than :data:`MAX_DEPTH` (only an older
+            plinius under a raised recursion limit could write that).
+    """
     try:
-        doc = json.loads(data.decode("ascii"))
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise IntegrityError(f"the manifest body is inconsistent ({exc})") from exc
+    try:
+        # Every body plinius writes decodes well within the default recursion
+        # limit (MAX_DEPTH levels take about 3 * MAX_DEPTH JSON levels).
+        doc = json.loads(text)
+    except RecursionError as exc:
+        raise _too_deep(label, None) from exc
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"the manifest body is inconsistent ({exc})") from exc
+    except ValueError as exc:
+        # The one other ValueError: an integer longer than INT_DIGITS digits,
+        # which only an older plinius under a raised limit wrote as JSON.
+        raise FormatError(
+            f"{label} holds an integer longer than {INT_DIGITS} digits in a form this process "
+            f"will not convert ({exc}); open it in a Python started with "
+            "-X int_max_str_digits=0 and save it again"
+        ) from exc
+    try:
         skeleton = doc["state"]
+        if not isinstance(skeleton, dict):
+            raise ValueError("state")
+        depth = skeleton_depth(skeleton)
+        if depth > MAX_DEPTH:
+            raise _too_deep(label, depth)
         entries: list[Entry] = []
         total = 0
         for t in doc["tensors"]:
@@ -419,13 +484,11 @@ def decode_body(data: bytes, root: Root) -> tuple[dict[str, Any], list[Entry]]:
             entries.append(e)
         if len(entries) != root.num_tensors or total != root.tensor_bytes:
             raise ValueError("tensor count or size differs from the root")
-        if not isinstance(skeleton, dict):
-            raise ValueError("state")
         check_tensor_refs(skeleton, len(entries))
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, RecursionError) as exc:
         raise IntegrityError(f"the manifest body is inconsistent ({exc})") from exc
     except Exception as exc:  # ConfigError from the skeleton checks
-        if isinstance(exc, IntegrityError):
+        if isinstance(exc, IntegrityError | FormatError):
             raise
         raise IntegrityError(f"the manifest body is inconsistent ({exc})") from exc
     return skeleton, entries

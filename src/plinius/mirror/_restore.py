@@ -37,6 +37,7 @@ from ._codec import (
     TORCH_DTYPES,
     Node,
     decode_plain,
+    describe,
     has_refs,
     is_stateful,
     join_path,
@@ -332,14 +333,12 @@ class _Planner:
         thunks = []
         for k, v in state_node["items"]:
             pid = decode_plain(k)
+            where = join_path(join_path(path, "state"), pid)
             if pid not in id_map:
-                self.diff(
-                    join_path(path, f"state.{pid}"),
-                    "state for a parameter the saved groups do not list",
-                )
+                self.diff(where, "state for a parameter the saved groups do not list")
                 continue
             tv = tstate.get(id_map[pid], _MISSING)
-            thunks.append((pid, self.node(v, tv, join_path(path, f"state.{pid}"), False, False)))
+            thunks.append((pid, self.node(v, tv, where, False, False)))
 
         def build() -> Any:
             return {"state": {k: th() for k, th in thunks}, "param_groups": groups_build()}
@@ -361,17 +360,19 @@ class _Planner:
         if saved - target:
             self.diff(
                 path,
-                f"saved keys missing from the target: {_keys(sorted(saved - target, key=repr))}",
+                "saved keys missing from the target: "
+                + _keys(sorted(saved - target, key=describe)),
             )
         if target - saved:
             self.diff(
                 path,
-                f"target keys not in the saved state: {_keys(sorted(target - saved, key=repr))}",
+                "target keys not in the saved state: "
+                + _keys(sorted(target - saved, key=describe)),
             )
 
 
 def _keys(keys: list[Any]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:5])
+    shown = ", ".join(describe(k) for k in keys[:5])
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
