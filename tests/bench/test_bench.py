@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from plinius.bench import BenchConfig, SizeSpec, parse_sizes, run_bench
 from plinius.bench.recovery import PHASES, phase_breakdown, split_runs
-from plinius.cli import main
 from plinius.errors import ConfigError
+from tests.conftest import run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -200,14 +199,14 @@ def test_recovery_breakdown_from_events() -> None:
     ],
 )
 def test_cli_bad_input(tmp_path: Path, args: list[str], needle: str) -> None:
-    res = CliRunner().invoke(main, ["bench", "--out", str(tmp_path / "o"), *args])
+    res = run_cli("bench", "--out", str(tmp_path / "o"), *args)
     assert res.exit_code == 1
     assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_cli_help_names_every_option() -> None:
-    res = CliRunner().invoke(main, ["bench", "--help"])
+    res = run_cli("bench", "--help")
     assert res.exit_code == 0
     for opt in ("--quick", "--out", "--pm-dir", "--disk-dir", "--sizes", "--only"):
         assert opt in res.output
@@ -215,12 +214,9 @@ def test_cli_help_names_every_option() -> None:
 
 def test_cli_runs_only_the_sections_and_sizes_asked(tmp_path: Path, shm_dir: Path) -> None:
     out = tmp_path / "o"
-    res = CliRunner().invoke(
-        main,
-        ["bench", "--only", "latency", "--sizes", "2:adam", "--repeats", "1", "--no-plots",
+    res = run_cli("bench", "--only", "latency", "--sizes", "2:adam", "--repeats", "1", "--no-plots",
          "--out", str(out), "--pm-dir", str(shm_dir), "--disk-dir", str(tmp_path),
-         "--threads", "1", "--no-progress"],
-    )  # fmt: skip
+         "--threads", "1", "--no-progress")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "results.md" in res.output
     data = json.loads((out / "results.json").read_text())
@@ -241,12 +237,9 @@ def test_cli_without_matplotlib_skips_the_plots_and_says_how(
     # A bare `pip install plinius` has no matplotlib (the `plots` extra).
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     out = tmp_path / "o"
-    res = CliRunner().invoke(
-        main,
-        ["bench", "--only", "latency", "--sizes", "2", "--repeats", "1",
+    res = run_cli("bench", "--only", "latency", "--sizes", "2", "--repeats", "1",
          "--out", str(out), "--pm-dir", str(shm_dir), "--disk-dir", str(tmp_path),
-         "--threads", "1", "--no-progress"],
-    )  # fmt: skip
+         "--threads", "1", "--no-progress")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "plots skipped: matplotlib is not installed (pip install 'plinius[plots]')" in (
         res.output.splitlines()

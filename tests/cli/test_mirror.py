@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from plinius.cli import main
 from plinius.crypto import MasterKey
 from plinius.mirror import Mirror
-
-
-def _run(*args: str) -> click.testing.Result:
-    return CliRunner().invoke(main, list(args), prog_name="plinius")
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -35,7 +29,7 @@ def test_inspect_without_key_shows_the_header_and_asks_for_the_key(
     job: tuple[Path, Path, torch.nn.Module],
 ) -> None:
     path, _, _ = job
-    res = _run("inspect", str(path))
+    res = run_cli("inspect", str(path))
     assert res.exit_code == 0, res.output
     assert "plinius mirror, format version 1" in res.output
     assert "committed        generation 1" in res.output
@@ -46,7 +40,7 @@ def test_inspect_with_key_lists_tensors_and_verifies(
     job: tuple[Path, Path, torch.nn.Module],
 ) -> None:
     path, key_path, _ = job
-    res = _run("inspect", str(path), "--key", str(key_path))
+    res = run_cli("inspect", str(path), "--key", str(key_path))
     assert res.exit_code == 0, res.output
     assert "step             42" in res.output
     assert (
@@ -62,19 +56,19 @@ def test_inspect_reports_damage_and_wrong_keys_in_one_line(
     path, key_path, _ = job
     other = shm_dir / "other.key"
     MasterKey.generate().save(other)
-    res = _run("inspect", str(path), "--key", str(other))
+    res = run_cli("inspect", str(path), "--key", str(other))
     assert res.exit_code == 1 and "another master key" in res.output
     with Mirror(path, MasterKey.load(key_path), readonly=True) as m:
         e = m._manifest.entries[0]
     data = bytearray(path.read_bytes())
     data[e.offset] ^= 1
     path.write_bytes(bytes(data))
-    res = _run("inspect", str(path), "--key", str(key_path))
+    res = run_cli("inspect", str(path), "--key", str(key_path))
     assert res.exit_code == 1 and "fails authentication" in res.output
     assert len(res.output.strip().splitlines()) == 1
     junk = shm_dir / "junk"
     junk.write_bytes(b"hello world")
-    res = _run("inspect", str(junk))
+    res = run_cli("inspect", str(junk))
     assert res.exit_code == 1 and "neither a plinius mirror nor a sealed dataset" in res.output
 
 
@@ -89,7 +83,7 @@ def test_inspect_dispatches_sealed_datasets(shm_dir: Path) -> None:
         seal_dataset(ds, key, {"x": torch.zeros(4, 2)})
     except Exception as exc:  # pragma: no cover - another module's API
         pytest.skip(f"seal_dataset API differs: {exc}")
-    res = _run("inspect", str(ds))
+    res = run_cli("inspect", str(ds))
     assert res.exit_code == 0, res.output
     assert "mirror" not in res.output.splitlines()[0]
 
@@ -99,14 +93,14 @@ def test_export_writes_the_model_without_prefix_and_never_overwrites(
 ) -> None:
     path, key_path, model = job
     out = shm_dir / "model.safetensors"
-    res = _run("export", str(path), "--key", str(key_path), "--out", str(out))
+    res = run_cli("export", str(path), "--key", str(key_path), "--out", str(out))
     assert res.exit_code == 0, res.output
     assert "plaintext" in res.output
     tensors = load_file(out)
     assert sorted(tensors) == sorted(model.state_dict())
     assert all(torch.equal(tensors[k], v) for k, v in model.state_dict().items())
     before = out.read_bytes()
-    res = _run("export", str(path), "--key", str(key_path), "--out", str(out))
+    res = run_cli("export", str(path), "--key", str(key_path), "--out", str(out))
     assert res.exit_code == 1 and "refusing to overwrite" in res.output
     assert out.read_bytes() == before
     assert not [p for p in shm_dir.iterdir() if p.name.endswith(".tmp")]
@@ -118,12 +112,12 @@ def test_export_of_a_state_without_model_writes_everything(shm_dir: Path) -> Non
     with Mirror(shm_dir / "x.plm", key) as m:
         m.save({"a": torch.ones(2), "b": {"c": torch.zeros(3)}}, step=1)
     out = shm_dir / "all.safetensors"
-    res = _run("export", str(shm_dir / "x.plm"), "--key", str(shm_dir / "k"), "--out", str(out))
+    res = run_cli("export", str(shm_dir / "x.plm"), "--key", str(shm_dir / "k"), "--out", str(out))
     assert res.exit_code == 0, res.output
     assert sorted(load_file(out)) == ["a", "b.c"]
     with Mirror(shm_dir / "y.plm", key):
         pass
-    res = _run(
+    res = run_cli(
         "export",
         str(shm_dir / "y.plm"),
         "--key",

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from plinius.cli import main
 from plinius.crypto import MasterKey
 from plinius.data import SealedDataset
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -21,10 +21,6 @@ def keyfile(tmp_path: Path, key: MasterKey) -> Path:
     p = tmp_path / "owner.key"
     key.save(p)
     return p
-
-
-def _run(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _dataset_id(result: Result) -> str:
@@ -43,7 +39,7 @@ def _one_line_error(result: Result, code: int, match: str) -> None:
 
 
 def test_help_is_documented() -> None:
-    r = _run("seal", "--help")
+    r = run_cli("seal", "--help")
     assert r.exit_code == 0
     for opt in ("--key", "--out", "--builtin", "--npz", "--idx-images", "--idx-labels", "--csv",
                 "--label-column", "--overwrite", "--chunk-records"):  # fmt: skip
@@ -52,7 +48,7 @@ def test_help_is_documented() -> None:
 
 def test_seal_builtin_digits(tmp_path: Path, keyfile: Path, key: MasterKey) -> None:
     out = tmp_path / "digits.pld"
-    r = _run("seal", "--key", keyfile, "--out", out, "--builtin", "digits")
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--builtin", "digits")
     assert r.exit_code == 0, r.output
     assert f"sealed 1797 records into {out}" in r.stdout
     assert "field image: uint8 (8, 8)" in r.stdout and "field label: int64 ()" in r.stdout
@@ -69,7 +65,7 @@ def test_seal_npz_with_chunking(tmp_path: Path, keyfile: Path, key: MasterKey) -
     x, y = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32), np.arange(50)
     np.savez(src, x=x, y=y)
     out = tmp_path / "d.pld"
-    r = _run("seal", "--key", keyfile, "--out", out, "--npz", src, "--chunk-records", "7")
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--npz", src, "--chunk-records", "7")
     assert r.exit_code == 0, r.output
     with SealedDataset(out, key, expect_id=_dataset_id(r)) as ds:
         assert ds.chunk_records == 7 and ds.num_chunks == 8
@@ -85,7 +81,7 @@ def test_seal_idx_gz(tmp_path: Path, keyfile: Path, key: MasterKey) -> None:
     )
     (tmp_path / "l").write_bytes(b"\x00\x00\x08\x01" + struct.pack(">I", 20) + y.tobytes())
     out = tmp_path / "m.pld"
-    r = _run("seal", "--key", keyfile, "--out", out, "--idx-images", tmp_path / "i.gz",
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--idx-images", tmp_path / "i.gz",
              "--idx-labels", tmp_path / "l")  # fmt: skip
     assert r.exit_code == 0, r.output
     with SealedDataset(out, key) as ds:
@@ -96,7 +92,7 @@ def test_seal_idx_gz(tmp_path: Path, keyfile: Path, key: MasterKey) -> None:
 def test_seal_csv(tmp_path: Path, keyfile: Path, key: MasterKey) -> None:
     (tmp_path / "d.csv").write_text("f1,f2,cls\n0.5,1,2\n3,4,0\n", encoding="utf-8")
     out = tmp_path / "c.pld"
-    r = _run("seal", "--key", keyfile, "--out", out, "--csv", tmp_path / "d.csv",
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--csv", tmp_path / "d.csv",
              "--label-column", "cls")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "field features: float32 (2,)" in r.stdout
@@ -107,12 +103,12 @@ def test_seal_csv(tmp_path: Path, keyfile: Path, key: MasterKey) -> None:
 
 def test_existing_output_and_overwrite(tmp_path: Path, keyfile: Path) -> None:
     out = tmp_path / "d.pld"
-    assert _run("seal", "--key", keyfile, "--out", out, "--builtin", "digits").exit_code == 0
+    assert run_cli("seal", "--key", keyfile, "--out", out, "--builtin", "digits").exit_code == 0
     before = out.read_bytes()
-    r = _run("seal", "--key", keyfile, "--out", out, "--builtin", "digits")
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--builtin", "digits")
     _one_line_error(r, 1, "already exists; choose another path or pass --overwrite")
     assert out.read_bytes() == before
-    r = _run("seal", "--key", keyfile, "--out", out, "--builtin", "digits", "--overwrite")
+    r = run_cli("seal", "--key", keyfile, "--out", out, "--builtin", "digits", "--overwrite")
     assert r.exit_code == 0 and out.read_bytes() != before
 
 
@@ -123,7 +119,9 @@ def test_progress_bar_path(
 
     monkeypatch.setattr(cli_data, "_PROGRESS_BYTES", 0)  # show the bar even for digits
     out = tmp_path / "d.pld"
-    r = _run("seal", "--key", keyfile, "--out", out, "--builtin", "digits", "--chunk-records", "9")
+    r = run_cli(
+        "seal", "--key", keyfile, "--out", out, "--builtin", "digits", "--chunk-records", "9"
+    )
     assert r.exit_code == 0, r.output
     with SealedDataset(out, key) as ds:
         ds.verify()
@@ -143,13 +141,13 @@ def test_progress_bar_path(
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, keyfile: Path, args: list[str], match: str) -> None:
-    r = _run("seal", "--key", keyfile, "--out", tmp_path / "o.pld", *args)
+    r = run_cli("seal", "--key", keyfile, "--out", tmp_path / "o.pld", *args)
     _one_line_error(r, 2, match)
     assert not (tmp_path / "o.pld").exists()
 
 
 def test_missing_required_options() -> None:
-    r = _run("seal", "--builtin", "digits")
+    r = run_cli("seal", "--builtin", "digits")
     assert r.exit_code == 2 and "--key" in r.stderr
 
 
@@ -168,21 +166,21 @@ def test_bad_input_exits_1_with_one_line(tmp_path: Path, keyfile: Path) -> None:
     ]
     for args, match in cases:
         out = tmp_path / "o.pld"
-        r = _run("seal", "--key", keyfile, "--out", out, *args)
+        r = run_cli("seal", "--key", keyfile, "--out", out, *args)
         _one_line_error(r, 1, match)
         assert not out.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_bad_paths_and_keys(tmp_path: Path, keyfile: Path) -> None:
-    r = _run("seal", "--key", keyfile, "--out", tmp_path / "no" / "o.pld", "--builtin", "digits")
+    r = run_cli("seal", "--key", keyfile, "--out", tmp_path / "no" / "o.pld", "--builtin", "digits")
     _one_line_error(r, 1, "does not exist; create it first")
-    r = _run("seal", "--key", tmp_path / "none.key", "--out", tmp_path / "o.pld", "--builtin",
+    r = run_cli("seal", "--key", tmp_path / "none.key", "--out", tmp_path / "o.pld", "--builtin",
              "digits")  # fmt: skip
     _one_line_error(r, 1, "plinius keygen")
     loose = tmp_path / "loose.key"
     loose.write_bytes(bytes(32))
     loose.chmod(0o644)
-    r = _run("seal", "--key", loose, "--out", tmp_path / "o.pld", "--builtin", "digits")
+    r = run_cli("seal", "--key", loose, "--out", tmp_path / "o.pld", "--builtin", "digits")
     _one_line_error(r, 1, "chmod 600")
     assert not (tmp_path / "o.pld").exists()

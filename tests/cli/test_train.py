@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from plinius.cli import main
 from plinius.crypto import MasterKey
 from plinius.data import seal_dataset
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -37,18 +36,15 @@ def _train(job: dict[str, Path], *extra: str) -> list[str]:
 
 
 def test_train_then_rerun_resumes_then_evaluate(job: dict[str, Path]) -> None:
-    r = CliRunner().invoke(main, _train(job, "--steps", "6"))
+    r = run_cli(*_train(job, "--steps", "6"))
     assert r.exit_code == 0, r.output
     assert "starting a new job" in r.output
     assert "done: 6 steps" in r.output
-    r = CliRunner().invoke(main, _train(job, "--steps", "6"))
+    r = run_cli(*_train(job, "--steps", "6"))
     assert r.exit_code == 0, r.output
     assert "resumed after step 6 of 6" in r.output
-    r = CliRunner().invoke(
-        main,
-        ["evaluate", "--key", str(job["key"]), "--data", str(job["data"]),
-         "--mirror", str(job["mirror"]), "--model", "cnn-tiny"],
-    )  # fmt: skip
+    r = run_cli("evaluate", "--key", str(job["key"]), "--data", str(job["data"]),
+         "--mirror", str(job["mirror"]), "--model", "cnn-tiny")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "step 6: accuracy" in r.output
 
@@ -62,7 +58,7 @@ def test_train_then_rerun_resumes_then_evaluate(job: dict[str, Path]) -> None:
     ],
 )
 def test_train_bad_input(job: dict[str, Path], args: list[str], code: int, needle: str) -> None:
-    r = CliRunner().invoke(main, _train(job, *args))
+    r = run_cli(*_train(job, *args))
     assert r.exit_code == code, r.output
     assert needle in r.output
     assert "Traceback" not in r.output
@@ -71,33 +67,27 @@ def test_train_bad_input(job: dict[str, Path], args: list[str], code: int, needl
 def test_train_missing_key_and_data(job: dict[str, Path]) -> None:
     args = _train(job, "--steps", "2")
     args[args.index("--key") + 1] = str(job["dir"] / "missing.key")
-    r = CliRunner().invoke(main, args)
+    r = run_cli(*args)
     assert r.exit_code == 1 and "plinius keygen" in r.output
     assert len(r.output.strip().splitlines()) == 1
     args = _train(job, "--steps", "2")
     args[args.index("--data") + 1] = str(job["dir"] / "missing.pld")
-    r = CliRunner().invoke(main, args)
+    r = run_cli(*args)
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
 
 
 def test_evaluate_without_mirror(job: dict[str, Path]) -> None:
-    r = CliRunner().invoke(
-        main,
-        ["evaluate", "--key", str(job["key"]), "--data", str(job["data"]),
-         "--mirror", str(job["dir"] / "none.plm"), "--model", "cnn-tiny"],
-    )  # fmt: skip
+    r = run_cli("evaluate", "--key", str(job["key"]), "--data", str(job["data"]),
+         "--mirror", str(job["dir"] / "none.plm"), "--model", "cnn-tiny")  # fmt: skip
     assert r.exit_code == 1 and "train first" in r.output
 
 
 @pytest.mark.slow
 def test_crash_test_command_kills_and_matches(job: dict[str, Path]) -> None:
     """Real SIGKILLs: N steps straight vs the same job killed twice, compared bit for bit."""
-    r = CliRunner().invoke(
-        main,
-        ["crash-test", "--key", str(job["key"]), "--data", str(job["data"]),
+    r = run_cli("crash-test", "--key", str(job["key"]), "--data", str(job["data"]),
          "--mirror", str(job["mirror"]), "--steps", "60", "--batch-size", "32",
-         "--crashes", "2", "--workdir", str(job["dir"] / "w")],
-    )  # fmt: skip
+         "--crashes", "2", "--workdir", str(job["dir"] / "w"))  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "2 crashes, job finished: True" in r.output
     assert "bit-for-bit identical to an uninterrupted run: yes" in r.output
@@ -121,17 +111,17 @@ def test_demo_core_path_small(tmp_path: Path) -> None:
 
 def test_train_with_file_counter_refuses_a_deleted_mirror(job: dict[str, Path]) -> None:
     counter = job["dir"] / "counter"
-    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", f"file:{counter}"))
+    r = run_cli(*_train(job, "--steps", "3", "--counter", f"file:{counter}"))
     assert r.exit_code == 0, r.output
     assert int(counter.read_text()) >= 1
     job["mirror"].unlink()  # the host removes the mirror to restart training from scratch
-    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", f"file:{counter}"))
+    r = run_cli(*_train(job, "--steps", "3", "--counter", f"file:{counter}"))
     assert r.exit_code == 1, r.output
     assert "error:" in r.output and "Traceback" not in r.output
 
 
 def test_train_bad_counter_spec(job: dict[str, Path]) -> None:
-    r = CliRunner().invoke(main, _train(job, "--steps", "3", "--counter", "sometimes"))
+    r = run_cli(*_train(job, "--steps", "3", "--counter", "sometimes"))
     assert r.exit_code == 1 and "file:PATH" in r.output
 
 
@@ -142,11 +132,8 @@ def test_demo_without_matplotlib_skips_only_the_png(
     # A bare `pip install plinius` has no matplotlib (the `plots` extra): the demo
     # still succeeds, says how to get the loss curve, and draws nothing.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    r = CliRunner().invoke(
-        main,
-        ["demo", "--workdir", str(tmp_path), "--pm-dir", str(shm_dir), "--crashes", "1",
-         "--steps", "20", "--batch-size", "32"],
-    )  # fmt: skip
+    r = run_cli("demo", "--workdir", str(tmp_path), "--pm-dir", str(shm_dir), "--crashes", "1",
+         "--steps", "20", "--batch-size", "32")  # fmt: skip
     assert r.exit_code == 0, r.output
     note = "loss curve skipped: matplotlib is not installed (pip install 'plinius[plots]')"
     assert note in r.output.splitlines()

@@ -31,6 +31,7 @@ from plinius.tee.counter_service import (
 from plinius.tee.keyserver import KeyServer
 from plinius.tee.policy import Policy
 from plinius.tee.protocol import RELEASE_DOMAIN, public_key_hex, sign_json
+from tests.conftest import run_cli
 from tests.fixtures import tee_support as ts
 from tests.fixtures.tee_support import KeyServerProcess as Server
 
@@ -450,18 +451,15 @@ def test_mirror_rollback_is_caught_by_the_key_server_counter(server: Server, shm
 
 # ------------------------------------------------------------------ the CLI and the whole flow
 def test_keyserver_cli_refuses_an_unusable_counter_dir(server: Server, tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from plinius.cli import main
 
     root = server.counter_dir.parent
     (tmp_path / "file").write_text("")
     base = ["keyserver", "--key", str(root / "owner.key"), "--policy", str(root / "policy.toml")]
     base += ["--identity", str(root / "identity.pem"), "--port", "0"]
-    r = CliRunner().invoke(main, [*base, "--counter-dir", str(tmp_path / "file")])
+    r = run_cli(*base, "--counter-dir", str(tmp_path / "file"))
     assert r.exit_code == 2 and "is a file" in r.output
     # the running server holds its directory: a second server must not share it
-    r = CliRunner().invoke(main, [*base, "--counter-dir", str(server.counter_dir)])
+    r = run_cli(*base, "--counter-dir", str(server.counter_dir))
     assert r.exit_code == 1 and "in use by another key server" in r.output
 
 

@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - depends on the install
     tss = None
 
 from plinius.counters.tpm import DEFAULT_NV_INDEX, TPMCounter  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
 
 SWTPM = shutil.which("swtpm")
 LOCAL = "127.0.0.1"
@@ -612,9 +613,7 @@ def test_plinius_train_with_a_tpm_counter(swtpm: SwTpm, shm_dir: Path) -> None:
     """The CLI wiring: `--counter tpm:TCTI` uses the key-derived (HMAC-protected) index,
     advances it, and refuses a deleted mirror afterwards."""
     import numpy as np
-    from click.testing import CliRunner
 
-    from plinius.cli import main
     from plinius.data import seal_dataset
 
     key = MasterKey.generate()
@@ -627,10 +626,10 @@ def test_plinius_train_with_a_tpm_counter(swtpm: SwTpm, shm_dir: Path) -> None:
         "--mirror", str(shm_dir / "m.plm"), "--model", "cnn-tiny", "--steps", "4",
         "--batch-size", "16", "--counter", f"tpm:{swtpm.tcti}", "--counter-every", "2",
     ]  # fmt: skip
-    r = CliRunner().invoke(main, args)
+    r = run_cli(*args)
     assert r.exit_code == 0, r.output
     assert TPMCounter.for_key(key, swtpm.tcti).read() >= 1
     (shm_dir / "m.plm").unlink()
-    r = CliRunner().invoke(main, args)
+    r = run_cli(*args)
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output

@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
-from plinius.cli import main
 from plinius.crypto import MasterKey
 from plinius.errors import ConfigError, KeyReleaseError
 from plinius.tee import Platform, detect_platform, obtain_master_key
 from plinius.tee.protocol import public_key_hex
+from tests.conftest import run_cli
 from tests.fixtures import tee_support as ts
 from tests.fixtures.tee_support import KeyServerProcess as Server
 
@@ -212,7 +211,7 @@ def test_keyserver_cli_bad_input(tmp_path: Path) -> None:
     base = ["--key", str(key), "--policy", str(policy), "--identity", str(ident)]
 
     def run(*args: str) -> tuple[int, str]:
-        r = CliRunner().invoke(main, ["keyserver", *args])
+        r = run_cli("keyserver", *args)
         return r.exit_code, r.output
 
     code, out = run(

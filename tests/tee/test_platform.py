@@ -13,13 +13,12 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from plinius.cli import main
 from plinius.crypto import aad
 from plinius.errors import AttestationError
 from plinius.tee import collect_evidence, detect_platform, simulation_measurement
 from plinius.tee.evidence import Evidence, parse_evidence
+from tests.conftest import run_cli
 from tests.fixtures import tee_support as ts
 
 RD = hashlib.sha512(b"report data").digest()
@@ -208,7 +207,7 @@ def test_malformed_evidence_json_is_refused(obj: object, match: str) -> None:
 
 
 def _status(*args: str) -> str:
-    result = CliRunner().invoke(main, ["tee", "status", *args])
+    result = run_cli("tee", "status", *args)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -245,9 +244,7 @@ def test_status_confidential_vm(tmp_path: Path, emu: ts.Emulator, provider: str,
 def test_status_unknown_provider_fails_clearly(tmp_path: Path, emu: ts.Emulator) -> None:
     emu.tsm_provider = "weird"
     t = ts.tsm_tree(tmp_path / "tsm")
-    result = CliRunner().invoke(
-        main, ["tee", "status", "--attestation-root", "x", "--tsm-root", str(t)]
-    )
+    result = run_cli("tee", "status", "--attestation-root", "x", "--tsm-root", str(t))
     assert result.exit_code == 1 and "error: configfs-tsm provider 'weird'" in result.output
 
 
