@@ -33,8 +33,8 @@ from plinius.tee.keyserver import KeyServer
 from plinius.tee.policy import Policy
 from tests.fixtures import tee_support as ts
 
-HEADER_TIMEOUT = 5.0  # what the server promises (keyserver.HEADER_TIMEOUT)
-PER_CLIENT = 16  # keyserver.MAX_CONNECTIONS_PER_CLIENT
+HEADER_TIMEOUT = 5.0  # what the server promises (tee._http.HEADER_TIMEOUT)
+PER_CLIENT = 16  # tee._http.MAX_CONNECTIONS_PER_CLIENT
 
 
 def _addr(url: str) -> tuple[str, int]:
@@ -402,7 +402,7 @@ ANY_REASON: Any = _Any()
 
 
 def test_clients_are_counted_by_address_and_ipv6_by_prefix() -> None:
-    from plinius.tee.keyserver import _client_key
+    from plinius.tee._http import client_key as _client_key
 
     assert _client_key("192.0.2.7") == "192.0.2.7"
     assert _client_key("::ffff:192.0.2.7") == "192.0.2.7"

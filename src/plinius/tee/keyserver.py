@@ -45,13 +45,9 @@ counted from the end of its handshake.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ipaddress
 import json
 import os
-import re
-import resource
 import secrets
 import socket
 import ssl
@@ -59,26 +55,29 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
-import h11
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError
+from ._http import (
+    AUDITED,
+    AuditRefusals,
+    Limits,
+    json_response,
+    read_body,
+    uvicorn_server,
+)
 from ._wire import MAX_MESSAGE_BYTES, Refusal, bad_request, decode_hex
-from .audit import AuditLog, clip
+from .audit import AuditLog
 from .counter_service import MAX_COUNTER_REQUEST, CounterService, CounterStore
 from .evidence import Evidence, parse_evidence
 from .policy import Policy
@@ -100,11 +99,6 @@ __all__ = ["DEFAULT_PORT", "AuditLog", "KeyServer", "NonceStore", "serve"]
 DEFAULT_PORT = 8470
 DEFAULT_NONCE_TTL = 60.0
 MAX_OUTSTANDING_NONCES = 10_000
-REQUEST_TIMEOUT = 10.0
-HEADER_TIMEOUT = 5.0
-MAX_HEAD_BYTES = 16 * 1024
-MAX_CONNECTIONS = 512
-MAX_CONNECTIONS_PER_CLIENT = 16
 
 
 class NonceStore:
@@ -292,11 +286,11 @@ class KeyServer:
         try:
             response = self._release(body, event)
         except Refusal as r:
-            self._audit_refusal(event, r)
+            self.audit_refusal(event, r)
             return r.status, {"error": r.code, "reason": r.reason}
         except Exception as exc:  # a bug, say in a plugged-in verifier: refuse, and say so
             bug = Refusal(500, "internal", f"internal error: {type(exc).__name__}")
-            self._audit_refusal({**event, "detail": str(exc)[:500]}, bug)
+            self.audit_refusal({**event, "detail": str(exc)[:500]}, bug)
             return bug.status, {"error": bug.code, "reason": bug.reason}
         # Fail closed: a release that cannot be audited does not happen.
         try:
@@ -305,7 +299,7 @@ class KeyServer:
             return 500, {"error": "audit", "reason": f"the key server cannot audit: {exc}"}
         return 200, response
 
-    def _audit_refusal(self, event: dict[str, Any], r: Refusal) -> None:
+    def audit_refusal(self, event: dict[str, Any], r: Refusal) -> None:
         with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
             self.audit.write(
                 {
@@ -418,418 +412,47 @@ class KeyServer:
             status = exc.status_code if isinstance(exc, HTTPException) else 500
             code = {404: "not_found", 405: "method_not_allowed"}.get(status, "error")
             reason = exc.detail if isinstance(exc, HTTPException) else "internal error"
-            return _json(status, {"error": code, "reason": reason})
+            return json_response(status, {"error": code, "reason": reason})
 
         return Starlette(
             routes=self.routes(),
-            middleware=[Middleware(_AuditRefusals, audit=self.audit)],
+            middleware=[Middleware(AuditRefusals, audit=self.audit)],
             exception_handlers={HTTPException: http_error, Exception: http_error},
         )
 
     async def _http_info(self, request: Request) -> Response:
-        return _json(200, {"version": PROTOCOL_VERSION, "public_key": self.public_key_hex})
+        return json_response(200, {"version": PROTOCOL_VERSION, "public_key": self.public_key_hex})
 
     async def _http_nonce(self, request: Request) -> Response:
         try:
             await read_body(request, limit=1024)
         except Refusal as r:
-            return _json(r.status, {"error": r.code, "reason": r.reason})
-        return _json(*self.issue_nonce())
+            return json_response(r.status, {"error": r.code, "reason": r.reason})
+        return json_response(*self.issue_nonce())
 
     async def _http_release(self, request: Request) -> Response:
         client = request.client.host if request.client else "unknown"
-        request.scope[_AUDITED] = True  # release() audits its every refusal itself
+        request.scope[AUDITED] = True  # release() audits its every refusal itself
         try:
             body = await read_body(request)
         except Refusal as r:
-            self._audit_refusal({"client": client}, r)
-            return _json(r.status, {"error": r.code, "reason": r.reason})
+            self.audit_refusal({"client": client}, r)
+            return json_response(r.status, {"error": r.code, "reason": r.reason})
         # Verification may block (a verifier fetching collateral): off the event loop.
-        return _json(*await run_in_threadpool(self.release, body, client))
+        return json_response(*await run_in_threadpool(self.release, body, client))
 
     async def _http_counter(self, request: Request) -> Response:
         client = request.client.host if request.client else "unknown"
         if self.counters is not None:  # which audits its every refusal itself
-            request.scope[_AUDITED] = True
+            request.scope[AUDITED] = True
         try:
             body = await read_body(request, limit=MAX_COUNTER_REQUEST)
         except Refusal as r:
             if self.counters is not None:
                 self.counters.refuse({"client": client}, r)
-            return _json(r.status, {"error": r.code, "reason": r.reason})
+            return json_response(r.status, {"error": r.code, "reason": r.reason})
         # fsync of the counter state and the audit log block: off the event loop.
-        return _json(*await run_in_threadpool(self.counter, body, client))
-
-
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
-
-
-async def read_body(
-    request: Request, limit: int = MAX_MESSAGE_BYTES, timeout: float = REQUEST_TIMEOUT
-) -> bytes:
-    """Read a request body, bounded in size and time.
-
-    Args:
-        request: the Starlette request.
-        limit: the most bytes accepted.
-        timeout: the most seconds to wait for the whole body.
-
-    Returns:
-        The body.
-
-    Raises:
-        Refusal: 400 for a bad Content-Length, 413 past ``limit``, 408 past ``timeout``,
-            400 ``disconnected`` when the client goes away first.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Refusal(400, "bad_request", "invalid Content-Length")
-        if int(declared) > limit:
-            raise Refusal(413, "too_large", f"requests are at most {limit} bytes")
-    buf = bytearray()
-
-    async def collect() -> None:
-        async for chunk in request.stream():
-            buf.extend(chunk)
-            if len(buf) > limit:  # chunked bodies have no Content-Length to check first
-                raise Refusal(413, "too_large", f"requests are at most {limit} bytes")
-
-    try:
-        await asyncio.wait_for(collect(), timeout)
-    except TimeoutError as exc:
-        raise Refusal(408, "timeout", "the request body was not received in time") from exc
-    except ClientDisconnect as exc:
-        raise Refusal(
-            400, "disconnected", "the client closed the connection before its body ended"
-        ) from exc
-    return bytes(buf)
-
-
-_AUDITED = "plinius.audited"  # in an ASGI scope: the handler audited its refusal itself
-_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    413: "too_large",
-    500: "internal",
-    503: "busy",
-}
-
-
-class _AuditRefusals:
-    """ASGI middleware: one audit line for every non-2xx answer not already audited.
-
-    Release and counter refusals are audited by the protocol logic (with the job,
-    the nonce, ...); everything else the application answers (404, 405, a 413 or
-    ``busy`` on ``/v1/nonce``, an internal error) is audited here. The code is the
-    answer's ``error``, else one derived from the status.
-    """
-
-    def __init__(self, app: Any, audit: AuditLog) -> None:
-        self.app, self.audit = app, audit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 0
-        body = bytearray()
-
-        async def watch(message: Any) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and not 200 <= status < 300:
-                body.extend(message.get("body", b"")[: 1024 - len(body)])
-                if not message.get("more_body", False):
-                    self._audit(scope, status, bytes(body))  # before the client hears of it
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        except Exception:
-            if status == 0:  # the error handler outside answers 500
-                self._audit(scope, 500, b"")
-            raise
-
-    def _audit(self, scope: Any, status: int, body: bytes) -> None:
-        if scope.get(_AUDITED):
-            return
-        code, reason = _CODES.get(status, "error"), ""
-        with contextlib.suppress(ValueError):  # a status without a name
-            reason = HTTPStatus(status).phrase
-        with contextlib.suppress(ValueError, RecursionError):
-            answer = json.loads(body)
-            if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-                code, reason = answer["error"], str(answer.get("reason", ""))
-        client = scope.get("client")
-        _audit_refusal(
-            self.audit,
-            client[0] if client else "unknown",
-            Refusal(status, clip(code, 40), clip(reason)),
-            path=clip(scope.get("raw_path") or scope["path"]),
-            method=clip(scope["method"], 16),
-        )
-
-
-def _audit_refusal(
-    audit: AuditLog,
-    client: str,
-    refusal: Refusal,
-    *,
-    path: str | None = None,
-    method: str | None = None,
-) -> None:
-    """One audit line for a refusal of the HTTP layer (best effort, not fsynced)."""
-    event: dict[str, Any] = {
-        "event": "refusal",
-        "status": refusal.status,
-        "code": refusal.code,
-        "reason": refusal.reason,
-        "client": clip(client, 64),
-    }
-    if path is not None:
-        event["path"] = path
-    if method is not None:
-        event["method"] = method
-    with contextlib.suppress(PliniusError):  # the refusal stands even if unlogged
-        audit.write(event, sync=False)
-
-
-def _client_key(host: str) -> str:
-    """What the per-client limit counts by: the address; for IPv6, its /64."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return host
-
-
-class _ConnectionGuard:
-    """The connections of one server: how many in all and per client, and which wait.
-
-    A connection *waits* from when it is made, and again from each answer on it,
-    until its next request line and headers are complete; each connection has
-    ``limits.header_timeout`` seconds of waiting at a time. Used on the event loop
-    only.
-    """
-
-    def __init__(self, limits: _Limits, audit: AuditLog) -> None:
-        self.limits, self.audit = limits, audit
-        self.members: set[_GuardedH11Protocol] = set()
-        self.per_client: dict[str, int] = {}
-        self.waiting: OrderedDict[_GuardedH11Protocol, None] = OrderedDict()  # oldest first
-
-    def admit(self, conn: _GuardedH11Protocol) -> Refusal | None:
-        """Count ``conn`` in, or say why it is refused (it is then not counted)."""
-        if self.per_client.get(conn.key, 0) >= self.limits.per_client:
-            return Refusal(
-                503,
-                "too_many_connections_from_client",
-                f"at most {self.limits.per_client} connections at once per client address",
-            )
-        if len(self.members) >= self.limits.connections:
-            if not self.waiting:
-                return Refusal(
-                    503, "too_many_connections", "the server is at its connection limit; retry"
-                )
-            oldest = next(iter(self.waiting))
-            oldest.expire(evicted=True)
-            self.leave(oldest)
-        self.members.add(conn)
-        self.per_client[conn.key] = self.per_client.get(conn.key, 0) + 1
-        return None
-
-    def leave(self, conn: _GuardedH11Protocol) -> None:
-        """Count ``conn`` out (once; refused connections were never in)."""
-        self.waiting.pop(conn, None)
-        if conn in self.members:
-            self.members.discard(conn)
-            left = self.per_client[conn.key] - 1
-            if left:
-                self.per_client[conn.key] = left
-            else:
-                del self.per_client[conn.key]
-
-
-_REQUEST_LINE = re.compile(rb"[!-~]{1,16} ([!-~]+)")
-
-
-class _HeadWatch(h11.Connection):
-    """An h11 connection that tells its protocol when a request's head is complete."""
-
-    def __init__(self, owner: _GuardedH11Protocol, max_incomplete_event_size: int) -> None:
-        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
-        self._owner = owner
-
-    def next_event(self) -> Any:
-        try:
-            event = super().next_event()
-        except h11.RemoteProtocolError as exc:
-            self._owner.protocol_error(exc)
-            raise
-        if isinstance(event, h11.Request):
-            self._owner.head_complete(event)
-        return event
-
-
-class _GuardedH11Protocol(H11Protocol):  # type: ignore[misc]
-    """uvicorn's h11 protocol under a :class:`_ConnectionGuard`.
-
-    uvicorn has no timeout for a request's head (its keep-alive timer starts only
-    after an answer, and any byte stops it), counts every connection towards one
-    global limit and audits nothing; this adds the header timeout, the limits per
-    client and in all, and an audit line for every refusal it or uvicorn makes.
-    ``guard`` is set on a subclass made for each server.
-    """
-
-    guard: _ConnectionGuard
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.conn = _HeadWatch(self, self.config.h11_max_incomplete_event_size or MAX_HEAD_BYTES)
-        self.host = self.key = "unknown"
-        self._timer: asyncio.TimerHandle | None = None
-        self._after_answer = False  # waiting for a second or later request
-        self._received = 0  # bytes received while waiting
-        self._head = b""  # their first bytes, for the path in an audit line
-        self._error: Refusal | None = None
-        self._error_path: str | None = None
-
-    # -- uvicorn's hooks --
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if self.client:
-            self.host = str(self.client[0])
-            self.key = _client_key(self.host)
-        refusal = self.guard.admit(self)
-        if refusal is not None:
-            self.refuse(refusal)
-        else:
-            self._arm(after_answer=False)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self.guard.leave(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if self._timer is not None:
-            self._received += len(data)
-            self._head += data[: 256 - len(self._head)]
-        super().data_received(data)
-
-    def on_response_complete(self) -> None:
-        # Armed first: the super call may start a pipelined request (which disarms).
-        if not self.transport.is_closing():
-            self._arm(after_answer=True)
-        super().on_response_complete()
-
-    def send_400_response(self, msg: str) -> None:
-        refusal = self._error or Refusal(400, "bad_http", "the request is not valid HTTP/1.1")
-        self.refuse(refusal, self._error_path)
-
-    # -- from _HeadWatch --
-
-    def head_complete(self, event: h11.Request) -> None:
-        """A request line and headers arrived: stop the clock; refuse an oversized head."""
-        self._disarm()
-        size = len(event.method) + len(event.target)
-        size += sum(len(name) + len(value) + 4 for name, value in event.headers)
-        if size > MAX_HEAD_BYTES:  # h11 checks only heads that arrive in pieces
-            self._error, self._error_path = self._too_large(), clip(event.target)
-            raise h11.RemoteProtocolError("request head too large", 431)
-
-    def protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        """h11 refused what the client sent (uvicorn then calls :meth:`send_400_response`)."""
-        if self._error is not None:  # raised by head_complete
-            return
-        if exc.error_status_hint == 431:
-            self._error, self._error_path = self._too_large(), self._head_path()
-        else:
-            self._error = Refusal(400, "bad_http", f"not valid HTTP/1.1: {clip(str(exc), 100)}")
-
-    @staticmethod
-    def _too_large() -> Refusal:
-        return Refusal(
-            431,
-            "headers_too_large",
-            f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes",
-        )
-
-    # -- the guard's --
-
-    def expire(self, *, evicted: bool = False) -> None:
-        """The waiting time is over (or the guard needs the room): close, saying why."""
-        after_answer, received, path = self._after_answer, self._received, self._head_path()
-        self._disarm()
-        if self.transport.is_closing():
-            return
-        if after_answer and not received:  # an idle keep-alive connection: a normal close
-            with contextlib.suppress(h11.LocalProtocolError):
-                self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
-            return
-        seconds = f"{self.guard.limits.header_timeout:g}"
-        if evicted:
-            refusal = Refusal(
-                503,
-                "evicted",
-                "the server is at its connection limit and this connection had sent no "
-                "complete request; retry",
-            )
-        elif not received:
-            refusal = Refusal(408, "idle_timeout", f"no request within {seconds} s")
-        else:
-            refusal = Refusal(
-                408,
-                "header_timeout",
-                f"the request line and headers did not arrive within {seconds} s",
-            )
-        self.refuse(refusal, path)
-
-    def refuse(self, refusal: Refusal, path: str | None = None) -> None:
-        """Audit ``refusal``, answer it (JSON, as the application would) and close."""
-        self._disarm()
-        if self.transport.is_closing():
-            return
-        _audit_refusal(self.guard.audit, self.host, refusal, path=path)
-        body = json.dumps({"error": refusal.code, "reason": refusal.reason}).encode()
-        head = (
-            f"HTTP/1.1 {refusal.status} {HTTPStatus(refusal.status).phrase}\r\n"
-            "content-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n"
-            "cache-control: no-store\r\n"
-            "connection: close\r\n\r\n"
-        )
-        self.transport.write(head.encode() + body)
-        self.transport.close()
-
-    # -- waiting --
-
-    def _arm(self, *, after_answer: bool) -> None:
-        self._disarm()
-        self._after_answer, self._received, self._head = after_answer, 0, b""
-        self._timer = self.loop.call_later(self.guard.limits.header_timeout, self.expire)
-        self.guard.waiting[self] = None
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.guard.waiting.pop(self, None)
-
-    def _head_path(self) -> str | None:
-        match = _REQUEST_LINE.match(self._head)
-        return clip(match.group(1)) if match else None
+        return json_response(*await run_in_threadpool(self.counter, body, client))
 
 
 def serve(
@@ -880,72 +503,12 @@ def serve(
     scheme = "https" if tls_cert is not None else "http"
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     url = f"{scheme}://{shown}:{sock.getsockname()[1]}"
-    uv = _uvicorn_server(
-        server,
-        _Limits.for_this_process(),
+    uv = uvicorn_server(
+        server.app(),
+        server.audit,
+        Limits.for_this_process(),
         lambda: on_ready(url) if on_ready else None,
         tls_cert=tls_cert,
         tls_key=tls_key,
     )
     uv.run(sockets=[sock])
-
-
-@dataclass(frozen=True)
-class _Limits:
-    """The connection limits :func:`serve` enforces (see the module docstring)."""
-
-    connections: int = MAX_CONNECTIONS
-    per_client: int = MAX_CONNECTIONS_PER_CLIENT
-    header_timeout: float = HEADER_TIMEOUT
-
-    @classmethod
-    def for_this_process(cls) -> _Limits:
-        """The defaults, with fewer connections when the open-file limit is lower."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            return cls()
-        # Room for the listening socket, the audit log, counter files, the threads.
-        return cls(connections=max(1, min(MAX_CONNECTIONS, soft - 64)))
-
-
-def _uvicorn_server(
-    server: KeyServer,
-    limits: _Limits,
-    started: Callable[[], None],
-    *,
-    tls_cert: str | os.PathLike[str] | None = None,
-    tls_key: str | os.PathLike[str] | None = None,
-) -> _Server:
-    """The uvicorn server :func:`serve` runs (tests run it in a thread, with other limits)."""
-    guard = _ConnectionGuard(limits, server.audit)
-    protocol = type("KeyServerH11Protocol", (_GuardedH11Protocol,), {"guard": guard})
-    config = uvicorn.Config(
-        server.app(),
-        http=protocol,
-        ws="none",  # a WebSocket upgrade would leave the connection guard
-        loop="asyncio",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        proxy_headers=False,  # the audit log records the real peer, not a header
-        server_header=False,
-        limit_concurrency=None,  # the connection guard limits connections, and audits
-        timeout_keep_alive=5,
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # the guard checks complete heads
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-    )
-    return _Server(config, started)
-
-
-class _Server(uvicorn.Server):  # type: ignore[misc]
-    """A uvicorn server that reports when it really accepts connections."""
-
-    def __init__(self, config: uvicorn.Config, started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._started_callback = started
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started and not self.should_exit:
-            self._started_callback()
