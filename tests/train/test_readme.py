@@ -129,7 +129,10 @@ def _same(a: Any, b: Any, path: str = "state") -> None:
 
 
 def test_the_readme_blocks_are_the_ones_tested() -> None:
-    owner, train = quick_start_blocks()[:2]
+    blocks = quick_start_blocks()
+    for i, block in enumerate(blocks):
+        compile(block, f"README quick start block {i}", "exec")  # each one is valid Python
+    owner, train = blocks[:2]
     assert "seal_dataset(" in owner
     assert "ResumableLoader(" in train and '"data": loader' in train
     assert "mirror.restore(state)" in train and "mirror.save(state" in train
