@@ -31,6 +31,7 @@ PUBLIC = [
     "PendingSave",
     "PliniusError",
     "RNGState",
+    "ResumableLoader",
     "RollbackError",
     "SealedDataset",
     "SealedSampler",

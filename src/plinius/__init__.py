@@ -46,6 +46,7 @@ _LAZY = {
     "MirrorInfo": "mirror",
     "PendingSave": "mirror",
     "RNGState": "rng",
+    "ResumableLoader": "data.loader",
     "seal_dataset": "data",
     "SealedDataset": "data",
     "SealedSampler": "data",
@@ -73,6 +74,7 @@ __all__ = [
     "PendingSave",
     "PliniusError",
     "RNGState",
+    "ResumableLoader",
     "RollbackError",
     "SealedDataset",
     "SealedSampler",
@@ -89,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .counters import Counter, FileCounter
     from .crypto import MasterKey
     from .data import SealedDataset, SealedSampler, seal_dataset
+    from .data.loader import ResumableLoader
     from .mirror import Mirror, MirrorInfo, PendingSave
     from .rng import RNGState
     from .train import FitResult, StepEvent, fit

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .data import SealedDataset, SealedSampler
+from .data.loader import BatchStream, collate_tuple
 from .errors import ConfigError, IntegrityError, StateMismatchError
 from .limits import MAX_LEARNING_RATE, check_learning_rate
 from .mirror import Mirror, PendingSave
@@ -210,118 +211,6 @@ def _default_split(batch: Batch) -> tuple[Tensor, Tensor]:
 
 def _identity(x: Tensor) -> Tensor:
     return x
-
-
-class _BatchSource:
-    """Draws batches of indices from the sampler and fetches them.
-
-    The sampler is advanced only by what the loop really consumed
-    (:meth:`consumed`), so a save never records indices a prefetcher drew.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset[Any],
-        sampler: SealedSampler,
-        batch_size: int,
-        num_workers: int,
-    ) -> None:
-        self.dataset = dataset
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self._it: Iterator[Batch] | None = None
-        self._epoch = -1
-
-    def _fetch(self, idx: list[int]) -> Batch:
-        if isinstance(self.dataset, SealedDataset):
-            return tuple(self.dataset.get_batch(idx))
-        return _collate_tuple([self.dataset[i] for i in idx])
-
-    def _start_epoch_iter(self) -> Iterator[Batch]:
-        index_batches = list(self.sampler.batches(self.batch_size, drop_last=True))
-        if self.num_workers <= 0:
-            # In this process: a random __getitem__ draws from the global RNGs,
-            # which are in the mirror, so a resumed job draws the same numbers.
-            return (self._fetch(b) for b in index_batches)
-        # With workers, which worker fetches a batch (and where its RNG stands)
-        # depends on where in the epoch the job (re)started. So every batch is
-        # fetched with the generators seeded from (seed, epoch, batch number):
-        # a random __getitem__ gives the same batch however the job resumed.
-        first = self.sampler.consumed // self.batch_size
-        numbered = [
-            [(self.sampler.seed, self.sampler.epoch, first + k, i) for i in b]
-            for k, b in enumerate(index_batches)
-        ]
-        # A DataLoader draws its base seed from the generator it is given, else
-        # from torch's *global* RNG: that would shift every later dropout mask.
-        gen = torch.Generator()
-        gen.manual_seed(_seed_of(self.sampler.seed, self.sampler.epoch))
-        loader = torch.utils.data.DataLoader(
-            _SeededBatches(self.dataset),
-            batch_sampler=numbered,
-            num_workers=self.num_workers,
-            collate_fn=_collate_tuple,
-            generator=gen,
-        )
-        return iter(loader)
-
-    def next(self) -> Batch:
-        """The next batch; moves to the next epoch when this one is used up."""
-        for _ in range(2):
-            if self._it is None or self._epoch != self.sampler.epoch:
-                self._epoch = self.sampler.epoch
-                self._it = self._start_epoch_iter()
-            try:
-                return next(self._it)
-            except StopIteration:
-                self.sampler.set_epoch(self.sampler.epoch + 1)
-                self._it = None
-        raise ConfigError(
-            f"the dataset has fewer records than one batch ({self.batch_size}); "
-            "use a smaller --batch-size"
-        )
-
-
-def _seed_of(*parts: int) -> int:
-    """A 64-bit seed from integers of any size (SeedSequence mixes them)."""
-    import numpy as np
-
-    words = np.random.SeedSequence([p % (1 << 64) for p in parts]).generate_state(2, np.uint32)
-    return int(words[0]) | (int(words[1]) << 32)
-
-
-class _SeededBatches(Dataset[Any]):
-    """Fetches a batch of ``(seed, epoch, batch, index)`` items with the global
-    generators of the (worker) process seeded from ``(seed, epoch, batch)``."""
-
-    def __init__(self, dataset: Dataset[Any]) -> None:
-        self.dataset = dataset
-
-    def __getitems__(self, items: list[tuple[int, int, int, int]]) -> list[Any]:
-        import random
-
-        import numpy as np
-
-        seed, epoch, batch, _ = items[0]
-        s = _seed_of(seed, epoch, batch)
-        random.seed(s)
-        np.random.seed(s % (1 << 32))
-        torch.manual_seed(s)
-        idx = [i for *_, i in items]
-        if isinstance(self.dataset, SealedDataset):
-            # One decryption per batch; collate expects a list of records.
-            fields = self.dataset.get_batch(idx)
-            return [tuple(f[k] for f in fields) for k in range(len(idx))]
-        return [self.dataset[i] for i in idx]
-
-    def __getitem__(self, item: tuple[int, int, int, int]) -> Any:
-        return self.__getitems__([item])[0]
-
-
-def _collate_tuple(items: Sequence[Any]) -> Batch:
-    collated = torch.utils.data.default_collate(list(items))
-    return tuple(collated) if isinstance(collated, list | tuple) else (collated,)
 
 
 def make_sampler(
@@ -589,7 +478,7 @@ def fit(
     if on_resume is not None:
         on_resume(resumed_from, recovery_s)
     model.train()
-    source = _BatchSource(dataset, sampler, batch_size, num_workers)
+    source = BatchStream(dataset, sampler, batch_size, num_workers)
     pending: PendingSave | None = None
     saves = 0
     save_wait = 0.0
@@ -720,7 +609,7 @@ def evaluate(
             if isinstance(dataset, SealedDataset):
                 batch: Batch = tuple(dataset.get_batch(idx))
             else:
-                batch = _collate_tuple([dataset[i] for i in idx])
+                batch = collate_tuple([dataset[i] for i in idx])
             x, y = split(batch)
             where = f"the batch of records {lo} to {idx[-1]}"
             if num_classes is not None:

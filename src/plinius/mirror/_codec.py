@@ -145,6 +145,13 @@ def encode_plain(v: Any, path: str = "value", level: int = 1) -> Node:
         if type(v) is OrderedDict:
             node["o"] = True
         return node
+    if isinstance(v, torch.utils.data.DataLoader):
+        # The common mistake in a hand-written loop: say what to use instead.
+        raise ConfigError(
+            f"cannot save {path}: a torch DataLoader has no position to mirror (and each iter() "
+            "draws from torch's global generator, shifting dropout after a resume); use "
+            "plinius.ResumableLoader, which is mirrored and resumes exactly"
+        )
     raise ConfigError(
         f"cannot save {path}: values of type {type(v).__module__}.{type(v).__qualname__} are "
         "not supported (use tensors, numpy arrays, int, float, complex, str, bytes, bool, None, "
