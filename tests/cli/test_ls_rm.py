@@ -57,7 +57,9 @@ def test_ls_without_key_lists_kind_generation_size_and_skips_the_rest(
     res = run_cli("ls", job["dir"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[0].split() == ["KIND", "STEP", "GEN", "SIZE", "MODIFIED", "NAME", "JOB", "/", "DATA"]
+    assert lines[0].split() == [
+        "KIND", "STEP", "GEN", "SIZE", "MODIFIED", "NAME", "JOB", "/", "DATA"
+    ]  # fmt: skip
     rows = _rows(res.stdout)
     assert sorted(rows) == ["d.pld", "m.plm"]  # key, text, dir, symlink, FIFO: skipped
     mirror = rows["m.plm"].split()
@@ -113,7 +115,8 @@ def test_ls_json_is_one_document_with_stable_keys(job: dict[str, Path]) -> None:
         m = doc["files"][1]
         assert m["kind"] == "mirror" and m["generation"] == 3 and m["error"] is None
         assert m["size"] == job["mirror"].stat().st_size
-        assert (m["step"], m["model"], m["total_steps"]) == ((3, "mlp", 3) if extra else (None,) * 3)
+        want = (3, "mlp", 3) if extra else (None, None, None)
+        assert (m["step"], m["model"], m["total_steps"]) == want
 
 
 def test_ls_of_a_missing_directory_is_a_usage_error(shm_dir: Path) -> None:
@@ -175,8 +178,10 @@ def test_inspect_json_of_a_mirror_without_and_with_the_key(job: dict[str, Path])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert set(doc) == keys  # the same keys with and without the key
-    assert doc["authenticated"] is True and doc["step"] == 3 and doc["num_tensors"] == len(
-        doc["tensors"]
+    assert (
+        doc["authenticated"] is True
+        and doc["step"] == 3
+        and doc["num_tensors"] == len(doc["tensors"])
     )
     assert doc["job"]["model"] == "mlp" and doc["job"]["total_steps"] == 3
     assert doc["job"]["settings"]["batch_size"] == 16

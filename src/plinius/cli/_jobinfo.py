@@ -66,7 +66,7 @@ def model_for_evaluation(given: str | None, job: dict[str, Any], mirror: Path) -
         ConfigError: no model given or recorded; a cfg job without ``--model``;
             a built-in model other than the recorded one.
     """
-    recorded = job["model"]
+    recorded: str | None = job["model"]
     if given is not None:
         if recorded is not None and not is_cfg_path(recorded) and given != recorded:
             raise ConfigError(
