@@ -211,3 +211,21 @@ def test_seal_json(job: dict[str, Path]) -> None:
         {"name": "label", "dtype": "int64", "shape": []},
     ]
     assert doc["dataset_id"] == json.loads(run_cli("inspect", out, "--json").stdout)["dataset_id"]
+
+
+def test_inspect_with_key_names_the_job(job: dict[str, Path]) -> None:
+    ds_id = json.loads(run_cli("inspect", job["data"], "--json").stdout)["dataset_id"]
+    res = run_cli("inspect", job["mirror"], "--key", job["key"])
+    assert res.exit_code == 0, res.output
+    assert f"  job              model mlp, 3 steps in all, trained on dataset {ds_id}" in (
+        res.stdout.splitlines()
+    )
+
+
+def test_json_output_is_strict_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from plinius.cli._json import echo_json
+
+    echo_json({"loss": float("nan"), "inf": [float("inf")], "raw": b"\x01", "t": (1, 2)})
+    # A diverged loss is null, not the NaN that strict parsers refuse.
+    doc = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
+    assert doc == {"loss": None, "inf": [None], "raw": "b'\\x01'", "t": [1, 2]}

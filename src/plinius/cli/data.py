@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import StorageError
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,9 +55,7 @@ _FILE = click.Path(path_type=Path, dir_okay=False)
     default=None,
     help="Records per encrypted chunk (default: about 256 KiB; ~16 KiB suits a full shuffle).",
 )
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document (keys in the README)."
-)
+@json_option
 def seal(
     key_path: Path,
     out: Path,
@@ -148,7 +146,7 @@ def seal(
             ],
             "key_fingerprint": key.fingerprint.hex(),
         }
-        click.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
         return
     click.echo(f"sealed {records} records into {out}")
     click.echo(f"dataset id: {dataset_id}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 import stat
 import tempfile
@@ -26,6 +25,7 @@ from ._freshness import (
     unchecked_note,
 )
 from ._jobinfo import job_of, job_text
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, counter_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,16 +39,6 @@ def register(group: click.Group) -> None:
     group.add_command(ls)
     group.add_command(rm)
     group.add_command(export)
-
-
-def echo_json(doc: dict[str, Any]) -> None:
-    """Print ``doc`` as the command's one JSON document on stdout (``--json``)."""
-    click.echo(json.dumps(doc, indent=2))
-
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document (keys in the README)."
-)
 
 
 def _when(t: float | None) -> str:

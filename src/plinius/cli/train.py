@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, load_key, make_counter, process_age_s
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
@@ -393,9 +393,7 @@ def _report_resume(
 )
 @num_classes_option
 @counter_option(READ_COUNTER_HELP)
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document (keys in the README)."
-)
+@json_option
 def evaluate(
     key_path: Path | None,
     key_server: str | None,
@@ -487,7 +485,7 @@ def evaluate(
             ),
             "freshness_checked": counter_spec is not None,
         }
-        click.echo(json.dumps(doc, indent=2))
+        echo_json(doc)
         return
     click.echo(f"step {step}: accuracy {acc * 100:.2f}% ({len(ds)} records), loss {loss:.4f}")
     click.echo(scored_on(data_path, len(ds), ds.dataset_id, job["dataset_id"]))
