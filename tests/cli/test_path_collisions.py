@@ -154,13 +154,14 @@ def test_every_path_option_of_every_command_is_in_the_table() -> None:
         for o in opts
     }
     # Directory options, each tested below or owning no names a file option could take;
-    # keygen and models have one path option only.
+    # keygen, models and rm have one path option only; ls writes nothing (a directory, a key).
     alone = {
         ("keygen", "out"), ("models", "--cfg"), ("status", "--attestation-root"),
         ("status", "--tsm-root"), ("demo", "--workdir"), ("demo", "--pm-dir"),
         ("bench", "--out"), ("bench", "--pm-dir"), ("bench", "--disk-dir"),
         ("keyserver", "--counter-dir"), ("crash-test", "--workdir"),
-        ("export", "mirror"), ("inspect", "path"),
+        ("export", "mirror"), ("inspect", "path"), ("ls", "directory"), ("ls", "--key"),
+        ("rm", "paths"),
     }  # fmt: skip
     missing = path_params - covered - alone
     assert not missing, missing

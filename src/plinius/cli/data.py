@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import StorageError
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,6 +55,7 @@ _FILE = click.Path(path_type=Path, dir_okay=False)
     default=None,
     help="Records per encrypted chunk (default: about 256 KiB; ~16 KiB suits a full shuffle).",
 )
+@json_option
 def seal(
     key_path: Path,
     out: Path,
@@ -65,6 +67,7 @@ def seal(
     label_column: str | None,
     overwrite: bool,
     chunk_records: int | None,
+    as_json: bool,
 ) -> None:
     """Seal a training set into OUT, encrypted and authenticated under KEY.
 
@@ -132,6 +135,19 @@ def seal(
     dataset_id = _seal_with_progress(out, key, fields, chunk_records, overwrite, total_bytes)
 
     records = len(next(iter(fields.values())))
+    if as_json:
+        doc = {
+            "path": str(out),
+            "records": records,
+            "dataset_id": dataset_id,
+            "fields": [
+                {"name": name, "dtype": str(arr.dtype), "shape": [int(d) for d in arr.shape[1:]]}
+                for name, arr in fields.items()
+            ],
+            "key_fingerprint": key.fingerprint.hex(),
+        }
+        echo_json(doc)
+        return
     click.echo(f"sealed {records} records into {out}")
     click.echo(f"dataset id: {dataset_id}")
     for name, arr in fields.items():

@@ -1,7 +1,9 @@
-"""``plinius inspect`` (mirror or sealed dataset) and ``plinius export`` (mirror to safetensors)."""
+"""``plinius inspect`` (mirror or sealed dataset), ``ls`` and ``rm`` (a directory's mirrors and
+datasets) and ``export`` (mirror to safetensors)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import stat
@@ -12,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .._fsutil import fsync_dir
 from .._magic import FileKind, sniff
-from ..errors import ConfigError, FormatError, StorageError, storage_error
+from ..errors import ConfigError, FormatError, PliniusError, StorageError, storage_error
 from ._freshness import (
     READ_COUNTER_HELP,
     counter_option,
@@ -21,6 +24,8 @@ from ._freshness import (
     open_for_reading,
     unchecked_note,
 )
+from ._jobinfo import job_of, job_text
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, counter_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def register(group: click.Group) -> None:
     """Add the mirror commands to ``group``."""
     group.add_command(inspect)
+    group.add_command(ls)
+    group.add_command(rm)
     group.add_command(export)
 
 
@@ -127,9 +134,14 @@ def mirror_lines(
     with source.open(path, key) as m:
         info = m.verify()
         tensors = m.committed_tensors()
+        job = job_of(m)
     lines += [
         f"  step             {info.step if info.step is not None else 'none (never saved)'}",
         f"  saved            {_when(info.saved_at)}",
+    ]
+    if job["model"] is not None:
+        lines.append(f"  job              {job_text(job)}")
+    lines += [
         f"  tensors          {info.num_tensors}, {_size(info.tensor_bytes)}",
     ]
     for t in tensors:
@@ -154,6 +166,69 @@ def mirror_lines(
     return lines
 
 
+def mirror_doc(
+    path: Path, key_path: Path | None, counter: CounterSource | None = None
+) -> dict[str, Any]:
+    """What ``plinius inspect --json`` prints for a mirror file (keys in the README)."""
+    from ..mirror import describe_file
+    from ..pmem import describe_path
+
+    h = describe_file(path)
+    doc: dict[str, Any] = {
+        "kind": "mirror",
+        "path": str(path),
+        "format_version": h.format_version,
+        "file_bytes": h.file_bytes,
+        "storage": describe_path(path),
+        "region_id": h.region_id.hex(),
+        "key_fingerprint": h.fingerprint.hex(),
+        "created_at": h.created_at,
+        "generation": h.generation,
+        "slot": h.slot,
+        "authenticated": False,
+        "step": None,
+        "saved_at": None,
+        "num_tensors": None,
+        "tensor_bytes": None,
+        "tensors": None,
+        "job": None,
+        "counter": None,
+        "freshness_checked": False,
+    }
+    if key_path is None:
+        return doc
+    from ..crypto import MasterKey
+
+    source = counter or CounterSource(None, None, None, None)
+    key = MasterKey.load(key_path)
+    with source.open(path, key) as m:
+        info = m.verify()
+        tensors = m.committed_tensors()
+        job = job_of(m)
+    doc.update(
+        authenticated=True,
+        generation=info.generation,
+        step=info.step,
+        saved_at=info.saved_at,
+        num_tensors=info.num_tensors,
+        tensor_bytes=info.tensor_bytes,
+        tensors=[
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "nbytes": t.nbytes,
+            }
+            for t in tensors
+        ],
+        job=job,
+        counter=info.counter_bound,
+        freshness_checked=source.spec is not None,
+    )
+    return doc
+
+
 @click.command()
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
@@ -164,6 +239,7 @@ def mirror_lines(
 )
 @counter_option(READ_COUNTER_HELP + " Needs --key.")
 @_key_server_options
+@json_option
 def inspect(
     path: Path,
     key_path: Path | None,
@@ -171,6 +247,7 @@ def inspect(
     key_server: str | None,
     key_server_pubkey: str | None,
     job_id: str | None,
+    as_json: bool,
 ) -> None:
     """Describe a mirror file or a sealed dataset at PATH.
 
@@ -199,8 +276,16 @@ def inspect(
         from ..crypto import MasterKey
 
         key = MasterKey.load(key_path) if key_path is not None else None
+        if as_json:
+            from ..data import describe_dataset
+
+            echo_json(describe_dataset(path, key))
+            return
         lines = inspect_dataset(path, key)
     elif kind == "mirror":
+        if as_json:
+            echo_json(mirror_doc(path, key_path, source))
+            return
         lines = mirror_lines(path, key_path, source)
     else:
         raise FormatError(
@@ -208,6 +293,208 @@ def inspect(
         )
     for line in lines:
         click.echo(line)
+
+
+def _ls_row(path: Path, kind: FileKind, key: MasterKey | None) -> dict[str, Any]:
+    """One file of ``plinius ls``: what can be read of it (an ``error`` when nothing more)."""
+    row: dict[str, Any] = {
+        "name": path.name,
+        "path": str(path),
+        "kind": kind,
+        "size": None,
+        "modified_at": None,
+        "generation": None,
+        "step": None,
+        "model": None,
+        "total_steps": None,
+        "dataset_id": None,
+        "records": None,
+        "authenticated": False,
+        "error": None,
+    }
+    try:
+        st = path.stat()
+        row.update(size=st.st_size, modified_at=st.st_mtime)
+        if kind == "mirror":
+            from ..mirror import Mirror, describe_file
+
+            row["generation"] = describe_file(path).generation
+            if key is not None:
+                # Read-only, under the shared lock: a running job's file says "in use".
+                with Mirror(path, key, readonly=True) as m:
+                    info = m.info()
+                    job = job_of(m)
+                row.update(
+                    generation=info.generation,
+                    step=info.step,
+                    model=job["model"],
+                    total_steps=job["total_steps"],
+                    dataset_id=job["dataset_id"],
+                    authenticated=True,
+                )
+        else:
+            from ..data import describe_dataset
+
+            d = describe_dataset(path, key, verify=False)  # the header only: ls stays fast
+            row.update(
+                dataset_id=d["dataset_id"], records=d["records"], authenticated=d["authenticated"]
+            )
+    except PliniusError as exc:
+        row["error"] = str(exc)
+    except OSError as exc:
+        row["error"] = str(storage_error(exc, f"cannot read {path}"))
+    return row
+
+
+def _ls_detail(row: dict[str, Any]) -> str:
+    if row["error"] is not None:
+        return f"unreadable: {row['error']}"
+    if row["kind"] == "dataset":
+        return f"{row['records']} records, dataset id {row['dataset_id']}"
+    if not row["authenticated"]:
+        return "-"
+    if row["model"] is None:
+        return "(no job recorded: not written by plinius train)"
+    return job_text(row)
+
+
+def _ls_table(rows: list[dict[str, Any]]) -> list[str]:
+    def cell(v: Any) -> str:
+        return "-" if v is None else str(v)
+
+    table = [["KIND", "STEP", "GEN", "SIZE", "MODIFIED", "NAME", "JOB / DATA"]]
+    for r in rows:
+        step = cell(r["step"])
+        if r["kind"] == "mirror" and not r["authenticated"] and r["error"] is None:
+            step = "?"
+        size = _size(r["size"]) if r["size"] is not None else "-"
+        when = _when(r["modified_at"]) if r["modified_at"] is not None else "-"
+        table.append([r["kind"], step, cell(r["generation"]), size, when, r["name"], _ls_detail(r)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=False)) + "  " + line[-1]
+        for line in table
+    ]
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Master key file: read each mirror's step and job (its manifest is encrypted).",
+)
+@json_option
+def ls(directory: Path, key_path: Path | None, as_json: bool) -> None:
+    """List the mirrors and sealed datasets in DIRECTORY.
+
+    Per file: kind, step, committed generation, size, modification time, and
+    the mirror's job (model, steps, dataset) or the dataset's records and id.
+    A mirror's step and job are in its encrypted manifest: they need --key.
+    Other files are skipped; a file that cannot be read says why.
+    """
+    from ..crypto import MasterKey
+
+    key = MasterKey.load(key_path) if key_path is not None else None
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as exc:
+        raise storage_error(exc, f"cannot list {directory}") from exc
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for e in entries:
+        path = Path(e.path)
+        try:
+            # Symbolic links, directories, FIFOs and devices are never opened.
+            kind = sniff(path) if e.is_file(follow_symlinks=False) else None
+        except OSError as exc:
+            row = _ls_row(path, "mirror", None)  # named for what it is not known to be
+            row.update(kind=None, error=str(storage_error(exc, f"cannot read {path}")))
+            rows.append(row)
+            continue
+        if kind in ("mirror", "dataset"):
+            rows.append(_ls_row(path, kind, key))
+        else:
+            skipped.append(e.name)
+    if as_json:
+        echo_json(
+            {
+                "directory": str(directory),
+                "key_given": key is not None,
+                "files": rows,
+                "skipped": skipped,
+            }
+        )
+        return
+    if rows:
+        for line in _ls_table(rows):
+            click.echo(line.rstrip())
+    mirrors = sum(r["kind"] == "mirror" for r in rows)
+    datasets = sum(r["kind"] == "dataset" for r in rows)
+    summary = f"{directory}: {mirrors} mirror(s), {datasets} sealed dataset(s)"
+    if skipped:
+        summary += f"; {len(skipped)} other file(s) skipped"
+    click.echo(summary)
+    if key is None and mirrors:
+        click.echo("a mirror's step and job are encrypted: pass --key KEY to read them")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def rm(paths: tuple[Path, ...]) -> None:
+    """Remove mirror and sealed dataset files, and nothing else.
+
+    Refuses, removing nothing, when any PATH is not a plinius mirror or sealed
+    dataset (a key, a symbolic link, any other file) or is a mirror that a
+    running job (or reader) has open. Each removal is made durable (the
+    directory is synced).
+    """
+    from ..mirror import exclusive_lock
+
+    targets: list[tuple[Path, FileKind, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for p in paths:
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                raise ConfigError(f"{p} is a symbolic link; give the file itself (nothing removed)")
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(
+                    f"{p} is not a regular file; plinius rm removes mirrors and sealed "
+                    "datasets only (nothing removed)"
+                )
+            kind = sniff(p)
+        except OSError as exc:
+            raise storage_error(exc, f"cannot remove {p} (nothing removed)") from exc
+        if kind not in ("mirror", "dataset"):
+            what = "a sealed master key" if kind == "sealed-key" else "not a plinius file"
+            raise ConfigError(
+                f"{p} is {what}; plinius rm removes mirrors and sealed datasets only "
+                "(nothing removed)"
+            )
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            targets.append((p, kind, st.st_size))
+    with contextlib.ExitStack() as locks:
+        # Every mirror's writer lock first, all held until the end: a running
+        # job refuses the whole command, and none can open a file meanwhile.
+        for p, kind, _ in targets:
+            if kind == "mirror":
+                try:
+                    locks.enter_context(exclusive_lock(p))
+                except StorageError as exc:
+                    raise StorageError(
+                        f"{p} is in use by another process (a running job or reader holds its "
+                        "lock); stop it first (nothing removed)"
+                    ) from exc
+        for p, kind, size in targets:
+            try:
+                os.unlink(p)
+                fsync_dir(p.parent)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot remove {p}") from exc
+            click.echo(f"removed {p} ({kind}, {_size(size)})")
 
 
 @click.command()

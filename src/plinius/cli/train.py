@@ -15,6 +15,7 @@ from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, load_key, make_counter, process_age_s
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
+from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
@@ -381,12 +382,18 @@ def _report_resume(
 @_with_key_options
 @data_option
 @mirror_option("Mirror file.")
-@click.option("--model", "model_name", required=True, help="The model the mirror was trained with.")
+@click.option(
+    "--model",
+    "model_name",
+    default=None,
+    help="The model the job trained (default: the one the mirror records; a .cfg must be given).",
+)
 @click.option(
     "--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Batch size."
 )
 @num_classes_option
 @counter_option(READ_COUNTER_HELP)
+@json_option
 def evaluate(
     key_path: Path | None,
     key_server: str | None,
@@ -395,14 +402,22 @@ def evaluate(
     job_id: str | None,
     data_path: Path,
     mirror_path: Path,
-    model_name: str,
+    model_name: str | None,
     batch_size: int,
     num_classes: int | None,
     counter_spec: str | None,
+    as_json: bool,
 ) -> None:
-    """Accuracy and loss of the model in MIRROR on a sealed dataset (read-only)."""
+    """Accuracy and loss of the model in MIRROR on the sealed dataset DATA (read-only).
+
+    The model is the one the job recorded (give --model for a Darknet cfg).
+    The output says which data was scored: the job's own training set is
+    named as such, since its accuracy is not a held-out estimate; seal a test
+    set separately and pass it as --data for one.
+    """
     from ..data import SealedDataset
     from ..train import evaluate as run_evaluate
+    from ._jobinfo import job_of, model_for_evaluation, scored_on
 
     check_key_options(key_path, key_server)
     check_distinct_paths(
@@ -421,11 +436,18 @@ def evaluate(
     if not mirror_path.exists():
         raise ConfigError(f"mirror {mirror_path} does not exist; train first with 'plinius train'")
     with SealedDataset(data_path, key) as ds:
-        spec, classes = build_job(model_name, ds, num_classes, 0)
         with open_for_reading(
             mirror_path, key, counter_spec, key_server, key_server_pubkey, job_id
         ) as mirror:
             info = mirror.info()
+            if info.generation == 0:
+                raise ConfigError(f"mirror {mirror_path} holds no saved state yet; train first")
+            job = job_of(mirror)
+            model_name = model_for_evaluation(model_name, job, mirror_path)
+            recorded = (job["settings"] or {}).get("classes")
+            if num_classes is None and type(recorded) is int:
+                num_classes = recorded  # the job's, even if this data lacks some classes
+            spec, classes = build_job(model_name, ds, num_classes, 0)
             try:
                 step = mirror.restore_model(spec.module)
             except StateMismatchError as exc:
@@ -446,4 +468,24 @@ def evaluate(
         )
     if counter_spec is None:
         click.echo(_unchecked_note(info), err=True)
+    if as_json:
+        doc = {
+            "mirror": str(mirror_path),
+            "step": step,
+            "model": model_name,
+            "classes": classes,
+            "accuracy": acc,
+            "loss": loss,
+            "records": len(ds),
+            "data": str(data_path),
+            "dataset_id": ds.dataset_id,
+            "training_dataset_id": job["dataset_id"],
+            "on_training_data": (
+                None if job["dataset_id"] is None else ds.dataset_id == job["dataset_id"]
+            ),
+            "freshness_checked": counter_spec is not None,
+        }
+        echo_json(doc)
+        return
     click.echo(f"step {step}: accuracy {acc * 100:.2f}% ({len(ds)} records), loss {loss:.4f}")
+    click.echo(scored_on(data_path, len(ds), ds.dataset_id, job["dataset_id"]))

@@ -104,6 +104,7 @@ __all__ = [
     "SealedSampler",
     "ShuffleMode",
     "default_chunk_records",
+    "describe_dataset",
     "inspect_dataset",
     "seal_dataset",
 ]
@@ -747,16 +748,24 @@ def seal_dataset(
 # -- inspection ----------------------------------------------------------------
 
 
-def inspect_dataset(path: str | os.PathLike[str], key: MasterKey | None = None) -> list[str]:
-    """Lines describing a sealed dataset (what ``plinius inspect`` prints).
+def describe_dataset(
+    path: str | os.PathLike[str], key: MasterKey | None = None, *, verify: bool = True
+) -> dict[str, Any]:
+    """What a sealed dataset's header says, as plain values (``plinius inspect --json``).
 
     Args:
         path: the sealed dataset.
-        key: with it, the header MAC and every chunk are verified; without it
-            the header is read but cannot be authenticated, and the lines say so.
+        key: with it, the header MAC is checked (and, with ``verify``, every
+            chunk); without it the header is read but cannot be authenticated.
+        verify: with a key, also authenticate every chunk (reads the whole file).
 
     Returns:
-        Human-readable lines: id, key fingerprint, fields, size, verification status.
+        A dict with the keys ``kind`` (``"dataset"``), ``path``, ``format_version``,
+        ``dataset_id``, ``key_fingerprint`` (hex), ``records``, ``chunk_records``,
+        ``chunks``, ``last_chunk_records``, ``fields`` (``name``, ``dtype``,
+        ``shape``, ``record_bytes`` each), ``file_bytes`` (what the header
+        says), ``actual_bytes`` (the file's size), ``authenticated`` (the
+        header) and ``verified`` (every chunk).
 
     Raises:
         FormatError, WrongKeyError, IntegrityError, StorageError: as :class:`SealedDataset`.
@@ -764,12 +773,10 @@ def inspect_dataset(path: str | os.PathLike[str], key: MasterKey | None = None) 
     p = Path(path)
     if key is not None:
         with SealedDataset(p, key) as ds:
-            ds.verify()
+            if verify:
+                ds.verify()
             lay, hdr = ds._layout, ds._hdr
-        status = [
-            "header: authenticated (HMAC-SHA256, key fingerprint matches)",
-            f"chunks: all {lay.num_chunks} x {len(lay.fields)} verified (AES-256-GCM)",
-        ]
+        size = lay.file_size  # the dataset checked its size on opening
     else:
         mm = map_readonly(p)
         buf = memoryview(mm)
@@ -784,20 +791,71 @@ def inspect_dataset(path: str | os.PathLike[str], key: MasterKey | None = None) 
             buf.release()
             with contextlib.suppress(BufferError):  # else unmapped when collected
                 mm.close()
+    return {
+        "kind": "dataset",
+        "path": str(p),
+        "format_version": VERSION,
+        "dataset_id": hdr.dataset_id.hex(),
+        "key_fingerprint": hdr.fingerprint.hex(),
+        "records": lay.records,
+        "chunk_records": lay.chunk_records,
+        "chunks": lay.num_chunks,
+        "last_chunk_records": lay.chunk_len(lay.num_chunks - 1),
+        "fields": [
+            {
+                "name": f.name,
+                "dtype": f.dtype_name,
+                "shape": list(f.shape),
+                "record_bytes": f.record_bytes,
+            }
+            for f in lay.fields
+        ],
+        "file_bytes": lay.file_size,
+        "actual_bytes": size,
+        "authenticated": key is not None,
+        "verified": key is not None and verify,
+    }
+
+
+def inspect_dataset(path: str | os.PathLike[str], key: MasterKey | None = None) -> list[str]:
+    """Lines describing a sealed dataset (what ``plinius inspect`` prints).
+
+    Args:
+        path: the sealed dataset.
+        key: with it, the header MAC and every chunk are verified; without it
+            the header is read but cannot be authenticated, and the lines say so.
+
+    Returns:
+        Human-readable lines: id, key fingerprint, fields, size, verification status.
+
+    Raises:
+        FormatError, WrongKeyError, IntegrityError, StorageError: as :class:`SealedDataset`.
+    """
+    d = describe_dataset(path, key)
+    if d["verified"]:
+        status = [
+            "header: authenticated (HMAC-SHA256, key fingerprint matches)",
+            f"chunks: all {d['chunks']} x {len(d['fields'])} verified (AES-256-GCM)",
+        ]
+    else:
         status = ["header: NOT authenticated (no key given; pass --key to verify everything)"]
-        if size != lay.file_size:
-            status.append(f"size: {size} bytes, header says {lay.file_size}: truncated or extended")
-    last = lay.chunk_len(lay.num_chunks - 1)
+        if d["actual_bytes"] != d["file_bytes"]:
+            status.append(
+                f"size: {d['actual_bytes']} bytes, header says {d['file_bytes']}: "
+                "truncated or extended"
+            )
     lines = [
-        f"plinius sealed dataset, format version {VERSION}",
-        f"path: {p}",
-        f"dataset id: {hdr.dataset_id.hex()}",
-        f"key fingerprint: {hdr.fingerprint.hex()}",
-        f"records: {lay.records}",
-        f"chunking: {lay.num_chunks} chunks of {lay.chunk_records} records (last: {last})",
+        f"plinius sealed dataset, format version {d['format_version']}",
+        f"path: {d['path']}",
+        f"dataset id: {d['dataset_id']}",
+        f"key fingerprint: {d['key_fingerprint']}",
+        f"records: {d['records']}",
+        f"chunking: {d['chunks']} chunks of {d['chunk_records']} records "
+        f"(last: {d['last_chunk_records']})",
         "fields:",
     ]
-    for f in lay.fields:
-        lines.append(f"  {f.name}: {f.dtype_name} {f.shape}, {f.record_bytes} B/record")
-    lines.append(f"size: {lay.file_size} bytes")
+    for f in d["fields"]:
+        shape = tuple(f["shape"])
+        lines.append(f"  {f['name']}: {f['dtype']} {shape}, {f['record_bytes']} B/record")
+    lines.append(f"size: {d['file_bytes']} bytes")
     return lines + status

@@ -39,6 +39,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from ..errors import ConfigError, IntegrityError, PliniusError, StateMismatchErr
 from ..pmem import RegionLike
 from ..rng import RNGState
 from . import _format as fmt
-from ._codec import TORCH_DTYPES, describe
+from ._codec import TORCH_DTYPES, decode_plain, describe, has_refs
 from ._file import (
     FileLock,
     MirrorHeader,
@@ -65,6 +66,7 @@ from ._file import (
     open_file,
     read_committed,
     save_aead,
+    take_lock,
     wipe_root,
     write_manifest,
 )
@@ -96,6 +98,7 @@ __all__ = [
     "TensorInfo",
     "counter_bound",
     "describe_file",
+    "exclusive_lock",
 ]
 
 # Public names report their public home, not the private module that defines them.
@@ -442,6 +445,36 @@ class Mirror:
                 for e in self._manifest.entries
             ]
 
+    def committed_value(self, name: str, default: Any = None) -> Any:
+        """The plain value saved as ``state[name]`` (``"job"``, ``"total_steps"``, ...).
+
+        Read from the committed manifest, which was authenticated when the
+        mirror was opened: no tensor is decrypted.
+
+        Args:
+            name: a top-level key of the saved state.
+            default: what to return when the state has no such entry, or
+                nothing was saved yet.
+
+        Returns:
+            The value, decoded as it was saved.
+
+        Raises:
+            StateMismatchError: the entry holds tensors or Stateful objects
+                (restore those with :meth:`restore`).
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_open()
+            for k, v in self._manifest.skeleton["items"]:
+                if k == {"t": "str", "v": name}:
+                    if has_refs(v):
+                        raise StateMismatchError(
+                            f"state[{name!r}] holds tensors, not a plain value; restore it"
+                        )
+                    return decode_plain(v)
+            return default
+
     def committed_state_names(self) -> list[str]:
         """The flattened names of the committed tensors (``"model.fc.weight"``, ...)."""
         return [t.name for t in self.committed_tensors()]
@@ -659,3 +692,24 @@ class Mirror:
                 region.close()
         if self._file_lock is not None:
             self._file_lock.release()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold a mirror file's writer lock, without blocking, for the ``with`` block.
+
+    The lock a writing :class:`Mirror` takes: while it is held no job can open
+    the file (``plinius rm`` removes a mirror under it).
+
+    Args:
+        path: the mirror file.
+
+    Raises:
+        StorageError: another process (or a Mirror of this one) has the file
+            open, or it cannot be opened.
+    """
+    lock = take_lock(Path(path), readonly=False)
+    try:
+        yield
+    finally:
+        lock.release()
