@@ -15,6 +15,8 @@ same job from them to compare and evaluate what it trained::
   ``--counter`` spec (``file:PATH``, ``tpm[:TCTI]``, ``keyserver``);
 - :func:`label_classes` and :func:`build_job`: the number of classes and the
   model, built after seeding the global generators as the job was;
+- :func:`init_model_from`: a new job's model weights from another job's
+  mirror, read-only (``plinius train --init-from``);
 - :class:`EventLog` and :func:`process_age_s`: the JSON-lines progress events
   (``plinius train --events``) that crash campaigns and the recovery benchmark
   read back.
@@ -34,14 +36,18 @@ from typing import IO, TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
     from .counters import Counter
     from .crypto import MasterKey
     from .data import SealedDataset
+    from .mirror import MirrorInfo
     from .models import ModelSpec
 
 __all__ = [
     "EventLog",
     "build_job",
+    "init_model_from",
     "label_classes",
     "load_key",
     "make_counter",
@@ -299,3 +305,51 @@ def build_job(
     seed_everything(seed)
     spec = build_model(model_name, input_shape=tuple(ds.fields[0].shape), num_classes=num_classes)
     return spec, num_classes
+
+
+def init_model_from(
+    path: Path, key: MasterKey, module: nn.Module, model_name: str
+) -> tuple[int, MirrorInfo]:
+    """Load the model weights of another job's mirror into ``module`` (fine-tuning).
+
+    Only ``state["model"]`` is read; the mirror is opened read-only and never
+    changed, and its freshness is not checked (as ``plinius export`` without
+    ``--counter``). The new job brings its own optimizer, schedule, step
+    counter and mirror. A library user does the same with
+    ``Mirror(path, key, readonly=True).restore_model(module)``.
+
+    Args:
+        path: The old job's mirror.
+        key: The master key it was written under.
+        module: The new job's model, built as the old one was.
+        model_name: The model's name, for the messages.
+
+    Returns:
+        ``(step, info)``: the old job's committed step and its mirror's info
+        (for the freshness note).
+
+    Raises:
+        ConfigError: The file does not exist or holds no saved state.
+        StateMismatchError: The saved model is not ``model_name`` (another
+            architecture or number of classes).
+        IntegrityError, WrongKeyError, FormatError: As for any mirror read.
+    """
+    from .errors import StateMismatchError
+    from .mirror import Mirror
+
+    if not path.exists():
+        raise ConfigError(f"--init-from {path} does not exist; name the mirror of a trained job")
+    with Mirror(path, key, readonly=True) as old:
+        info = old.info()
+        try:
+            step = old.restore_model(module)
+        except StateMismatchError as exc:
+            # The first difference is enough to tell another architecture from other classes.
+            first = str(exc).partition("): ")[2].partition("; ")[0] or str(exc)
+            raise StateMismatchError(
+                f"--init-from {path}: the model it holds does not fit --model {model_name} "
+                f"({first[:160]}); fine-tune with the model and --num-classes the old job trained"
+            ) from exc
+    if step is None:
+        raise ConfigError(f"--init-from {path} holds no saved state yet; train that job first")
+    return step, info

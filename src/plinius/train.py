@@ -25,8 +25,10 @@ the first moment parameters or optimizer state change again.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +52,8 @@ __all__ = [
     "evaluate",
     "fit",
     "make_sampler",
+    "replan_schedule",
+    "schedule_plan",
     "seed_everything",
     "training_state",
 ]
@@ -178,6 +182,8 @@ class FitResult:
         saves: Saves this call made into the mirror.
         save_wait_s: Seconds the loop waited for background saves to finish.
         step_times_s: The wall time of each step this call ran, save included.
+        replanned_from: The total steps the mirror's job had when this call
+            changed it (``steps`` raised, say from 150 to 200), else ``None``.
     """
 
     losses: list[float]
@@ -188,6 +194,7 @@ class FitResult:
     saves: int
     save_wait_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
+    replanned_from: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -308,6 +315,7 @@ def fit(
     on_resume: Callable[[int | None, float], None] | None = None,
     job_info: dict[str, Any] | None = None,
     num_classes: int | None = None,
+    on_replan: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
 
@@ -315,6 +323,10 @@ def fit(
     mirror is empty) and mirrored after every ``mirror_every`` steps and after
     the last one. ``steps`` is the job's total: calling ``fit`` again with the
     same arguments after a crash finishes the same job, with the same result.
+    Calling it with another ``steps`` (at least the steps the mirror already
+    did) continues the job from the mirror's state with the new total: the
+    loss history is resized and the ``scheduler`` re-planned for the new total
+    (see :func:`replan_schedule`); ``on_replan`` is told so in one line.
     With ``async_save`` the save of step *n* runs while step *n+1* computes its
     forward and backward pass and is joined before its ``optimizer.step()``.
 
@@ -351,6 +363,9 @@ def fit(
             checked to lie in ``0 .. num_classes - 1`` before the forward pass.
             ``None`` checks them only when the loss fails, against the class
             count the model's output implies.
+        on_replan: Called once, with one line saying what changed, when the
+            mirror's job had another total than ``steps`` and is continued
+            with the new one.
 
     Returns:
         A :class:`FitResult`: the loss of every step of the job, how it resumed,
@@ -365,8 +380,9 @@ def fit(
             a batch with a label outside the classes. Raised before the
             step's update: the mirror keeps the last committed step.
         StateMismatchError: The mirror holds another job: another model,
-            optimizer, number of steps or settings (the message names them;
-            the thread count is one, as float sums depend on it).
+            optimizer or settings (the message names them; the thread count
+            is one, as float sums depend on it), or it already did more than
+            ``steps`` steps.
         IntegrityError: The mirror was trained on another dataset, or fails
             authentication.
         RollbackError: The mirror is older than its freshness counter allows.
@@ -431,9 +447,17 @@ def fit(
 
     start = 0
     resumed_from: int | None = None
+    replanned_from: int | None = None
     recovery_s = 0.0
     if mirror is not None:
         t0 = time.perf_counter()
+        # Another total than the mirror's job: restore into a state of the saved
+        # length, then continue with the new one (below).
+        replanned_from = _saved_job_length(mirror, total)
+        plan: dict[str, Any] | None = None
+        if replanned_from is not None:
+            plan = schedule_plan(scheduler)
+            state["losses"] = torch.full((replanned_from,), math.nan, dtype=torch.float64)
         try:
             restored = mirror.restore(state)
         except StateMismatchError as exc:
@@ -444,6 +468,15 @@ def fit(
             ) from exc
         recovery_s = time.perf_counter() - t0
         if restored is not None:
+            if replanned_from is not None and state["total_steps"] == replanned_from:
+                losses = _resized(state["losses"], total)
+                state["losses"], state["total_steps"] = losses, total
+                said = replan_schedule(scheduler, optimizer, plan, total)
+                if on_replan is not None:
+                    on_replan(
+                        f"the job was {replanned_from} steps, now {total}: it continues after "
+                        f"step {restored}; {said}"
+                    )
             if state["total_steps"] != total:
                 raise StateMismatchError(
                     f"the mirror belongs to a job of {state['total_steps']} steps, not {total}; "
@@ -540,6 +573,8 @@ def fit(
         raise
     if pending is not None:
         pending.wait()
+    if mirror is not None and replanned_from is not None and start == total:
+        mirror.save(state, step=total)  # nothing to run: record the new total all the same
     return FitResult(
         losses=[float(v) for v in losses.tolist()],
         resumed_from=resumed_from,
@@ -549,6 +584,7 @@ def fit(
         saves=saves,
         save_wait_s=save_wait,
         step_times_s=step_times,
+        replanned_from=replanned_from,
     )
 
 
@@ -621,3 +657,132 @@ def evaluate(
     finally:
         model.train(was_training)
     return correct / count, loss_sum / count
+
+
+# Changing a job's length: fit(steps=200) on the mirror of a 150-step job.
+
+# What a scheduler's state_dict says about its progress, as opposed to its plan.
+_SCHED_PROGRESS = frozenset(
+    {"last_epoch", "_step_count", "_is_initial", "_get_lr_called_within_step", "_last_lr"}
+)
+
+
+def _saved_job_length(mirror: Mirror, total: int) -> int | None:
+    """The total steps of the mirror's job where it is not ``total``, else ``None``.
+
+    Read from the length of the committed ``losses`` tensor (one entry per step
+    of the job) before anything is restored. A mirror without one is left to
+    the restore, which names what does not fit.
+
+    Raises:
+        StateMismatchError: The mirror already did more than ``total`` steps.
+    """
+    done = mirror.info().step
+    if done is None:
+        return None
+    shapes = [t.shape for t in mirror.committed_tensors() if t.name == "losses"]
+    if len(shapes) != 1 or len(shapes[0]) != 1 or shapes[0][0] == total:
+        return None
+    if done > total:
+        raise StateMismatchError(
+            f"the mirror already did {done} steps of its {shapes[0][0]}-step job, more than "
+            f"the {total} asked for: ask for {done} steps or more (--steps) to finish or "
+            "continue it, or use a new mirror file"
+        )
+    return shapes[0][0]
+
+
+def _resized(saved: Tensor, total: int) -> Tensor:
+    """The loss history for a job of ``total`` steps: the saved losses, then NaN."""
+    out = torch.full((total,), math.nan, dtype=torch.float64)
+    n = min(total, len(saved))
+    out[:n] = saved[:n]
+    return out
+
+
+def schedule_plan(scheduler: Any | None) -> dict[str, Any] | None:
+    """A copy of a freshly built scheduler's state, for :func:`replan_schedule`.
+
+    Args:
+        scheduler: The scheduler built for the new total, before the restore.
+
+    Returns:
+        A deep copy of its ``state_dict()``, or ``None`` for anything that is
+        not a torch ``LRScheduler`` (``ReduceLROnPlateau``, ``None``).
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return copy.deepcopy(scheduler.state_dict())
+    return None
+
+
+def replan_schedule(
+    scheduler: Any | None,
+    optimizer: torch.optim.Optimizer,
+    plan: dict[str, Any] | None,
+    total: int,
+) -> str:
+    """Fit a restored scheduler to a job's new total; say what that did.
+
+    The restore left the scheduler and the optimizer's rates where the saved
+    job's last step put them. What the next steps get:
+
+    * ``LambdaLR`` (Darknet's policies, ``plinius train``'s schedules): the
+      rate ``base_lr * lambda(step)`` with the lambdas built for the new total,
+      so a ``poly`` schedule follows the new plan from the next step; a lambda
+      that ignores the total gives the very rates of an uninterrupted job;
+    * a scheduler whose plan (its state without the progress) is the saved
+      one, such as ``StepLR``: it continues unchanged, exactly;
+    * one whose plan changed (``OneCycleLR``'s ``total_steps``,
+      ``CosineAnnealingLR``'s ``T_max``): the new plan at the saved step, its
+      rates there computed in closed form (a chained schedule such as
+      ``CosineAnnealingLR`` then equals the new plan's up to rounding);
+    * ``ReduceLROnPlateau``, other objects, no scheduler: nothing to re-plan.
+
+    Args:
+        scheduler: The restored scheduler, or ``None``.
+        optimizer: Its optimizer (restored).
+        plan: :func:`schedule_plan` of the scheduler built for the new total.
+        total: The job's new total steps.
+
+    Returns:
+        What happened, for the one line ``fit`` reports.
+
+    Raises:
+        ConfigError: The plan changed and the scheduler has no closed form to
+            compute its rates at the saved step from.
+    """
+    if scheduler is None:
+        return "no learning-rate schedule to re-plan"
+    name = type(scheduler).__name__
+    lrs = torch.optim.lr_scheduler
+    if plan is None:
+        return f"the {name} schedule continues from its saved state"
+    if isinstance(scheduler, lrs.LambdaLR):
+        # The lambdas are not in the state: they are those built for the new total.
+        rates = [
+            base * fn(scheduler.last_epoch)
+            for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+        ]
+    else:
+        saved = scheduler.state_dict()
+        if {k: v for k, v in saved.items() if k not in _SCHED_PROGRESS} == {
+            k: v for k, v in plan.items() if k not in _SCHED_PROGRESS
+        }:
+            return f"the {name} schedule does not depend on the job's length: it continues"
+        closed = getattr(scheduler, "_get_closed_form_lr", None)
+        if closed is None and not isinstance(scheduler, lrs.OneCycleLR):
+            raise ConfigError(
+                f"the {name} schedule was planned for another number of steps and cannot be "
+                "re-planned at the saved step: rerun with the job's own number of steps, or "
+                "start a new job (plinius train --init-from)"
+            )
+        scheduler.load_state_dict(
+            {**plan, **{k: v for k, v in saved.items() if k in _SCHED_PROGRESS}}
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # get_lr outside step() warns; it is meant here
+            rates = closed() if closed is not None else scheduler.get_lr()
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return f"the {name} schedule is re-planned for {total} steps"

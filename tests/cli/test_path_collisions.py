@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
     "train": (
         ["train", "--steps", "2"],
         {"--key": "k.key", "--data": "d.pld", "--mirror": "m.plm", "--events": "e.jsonl",
-         "--counter file:": "ctr", "--model": "net.cfg"},
+         "--counter file:": "ctr", "--model": "net.cfg", "--init-from": "old.plm"},
     ),
     "train (key server)": (
         ["train", "--steps", "2", "--model", "cnn-tiny", "--key-server", "http://127.0.0.1:1",

@@ -11,7 +11,7 @@ import pytest
 
 from plinius.crypto import MasterKey
 from plinius.data import seal_dataset
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture
@@ -141,3 +141,122 @@ def test_demo_without_matplotlib_skips_only_the_png(
     assert not (tmp_path / "loss_curve.png").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["plot"] is None and note in report["notes"]
+
+
+def _mlp(job: dict[str, Path], mirror: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--key", str(job["key"]), "--data", str(job["data"]), "--mirror", str(mirror),
+        "--model", "mlp", "--batch-size", "32", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def test_train_more_steps_continues_the_job_and_fewer_is_refused(job: dict[str, Path]) -> None:
+    from plinius.bench.crashtest import mirror_differences
+    from plinius.mirror import Mirror
+
+    key = MasterKey.load(job["key"])
+    # mlp has a constant rate: the extended job is bit for bit the longer one.
+    assert run_cli(*_mlp(job, job["mirror"], "--steps", "6")).exit_code == 0
+    r = run_cli(*_mlp(job, job["mirror"], "--steps", "9"))
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    said = "the job was 6 steps, now 9: it continues after step 6; "
+    assert said + "no learning-rate schedule to re-plan" in lines
+    assert any(line.startswith("resumed after step 6 of 9:") for line in lines)
+    straight = job["dir"] / "straight.plm"
+    assert run_cli(*_mlp(job, straight, "--steps", "9")).exit_code == 0
+    assert mirror_differences(job["mirror"], straight, key) == []
+    # Fewer steps than the mirror did: refused, the mirror untouched.
+    before = job["mirror"].read_bytes()
+    r = run_cli(*_mlp(job, job["mirror"], "--steps", "4"))
+    assert_one_line_error(r, "the mirror already did 9 steps of its 9-step job, more than the 4")
+    assert job["mirror"].read_bytes() == before
+    with Mirror(job["mirror"], key, readonly=True) as m:
+        assert m.info().step == 9
+
+
+def test_train_more_steps_re_plans_the_poly_schedule(job: dict[str, Path]) -> None:
+    assert run_cli(*_train(job, "--steps", "6")).exit_code == 0
+    r = run_cli(*_train(job, "--steps", "8", "--events", str(job["dir"] / "e.jsonl")))
+    assert r.exit_code == 0, r.output
+    said = (
+        "the job was 6 steps, now 8: it continues after step 6; "
+        "the LambdaLR schedule is re-planned for 8 steps"
+    )
+    assert said in r.stdout.splitlines()
+    events = [json.loads(x) for x in (job["dir"] / "e.jsonl").read_text().splitlines()]
+    assert [e["message"] for e in events if e["event"] == "replanned"] == [said]
+    assert [e["step"] for e in events if e["event"] == "step"] == [7, 8]
+
+
+@pytest.mark.slow
+def test_extended_job_killed_in_the_extended_part_resumes_exactly(job: dict[str, Path]) -> None:
+    """Real SIGKILLs while a 6-step job is extended to 24: bit for bit the unkilled extension."""
+    from plinius.bench.crashtest import mirror_differences, run_campaign
+
+    key = MasterKey.load(job["key"])
+    a, b = job["dir"] / "a.plm", job["dir"] / "b.plm"
+    base = ["--key", str(job["key"]), "--data", str(job["data"]), "--model", "cnn-tiny",
+            "--batch-size", "32", "--threads", "1"]  # fmt: skip
+    for m in (a, b):
+        assert run_cli("train", *base, "--mirror", str(m), "--steps", "6").exit_code == 0
+    assert run_cli("train", *base, "--mirror", str(a), "--steps", "24").exit_code == 0
+    res = run_campaign(
+        [*base, "--mirror", str(b), "--steps", "24"],
+        events_path=job["dir"] / "e.jsonl",
+        log_path=job["dir"] / "log.txt",
+        crashes=2,
+        startup_kill_fraction=0.0,
+        total_steps=24,
+        timeout_s=300,
+    )
+    assert res.finished and res.crashes == 2
+    killed = [r for r in res.runs if r.killed]
+    # Each killed run had trained in the extended part (steps 7..24) when it died.
+    assert all(r.steps and r.steps[0].step > 6 for r in killed)
+    assert res.runs[-1].resumed_from is not None and res.runs[-1].resumed_from >= 6
+    assert mirror_differences(a, b, key) == []
+
+
+def test_train_init_from_fine_tunes_a_new_job(job: dict[str, Path]) -> None:
+    from plinius.mirror import Mirror
+
+    key = MasterKey.load(job["key"])
+    old, new = job["dir"] / "old.plm", job["dir"] / "new.plm"
+    assert run_cli(*_train(job, "--steps", "5", "--mirror", str(old))).exit_code == 0
+    before = old.read_bytes()
+    r = run_cli(*_train(job, "--steps", "3", "--mirror", str(new), "--init-from", str(old)))
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == (
+        f"initialised the model from {old} (step 5 of its job); this job has its own "
+        "optimizer, schedule, step counter and mirror"
+    )
+    assert "starting a new job of 3 steps (the mirror was empty)" in lines
+    assert "note: freshness not checked" in r.stderr
+    assert old.read_bytes() == before
+    with Mirror(new, key, readonly=True) as m:
+        assert m.info().step == 3
+    # A rerun resumes the new job from its own mirror; the old one is not read.
+    r = run_cli(*_train(job, "--steps", "3", "--mirror", str(new), "--init-from", str(old)))
+    assert r.exit_code == 0, r.output
+    assert (
+        f"note: --init-from {old} not read: {new} already holds this job (step 3), which resumes"
+        in r.stdout
+    )
+
+
+def test_train_init_from_bad_input_leaves_nothing(job: dict[str, Path]) -> None:
+    old, new = job["dir"] / "old.plm", job["dir"] / "new.plm"
+    assert run_cli(*_train(job, "--steps", "2", "--mirror", str(old))).exit_code == 0
+    r = run_cli(*_mlp(job, new, "--steps", "2", "--init-from", str(old)))
+    assert_one_line_error(r, f"--init-from {old}: the model it holds does not fit --model mlp")
+    r = run_cli(*_train(job, "--steps", "2", "--mirror", str(new), "--num-classes", "3",
+                        "--init-from", str(old)))  # fmt: skip
+    assert_one_line_error(r, "does not fit --model cnn-tiny (model.", "--num-classes")
+    r = run_cli(*_train(job, "--steps", "2", "--mirror", str(new),
+                        "--init-from", str(job["dir"] / "none.plm")))  # fmt: skip
+    assert_one_line_error(r, "none.plm does not exist")
+    r = run_cli(*_train(job, "--steps", "2", "--mirror", str(old), "--init-from", str(old)))
+    assert_one_line_error(r, "--init-from", code=2)
+    assert not new.exists()

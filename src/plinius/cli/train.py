@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, StateMismatchError
-from ..job import EventLog, build_job, load_key, make_counter, process_age_s
+from ..job import EventLog, build_job, init_model_from, load_key, make_counter, process_age_s
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
@@ -206,6 +206,12 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--progress/--no-progress", default=None, help="Progress bar (default: when a terminal)."
 )
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fine-tune: start a new job from this mirror's model weights (read-only).",
+)
 def train(
     key_path: Path | None,
     key_server: str | None,
@@ -230,11 +236,13 @@ def train(
     dataset_id: str | None,
     events_path: Path | None,
     progress: bool | None,
+    init_from: Path | None,
 ) -> None:
     """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
 
     Rerunning the same command after a crash finishes the same job: --steps is
-    the job's total, and the result is bit-for-bit the uninterrupted one.
+    the job's total, and the result is bit-for-bit the uninterrupted one. A
+    larger --steps continues a job (the schedule re-planned for the new total).
     """
     check_key_options(key_path, key_server)
     if lr is not None:
@@ -258,6 +266,7 @@ def train(
             events=events_path,
             model=model_name,
         )
+        | {"--init-from": init_from}
     )
     age = process_age_s()
     t_start = time.perf_counter()
@@ -289,6 +298,10 @@ def train(
         )
         if counter_every is not None:
             every = counter_every
+        if init_from is not None and not mirror_path.exists():
+            # Read the old job before the new mirror is created: a bad --init-from leaves nothing.
+            _init_from(init_from, None, key, spec.module, model_name, mirror_path)
+            init_from = None
         t0 = time.perf_counter()
         with Mirror(
             mirror_path,
@@ -300,6 +313,8 @@ def train(
             t_open = time.perf_counter() - t0
             if counter is None:
                 click.echo(train_note(mirror.info()), err=True)
+            if init_from is not None:
+                _init_from(init_from, mirror.info().step, key, spec.module, model_name, mirror_path)
             show = sys.stdout.isatty() if progress is None else progress
             update, stop = make_progress(show, steps)
 
@@ -324,6 +339,7 @@ def train(
                     prepare=spec.prepare,
                     split=spec.split,
                     callback=on_step,
+                    on_replan=lambda said: _report_replan(events, said),
                     on_resume=lambda r, s: _report_resume(
                         events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
                     ),
@@ -345,6 +361,29 @@ def train(
         f"done: {result.final_step} steps of {spec.name} (batch {bs}, {classes} classes), "
         f"final loss {result.losses[-1]:.4f}; key from {key_source}"
     )
+
+
+def _init_from(
+    init_from: Path, step: int | None, key: Any, module: Any, model_name: str, mirror_path: Path
+) -> None:
+    """``--init-from``: a new job's model from another mirror; a resume never reads it."""
+    if step is not None:
+        click.echo(
+            f"note: --init-from {init_from} not read: {mirror_path} already holds this job "
+            f"(step {step}), which resumes"
+        )
+        return
+    old_step, info = init_model_from(init_from, key, module, model_name)
+    click.echo(_unchecked_note(info), err=True)
+    click.echo(
+        f"initialised the model from {init_from} (step {old_step} of its job); this job has "
+        "its own optimizer, schedule, step counter and mirror"
+    )
+
+
+def _report_replan(events: EventLog, said: str) -> None:
+    click.echo(said)
+    events.write("replanned", message=said)
 
 
 def _report_resume(
