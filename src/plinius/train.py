@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from .data import SealedDataset, SealedSampler
 from .errors import ConfigError, IntegrityError, StateMismatchError
 from .limits import MAX_LEARNING_RATE, check_learning_rate
-from .mirror import Mirror, PendingSave
+from .mirror import DurableCopy, Mirror, PendingSave
 from .rng import RNGState
 
 __all__ = [
@@ -419,6 +419,7 @@ def fit(
     on_resume: Callable[[int | None, float], None] | None = None,
     job_info: dict[str, Any] | None = None,
     num_classes: int | None = None,
+    durable: DurableCopy | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
 
@@ -462,6 +463,9 @@ def fit(
             checked to lie in ``0 .. num_classes - 1`` before the forward pass.
             ``None`` checks them only when the loss fails, against the class
             count the model's output implies.
+        durable: The durable tier (needs ``mirror``): after a commit, when due
+            and after the last step, a copy of the committed mirror is taken
+            and written to disk in the background. The caller closes it.
 
     Returns:
         A :class:`FitResult`: the loss of every step of the job, how it resumed,
@@ -486,6 +490,8 @@ def fit(
         raise ConfigError("batch size must be positive")
     if mirror_every <= 0:
         raise ConfigError("mirror_every must be positive")
+    if durable is not None and mirror is None:
+        raise ConfigError("a durable copy needs a mirror to copy")
     try:
         n_records = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
@@ -586,6 +592,8 @@ def fit(
     if start > total:
         raise StateMismatchError(f"the mirror is at step {start}, beyond this job's {total} steps")
 
+    if durable is not None:
+        durable.start_at(resumed_from)
     if on_resume is not None:
         on_resume(resumed_from, recovery_s)
     model.train()
@@ -612,6 +620,9 @@ def fit(
                 tw = time.perf_counter()
                 pending.wait()
                 save_wait += time.perf_counter() - tw
+                if durable is not None and mirror is not None:
+                    # Committed and nothing in flight: the moment to copy it.
+                    durable.after_commit(mirror, pending.step)
                 pending = None
             _check_step_rates(optimizer, step + 1)
             optimizer.step()
@@ -631,6 +642,8 @@ def fit(
                     pending = mirror.save_async(state, step=done)
                 else:
                     mirror.save(state, step=done)
+                    if durable is not None:
+                        durable.after_commit(mirror, done, force=done == total)
                 saves += 1
             step_times.append(time.perf_counter() - t_step)
             if callback is not None:

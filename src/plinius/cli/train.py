@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ import click
 
 from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, load_key, make_counter, process_age_s
+from ._durable import durable_path, open_durable
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._paths import check_distinct_paths, job_paths
@@ -197,6 +199,24 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option("--dataset-id", default=None, help="Require this sealed dataset id.")
 @click.option(
+    "--durable-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep a durable copy of the mirror in this directory on disk (survives a reboot).",
+)
+@click.option(
+    "--durable-every",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Copy every N steps (default 100 unless --durable-interval is given).",
+)
+@click.option(
+    "--durable-interval",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Copy when this many seconds passed since the last copy.",
+)
+@click.option(
     "--events",
     "events_path",
     type=click.Path(path_type=Path),
@@ -227,6 +247,9 @@ def train(
     counter_every: int | None,
     counter_interval: float | None,
     dataset_id: str | None,
+    durable_dir: Path | None,
+    durable_every: int | None,
+    durable_interval: float | None,
     events_path: Path | None,
     progress: bool | None,
 ) -> None:
@@ -246,6 +269,7 @@ def train(
         if stray:
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
+    durable_file = durable_path(durable_dir, durable_every, durable_interval, mirror_path)
     # Appending events to the key, dataset, mirror or counter would damage it.
     check_distinct_paths(
         job_paths(
@@ -257,6 +281,7 @@ def train(
             events=events_path,
             model=model_name,
         )
+        | {"--durable-dir's copy": durable_file}
     )
     age = process_age_s()
     t_start = time.perf_counter()
@@ -288,8 +313,11 @@ def train(
         )
         if counter_every is not None:
             every = counter_every
+        durable, report_durable = open_durable(
+            durable_file, durable_every, durable_interval, mirror_path, key, counter, events
+        )
         t0 = time.perf_counter()
-        with Mirror(
+        with durable or contextlib.nullcontext(), Mirror(
             mirror_path,
             key,
             counter=counter,
@@ -305,6 +333,7 @@ def train(
             def on_step(ev: Any) -> None:
                 events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
                 update(ev)
+                report_durable()
 
             try:
                 result = fit(
@@ -329,9 +358,11 @@ def train(
                     # A resume with another model or learning rate is refused.
                     job_info={"model": model_name, "lr": lr, "classes": classes},
                     num_classes=classes,
+                    durable=durable,
                 )
             finally:
                 stop()
+        report_durable()  # a failure of the last copy (written by now)
     events.write(
         "done",
         final_step=result.final_step,
