@@ -10,7 +10,7 @@ import click
 
 from ..counters import Counter
 from ..crypto import MasterKey
-from ..errors import PliniusError
+from ..errors import ConfigError, PliniusError
 from ..job import EventLog
 from ..mirror import DurableCopy, restore_durable
 
@@ -26,6 +26,7 @@ def durable_path(
 
     Raises:
         click.UsageError: ``--durable-every``/``--durable-interval`` without ``--durable-dir``.
+        ConfigError: the directory does not exist.
     """
     if directory is None:
         stray = [f for f, v in (("--durable-every", every), ("--durable-interval", interval)) if v]
@@ -33,6 +34,8 @@ def durable_path(
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --durable-dir")
         return None
+    if not directory.is_dir():  # before the key, data and model are loaded
+        raise ConfigError(f"the durable directory {directory} does not exist; create it first")
     return directory / mirror.name
 
 
