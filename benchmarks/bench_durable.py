@@ -81,7 +81,11 @@ def main() -> None:
     disk = Path(tempfile.mkdtemp(dir=a.durable_dir))
     try:
         for r in range(a.rounds):
-            for label, d, every in (("none", None, 1), ("every 1", disk, 1), ("every 10", disk, 10)):
+            for label, d, every in (
+                ("none", None, 1),
+                ("every 1", disk, 1),
+                ("every 10", disk, 10),
+            ):
                 print(f"round {r} durable {label:8s}", _run(a.params, a.steps, shm, d, every))
     finally:
         shutil.rmtree(shm)

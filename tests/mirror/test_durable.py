@@ -172,7 +172,7 @@ def test_bad_directory_and_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; create it first"):
         DurableCopy(tmp_path / "missing", "m.plm", every=1)
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="is not a directory"):
         DurableCopy(tmp_path / "f", "m.plm", every=1)
     with pytest.raises(ConfigError, match="must be a file name"):
         DurableCopy(tmp_path, "a/b", every=1)
@@ -258,3 +258,22 @@ def test_fit_copies_and_joins_its_writer(shm_dir: Path, tmp_path: Path, key: Mas
     with pytest.raises(ConfigError, match="needs a mirror"):
         fit(model, opt, loss_fn=torch.nn.functional.cross_entropy, dataset=data,  # type: ignore[arg-type]
             batch_size=8, steps=7, durable=DurableCopy(tmp_path, "x.plm", every=1))  # fmt: skip
+
+
+def test_a_copy_killed_mid_write_leaves_the_old_copy_and_its_temp_file_is_removed(
+    shm_dir: Path, tmp_path: Path, key: MasterKey
+) -> None:
+    with Mirror(shm_dir / "m.plm", key) as m, DurableCopy(tmp_path, "m.plm", every=1) as d:
+        m.save(_state(1.0), step=1)
+        d.after_commit(m, 1)
+        d.wait()
+        m.save(_state(2.0), step=2)
+        copy = m.copy_committed()
+    # What a SIGKILL during the write of step 2 leaves: half of it, under a temporary name.
+    stale = tmp_path / ".m.plm.0123abcd.tmp"
+    stale.write_bytes(copy.buffer[: copy.nbytes // 2].tobytes())
+    other = tmp_path / ".other.plm.0123abcd.tmp"
+    other.write_bytes(b"not ours")
+    assert _read(tmp_path / "m.plm", key)[0] == 1  # the copy is the previous one, whole
+    DurableCopy(tmp_path, "m.plm", every=1).close()  # the next job's tier tidies up
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.plm.0123abcd.tmp", "m.plm"]

@@ -35,7 +35,8 @@ def durable_path(
             raise click.UsageError(f"{' and '.join(stray)} {verb} --durable-dir")
         return None
     if not directory.is_dir():  # before the key, data and model are loaded
-        raise ConfigError(f"the durable directory {directory} does not exist; create it first")
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(f"the durable directory {directory} {what}; create it first")
     return directory / mirror.name
 
 

@@ -40,7 +40,9 @@ Design (docs/ARCHITECTURE.md, "The durable tier"):
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
     from . import CommittedCopy, Mirror, MirrorInfo
 
 __all__ = ["DurableCopy", "restore_durable"]
+
+_STALE = re.compile(r"[0-9a-f]{8}\.tmp")  # what _write_file adds to temp_prefix()
 
 
 def _write_file(path: Path, data: memoryview, size: int) -> None:
@@ -136,10 +140,18 @@ class DurableCopy:
         if not name or name in (".", "..") or os.sep in name:
             raise ConfigError(f"the durable copy's name must be a file name, not {name!r}")
         if not d.is_dir():
-            raise ConfigError(f"the durable directory {d} does not exist; create it first")
+            what = "is not a directory" if d.exists() else "does not exist"
+            raise ConfigError(f"the durable directory {d} {what}; create it first")
         if not os.access(d, os.W_OK | os.X_OK):
             raise ConfigError(f"the durable directory {d} is not writable; give a writable one")
         self.path = d / name
+        # A copy killed mid-write leaves its temporary file (never the copy
+        # itself half-written): remove those of this copy's name.
+        prefix = temp_prefix(self.path)
+        for stale in d.glob(f"{glob.escape(prefix)}*.tmp"):
+            if _STALE.fullmatch(stale.name[len(prefix) :]):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         self.every = every
         self.interval_s = interval_s
         self.copies = 0  # written to disk
