@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,7 @@ def test_reboot_loses_the_steps_after_the_copy_and_retrains_them(job: dict[str, 
         mp.undo()
     assert r.exit_code == 0, r.output
     assert r.stderr.count("warning: cannot write the durable copy") == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("plinius-durable")]
     assert "No space left on device" in r.stderr
     key = MasterKey.load(job["key"])
     with Mirror(job["disk"] / "m.plm", key, readonly=True) as m:
@@ -121,7 +123,16 @@ def test_bad_durable_options(job: dict[str, Path]) -> None:
     assert_one_line_error(r, "--durable-every needs --durable-dir", code=2)
     # The copy would be the mirror itself.
     r = run_cli(*_train(job, 2, "--durable-dir", str(job["dir"])))
-    assert_one_line_error(r, "--mirror and --durable-dir's copy name the same file", code=2)
+    assert_one_line_error(r, "--mirror", "is --durable-dir", "or a file it keeps", code=2)
+    # A file option that is the copy, a temporary file of it, or the directory itself.
+    for events in (job["disk"] / "m.plm", job["disk"] / ".m.plm.0123abcd.tmp", job["disk"]):
+        r = run_cli(*_train(job, 2, "--durable-dir", str(job["disk"]), "--events", str(events)))
+        assert_one_line_error(r, "--events", "is --durable-dir", code=2)
+    assert sorted(job["disk"].iterdir()) == [] and not job["mirror"].exists()
+    # Other files may live there.
+    r = run_cli(*_train(job, 2, "--durable-dir", str(job["disk"]), "--events",
+                        str(job["disk"] / "e.jsonl")))  # fmt: skip
+    assert r.exit_code == 0, r.output
 
 
 def test_events_record_the_restore(job: dict[str, Path], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from ..errors import ConfigError, PliniusError
 from ..job import EventLog
 from ..mirror import DurableCopy, restore_durable
 
-__all__ = ["DEFAULT_EVERY", "durable_path", "open_durable"]
+__all__ = ["DEFAULT_EVERY", "durable_owns", "durable_path", "open_durable"]
 
 DEFAULT_EVERY = 100  # steps between copies when neither period is given
 
@@ -38,6 +38,16 @@ def durable_path(
         what = "is not a directory" if directory.exists() else "does not exist"
         raise ConfigError(f"the durable directory {directory} {what}; create it first")
     return directory / mirror.name
+
+
+def durable_owns(mirror: Path) -> Callable[[str], bool]:
+    """Which names the durable directory owns: the copy (the mirror's name), its temporary files."""
+    prefix = f".{mirror.name}."  # temp_prefix() for an ordinary name; longer ones are cut
+
+    def owns(name: str) -> bool:
+        return name == mirror.name or (name.startswith(prefix) and name.endswith(".tmp"))
+
+    return owns
 
 
 def open_durable(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -14,7 +13,7 @@ import click
 
 from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, load_key, make_counter, process_age_s
-from ._durable import durable_path, open_durable
+from ._durable import durable_owns, durable_path, open_durable
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._paths import check_distinct_paths, job_paths
@@ -280,8 +279,8 @@ def train(
             counter_spec=counter_spec,
             events=events_path,
             model=model_name,
-        )
-        | {"--durable-dir's copy": durable_file}
+        ),
+        {"--durable-dir": (durable_dir, durable_owns(mirror_path))},
     )
     age = process_age_s()
     t_start = time.perf_counter()
@@ -317,7 +316,7 @@ def train(
             durable_file, durable_every, durable_interval, mirror_path, key, counter, events
         )
         t0 = time.perf_counter()
-        with durable or contextlib.nullcontext(), Mirror(
+        with Mirror(
             mirror_path,
             key,
             counter=counter,
@@ -362,6 +361,8 @@ def train(
                 )
             finally:
                 stop()
+                if durable is not None:
+                    durable.close()  # waits for the copy being written (no thread left)
         report_durable()  # a failure of the last copy (written by now)
     events.write(
         "done",
