@@ -41,7 +41,7 @@ from .data import SealedDataset, SealedSampler
 from .data.loader import BatchStream, collate_tuple
 from .errors import ConfigError, IntegrityError, StateMismatchError
 from .limits import MAX_LEARNING_RATE, check_learning_rate
-from .mirror import Mirror, PendingSave
+from .mirror import DurableCopy, Mirror, PendingSave
 from .rng import RNGState
 
 __all__ = [
@@ -316,6 +316,7 @@ def fit(
     job_info: dict[str, Any] | None = None,
     num_classes: int | None = None,
     on_replan: Callable[[str], None] | None = None,
+    durable: DurableCopy | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` iterations (or ``epochs``), resumably.
 
@@ -366,6 +367,9 @@ def fit(
         on_replan: Called once, with one line saying what changed, when the
             mirror's job had another total than ``steps`` and is continued
             with the new one.
+        durable: The durable tier (needs ``mirror``): after a commit, when due
+            and after the last step, a copy of the committed mirror is taken
+            and written to disk in the background. The caller closes it.
 
     Returns:
         A :class:`FitResult`: the loss of every step of the job, how it resumed,
@@ -391,6 +395,8 @@ def fit(
         raise ConfigError("batch size must be positive")
     if mirror_every <= 0:
         raise ConfigError("mirror_every must be positive")
+    if durable is not None and mirror is None:
+        raise ConfigError("a durable copy needs a mirror to copy")
     try:
         n_records = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
@@ -508,6 +514,8 @@ def fit(
     if start > total:
         raise StateMismatchError(f"the mirror is at step {start}, beyond this job's {total} steps")
 
+    if durable is not None:
+        durable.start_at(resumed_from)
     if on_resume is not None:
         on_resume(resumed_from, recovery_s)
     model.train()
@@ -534,6 +542,9 @@ def fit(
                 tw = time.perf_counter()
                 pending.wait()
                 save_wait += time.perf_counter() - tw
+                if durable is not None and mirror is not None:
+                    # Committed and nothing in flight: the moment to copy it.
+                    durable.after_commit(mirror, pending.step)
                 pending = None
             _check_step_rates(optimizer, step + 1)
             optimizer.step()
@@ -553,6 +564,8 @@ def fit(
                     pending = mirror.save_async(state, step=done)
                 else:
                     mirror.save(state, step=done)
+                    if durable is not None:
+                        durable.after_commit(mirror, done, force=done == total)
                 saves += 1
             step_times.append(time.perf_counter() - t_step)
             if callback is not None:

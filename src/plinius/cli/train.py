@@ -13,6 +13,7 @@ import click
 
 from ..errors import ConfigError, StateMismatchError
 from ..job import EventLog, build_job, init_model_from, load_key, make_counter, process_age_s
+from ._durable import durable_owns, durable_path, open_durable
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
@@ -198,6 +199,24 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option("--dataset-id", default=None, help="Require this sealed dataset id.")
 @click.option(
+    "--durable-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep a durable copy of the mirror in this directory on disk (survives a reboot).",
+)
+@click.option(
+    "--durable-every",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Copy every N steps (default 100 unless --durable-interval is given).",
+)
+@click.option(
+    "--durable-interval",
+    default=None,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Copy when this many seconds passed since the last copy.",
+)
+@click.option(
     "--events",
     "events_path",
     type=click.Path(path_type=Path),
@@ -234,6 +253,9 @@ def train(
     counter_every: int | None,
     counter_interval: float | None,
     dataset_id: str | None,
+    durable_dir: Path | None,
+    durable_every: int | None,
+    durable_interval: float | None,
     events_path: Path | None,
     progress: bool | None,
     init_from: Path | None,
@@ -255,6 +277,7 @@ def train(
         if stray:
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
+    durable_file = durable_path(durable_dir, durable_every, durable_interval, mirror_path)
     # Appending events to the key, dataset, mirror or counter would damage it.
     check_distinct_paths(
         job_paths(
@@ -266,7 +289,8 @@ def train(
             events=events_path,
             model=model_name,
         )
-        | {"--init-from": init_from}
+        | {"--init-from": init_from},
+        {"--durable-dir": (durable_dir, durable_owns(mirror_path))},
     )
     age = process_age_s()
     t_start = time.perf_counter()
@@ -298,6 +322,9 @@ def train(
         )
         if counter_every is not None:
             every = counter_every
+        durable, report_durable = open_durable(
+            durable_file, durable_every, durable_interval, mirror_path, key, counter, events
+        )
         if init_from is not None and not mirror_path.exists():
             # Read the old job before the new mirror is created: a bad --init-from leaves nothing.
             _init_from(init_from, None, key, spec.module, model_name, mirror_path)
@@ -321,6 +348,7 @@ def train(
             def on_step(ev: Any) -> None:
                 events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
                 update(ev)
+                report_durable()
 
             try:
                 result = fit(
@@ -346,9 +374,13 @@ def train(
                     # A resume with another model or learning rate is refused.
                     job_info={"model": model_name, "lr": lr, "classes": classes},
                     num_classes=classes,
+                    durable=durable,
                 )
             finally:
                 stop()
+                if durable is not None:
+                    durable.close()  # waits for the copy being written (no thread left)
+        report_durable()  # a failure of the last copy (written by now)
     events.write(
         "done",
         final_step=result.final_step,

@@ -55,6 +55,7 @@ from ..pmem import RegionLike
 from ..rng import RNGState
 from . import _format as fmt
 from ._codec import TORCH_DTYPES, decode_plain, describe, has_refs
+from ._durable import DurableCopy, restore_durable
 from ._file import (
     FileLock,
     MirrorHeader,
@@ -88,6 +89,8 @@ from ._rollback import Freshness, counter_bound
 
 __all__ = [
     "CHUNK_BYTES",
+    "CommittedCopy",
+    "DurableCopy",
     "PARALLEL_MIN_BYTES",
     "THREADS",
     "Mirror",
@@ -99,10 +102,12 @@ __all__ = [
     "counter_bound",
     "describe_file",
     "exclusive_lock",
+    "restore_durable",
 ]
 
 # Public names report their public home, not the private module that defines them.
 MirrorHeader.__module__ = counter_bound.__module__ = describe_file.__module__ = __name__
+DurableCopy.__module__ = restore_durable.__module__ = __name__
 
 # Knobs. A tensor is sealed in AES-GCM pieces of at most CHUNK_BYTES (one call
 # is capped at 2**31 - 1 bytes; smaller pieces also let two threads share a big
@@ -155,6 +160,27 @@ class MirrorInfo:
     format_version: int = fmt.FORMAT_VERSION
     created_at: float = 0.0
     verified: bool = False
+
+
+@dataclass(frozen=True)
+class CommittedCopy:
+    """A committed generation's file bytes, from :meth:`Mirror.copy_committed`.
+
+    Attributes:
+        buffer: the buffer holding them (its first ``nbytes`` bytes).
+        nbytes: how many bytes were copied.
+        file_size: the size the file copy must have (zeros past ``nbytes``).
+        generation: the committed generation.
+        step: its step (None: nothing saved yet).
+        saved_at: when it was saved (Unix seconds; None for generation 0).
+    """
+
+    buffer: np.ndarray[Any, Any]
+    nbytes: int
+    file_size: int
+    generation: int
+    step: int | None
+    saved_at: float | None
 
 
 class PendingSave:
@@ -474,6 +500,39 @@ class Mirror:
                         )
                     return decode_plain(v)
             return default
+
+    def copy_committed(self, out: np.ndarray[Any, Any] | None = None) -> CommittedCopy:
+        """Copy the committed generation's file bytes into ``out`` (a memcpy; no decryption).
+
+        The bytes ``[0, end of the extents the committed manifest references)``
+        are copied; what lies past them is free space, so a file of ``file_size``
+        bytes holding these bytes and zeros after them is a valid mirror file of
+        this generation (same key, same region id). A pending save is joined
+        first. The durable tier (:class:`DurableCopy`) writes such copies to disk.
+
+        Args:
+            out: a reusable uint8 buffer; replaced by a larger one when too small.
+
+        Returns:
+            The copy: its bytes (a view of the buffer), the file size to give
+            it, and the generation, step and save time it holds.
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_open()
+            n = self._in_use
+            if out is None or out.nbytes < n:
+                out = np.empty(n, dtype=np.uint8)
+            out[:n] = np.frombuffer(self._region.buf, dtype=np.uint8, count=n)
+            r = self._manifest.root
+            return CommittedCopy(
+                buffer=out,
+                nbytes=n,
+                file_size=max(self._region.size, r.extent_end),
+                generation=r.generation,
+                step=r.step,
+                saved_at=r.saved_at if r.generation > 0 else None,
+            )
 
     def committed_state_names(self) -> list[str]:
         """The flattened names of the committed tensors (``"model.fc.weight"``, ...)."""
