@@ -46,3 +46,43 @@ def test_models_into_head_exits_0_quietly() -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("built-in models") and lines[-1] == "rc=0"
     assert proc.stderr == ""
+
+
+# --------------------------------------------------------------------------- (d) crash-test
+
+
+def test_crash_test_says_which_steps_were_not_committed() -> None:
+    from plinius.bench.crashtest import RunRecord, StepLoss, describe_run
+
+    def run(i: int, killed: bool, resumed: int | None, steps: range) -> RunRecord:
+        return RunRecord(
+            index=i,
+            killed=killed,
+            kill_after_s=None,
+            wall_s=1.0,
+            exit_code=None if killed else 0,
+            resumed_from=resumed,
+            steps=[StepLoss(s, 0.5) for s in steps],
+        )
+
+    first = run(0, True, None, range(1, 139))
+    second = run(1, False, 137, range(138, 201))
+    assert describe_run(first) == "run 1: new job, reached step 138, killed"
+    assert describe_run(second, first) == (
+        "run 2: resumed after step 137, the last committed step "
+        "(step 138 was not yet committed and is redone), reached step 200, finished"
+    )
+    third = run(2, False, 130, range(131, 201))
+    assert "(steps 131-138 were not yet committed and are redone)" in describe_run(third, first)
+    caught_up = run(1, False, 138, range(139, 201))
+    assert "not yet committed" not in describe_run(caught_up, first)
+
+
+# --------------------------------------------------------------------------- (e) progress
+
+
+def test_progress_bar_shows_no_nan_before_the_first_step() -> None:
+    from plinius.cli.train import loss_text
+
+    assert loss_text(None) == "-" and loss_text(float("nan")) == "-"
+    assert loss_text(0.123456) == "0.1235"

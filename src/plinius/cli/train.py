@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -54,6 +55,13 @@ def check_key_options(key_path: Path | None, key_server: str | None) -> None:
         )
 
 
+def loss_text(loss: float | None) -> str:
+    """The progress bar's loss: ``-`` until a step has computed one (never ``nan``)."""
+    if loss is None or math.isnan(loss):
+        return "-"
+    return f"{loss:.4f}"
+
+
 def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
     """A rich progress bar (or nothing) and its closer."""
     if not enabled:
@@ -64,15 +72,15 @@ def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Cal
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         transient=False,
     )
     progress.start()
-    task = progress.add_task("train", total=total, loss=float("nan"))
+    task = progress.add_task("train", total=total, loss=loss_text(None))
 
     def update(ev: Any) -> None:
-        progress.update(task, completed=ev.step, loss=ev.loss)
+        progress.update(task, completed=ev.step, loss=loss_text(ev.loss))
 
     return update, progress.stop
 
