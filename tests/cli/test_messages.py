@@ -4,10 +4,17 @@ reports, settings mismatches."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+
+from plinius.crypto import MasterKey
+from plinius.data import seal_dataset
+from tests.conftest import assert_one_line_error, run_cli
 
 
 def _run_with_closed_stdout(*args: str) -> tuple[int, bytes]:
@@ -86,3 +93,62 @@ def test_progress_bar_shows_no_nan_before_the_first_step() -> None:
 
     assert loss_text(None) == "-" and loss_text(float("nan")) == "-"
     assert loss_text(0.123456) == "0.1235"
+
+
+# --------------------------------------------------------------------------- (a), (b), (c)
+
+
+@pytest.fixture
+def ws(shm_dir: Path) -> dict[str, Path]:
+    """A key, a sealed 4x4 3-class dataset and a place for the mirror."""
+    key = MasterKey.generate()
+    key.save(shm_dir / "k.key")
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 255, size=(60, 4, 4), dtype=np.uint8)
+    seal_dataset(shm_dir / "d.pld", key, {"image": x, "label": np.arange(60) % 3})
+    return {"key": shm_dir / "k.key", "data": shm_dir / "d.pld", "mirror": shm_dir / "m.plm"}
+
+
+def _train(ws: dict[str, Path], *extra: str, model: str = "mlp") -> list[str | Path]:
+    return [
+        "train", "--key", ws["key"], "--data", ws["data"], "--mirror", ws["mirror"],
+        "--model", model, "--batch-size", "20", "--threads", "1", "--no-progress",
+        "--steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_resume_with_another_model_names_both_models(ws: dict[str, Path]) -> None:
+    assert run_cli(*_train(ws)).exit_code == 0
+    res = run_cli(*_train(ws, model="cnn-tiny"))
+    line = assert_one_line_error(res, "the mirror holds a job of model mlp; you asked for cnn-tiny")
+    assert "saved float32" not in line  # no tensor-shape listing
+
+
+def test_a_setting_left_to_its_default_is_spelled_out(ws: dict[str, Path]) -> None:
+    assert run_cli(*_train(ws)).exit_code == 0
+    res = run_cli(*_train(ws, "--lr", "0.01"))
+    line = assert_one_line_error(res, "lr=unset (the default) (now 0.01)")
+    assert "None" not in line
+
+
+def test_resume_report_leads_with_the_total_and_its_parts(ws: dict[str, Path]) -> None:
+    assert run_cli(*_train(ws)).exit_code == 0
+    res = run_cli(*_train(ws))
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("resumed after step 2"))
+    assert re.fullmatch(
+        r"resumed after step 2 of 2 in [0-9.]+ (ms|s): model [0-9.]+ ms, key [0-9.]+ ms, "
+        r"mirror open [0-9.]+ ms, restore [0-9.]+ ms",
+        line,
+    ), line
+
+
+def test_resume_parts_put_the_total_first() -> None:
+    from plinius.cli.train import resume_parts
+
+    assert resume_parts(model=2.5329, key=0.0012, open=0.0003, restore=0.0055) == (
+        "2.54 s: model 2533 ms, key 1.2 ms, mirror open 0.3 ms, restore 5.5 ms"
+    )
+    assert resume_parts(model=0.01, key=0.001, open=0.0, restore=0.002) == (
+        "13.0 ms: model 10.0 ms, key 1.0 ms, mirror open 0.0 ms, restore 2.0 ms"
+    )

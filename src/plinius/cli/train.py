@@ -62,6 +62,20 @@ def loss_text(loss: float | None) -> str:
     return f"{loss:.4f}"
 
 
+def resume_parts(*, model: float, key: float, open: float, restore: float) -> str:
+    """The time a resume took, then its parts (seconds in): the total leads, so a
+    slow model build is not hidden behind a fast restore."""
+
+    def ms(s: float) -> str:
+        return f"{s * 1e3:.0f} ms" if s >= 0.1 else f"{s * 1e3:.1f} ms"
+
+    total = model + key + open + restore
+    head = f"{total:.2f} s" if total >= 1 else ms(total)
+    return (
+        f"{head}: model {ms(model)}, key {ms(key)}, mirror open {ms(open)}, restore {ms(restore)}"
+    )
+
+
 def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
     """A rich progress bar (or nothing) and its closer."""
     if not enabled:
@@ -368,11 +382,9 @@ def _report_resume(
     if resumed is None:
         click.echo(f"starting a new job of {steps} steps (the mirror was empty)")
     else:
-        click.echo(
-            f"resumed after step {resumed} of {steps}: restore took {recovery_s * 1e3:.1f} ms "
-            f"(key {t_key * 1e3:.1f} ms, model {t_build * 1e3:.1f} ms, "
-            f"mirror open {t_open * 1e3:.1f} ms)"
-        )
+        click.echo(f"resumed after step {resumed} of {steps} in " + resume_parts(
+            model=t_build, key=t_key, open=t_open, restore=recovery_s
+        ))  # fmt: skip
     events.write(
         "resumed",
         step=resumed,

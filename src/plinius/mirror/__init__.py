@@ -53,7 +53,7 @@ from ..errors import ConfigError, IntegrityError, PliniusError, StateMismatchErr
 from ..pmem import RegionLike
 from ..rng import RNGState
 from . import _format as fmt
-from ._codec import TORCH_DTYPES, describe
+from ._codec import TORCH_DTYPES, decode_plain, describe, has_refs
 from ._file import (
     FileLock,
     MirrorHeader,
@@ -334,6 +334,35 @@ class Mirror:
             else:
                 raise StateMismatchError(f"the saved state has no {name!r} entry to restore")
             return self._restore_locked(sub, {name: module})
+
+    def read_plain(self, name: str) -> Any:
+        """The committed value of a top-level entry that holds no tensors.
+
+        For what a message or an export needs without a training state to
+        restore into: ``"job"`` (the job's settings), ``"total_steps"``.
+
+        Args:
+            name: The entry's key in the saved state.
+
+        Returns:
+            The value, or ``None`` if nothing was saved yet or the state has no
+            such entry.
+
+        Raises:
+            ConfigError: The entry holds tensors or state objects (restore it).
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_open()
+            m = self._manifest
+            if m.root.generation == 0:
+                return None
+            for k, v in m.skeleton["items"]:
+                if k == {"t": "str", "v": name}:
+                    if has_refs(v) or v.get("t") in ("tensor", "stateful"):
+                        raise ConfigError(f"the saved {name!r} holds tensors; restore it instead")
+                    return decode_plain(v)
+            return None
 
     def save(self, state: dict[str, Any], *, step: int) -> None:
         """Encrypt ``state`` into a new generation; returns once it is committed and durable."""
