@@ -50,6 +50,7 @@ __all__ = [
     "ModelSpec",
     "TinyLM",
     "build_model",
+    "is_builtin",
     "list_models",
     "reference_cnn",
     "shipped_cfgs",
@@ -557,6 +558,11 @@ def build_model(
         f"unknown model {spec!r}; choose a built-in ({', '.join(_DESCRIPTIONS)}) or give "
         "the path of a Darknet .cfg file (plinius models lists them)"
     )
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is a built-in model's name (not a cfg path)."""
+    return name in _DESCRIPTIONS
 
 
 def shipped_cfgs() -> list[Path]:

@@ -57,7 +57,7 @@ Batch = tuple[Tensor, ...]
 
 # Job settings that older versions did not record: a mirror without one resumes
 # (the setting was not recorded, so it cannot be checked).
-_ADDED_SETTINGS = frozenset({"threads"})
+_ADDED_SETTINGS = frozenset({"threads", "input_shape", "input_scale", "cfg_sha256"})
 
 
 def _check_step_rates(optimizer: torch.optim.Optimizer, step: int) -> None:

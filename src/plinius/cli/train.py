@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, StateMismatchError
-from ..job import EventLog, build_job, load_key, make_counter, process_age_s
+from ..job import EventLog, build_job, load_key, make_counter, model_settings, process_age_s
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._paths import check_distinct_paths, job_paths
@@ -349,7 +349,12 @@ def train(
                         events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
                     ),
                     # A resume with another model or learning rate is refused.
-                    job_info={"model": model_name, "lr": lr, "classes": classes},
+                    job_info={
+                        "model": model_name,
+                        "lr": lr,
+                        "classes": classes,
+                        **model_settings(model_name, ds.fields[0].shape, ds.fields[0].dtype),
+                    },
                     num_classes=classes,
                 )
             finally:
