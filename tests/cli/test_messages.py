@@ -152,3 +152,38 @@ def test_resume_parts_put_the_total_first() -> None:
     assert resume_parts(model=0.01, key=0.001, open=0.0, restore=0.002) == (
         "13.0 ms: model 10.0 ms, key 1.0 ms, mirror open 0.0 ms, restore 2.0 ms"
     )
+
+
+# --------------------------------------------------------------------------- item 4 through the CLI
+
+
+@pytest.mark.parametrize(
+    ("shape", "model", "needles"),
+    [
+        ((16, 16, 3), "cnn-tiny", ("channels-last", "(3, 16, 16)")),
+        ((4,), "cnn-tiny", ("1-D records", "--model mlp")),
+    ],
+)
+def test_train_refuses_records_the_cnn_would_misread(
+    shm_dir: Path, shape: tuple[int, ...], model: str, needles: tuple[str, ...]
+) -> None:
+    key = MasterKey.generate()
+    key.save(shm_dir / "k.key")
+    x = np.random.default_rng(0).integers(0, 255, size=(20, *shape), dtype=np.uint8)
+    seal_dataset(shm_dir / "d.pld", key, {"x": x, "label": np.arange(20) % 2})
+    ws = {"key": shm_dir / "k.key", "data": shm_dir / "d.pld", "mirror": shm_dir / "m.plm"}
+    assert_one_line_error(run_cli(*_train(ws, model=model)), *needles)
+    assert not ws["mirror"].exists()  # refused before anything was written
+
+
+def test_a_cfg_refuses_channels_last_records_of_the_same_count(shm_dir: Path) -> None:
+    key = MasterKey.generate()
+    key.save(shm_dir / "k.key")
+    x = np.random.default_rng(0).integers(0, 255, size=(20, 8, 8, 3), dtype=np.uint8)
+    seal_dataset(shm_dir / "d.pld", key, {"x": x, "label": np.arange(20) % 2})
+    cfg = shm_dir / "rgb.cfg"
+    cfg.write_text("[net]\nheight=8\nwidth=8\nchannels=3\n[connected]\noutput=2\n[softmax]\n")
+    ws = {"key": shm_dir / "k.key", "data": shm_dir / "d.pld", "mirror": shm_dir / "m.plm"}
+    assert_one_line_error(
+        run_cli(*_train(ws, model=str(cfg))), "channels=3 height=8 width=8", "channels-last"
+    )
