@@ -817,18 +817,46 @@ def _input_shape(
     if not data_shape or any(d < 1 for d in data_shape):
         raise DarknetConfigError(f"{source}: invalid input shape {data_shape}")
     if declared is not None and not resize:
-        if math.prod(declared) != math.prod(data_shape):
-            c, h, w = declared
-            raise DarknetConfigError(
-                f"{source}: [net] expects {h}x{w}x{c} inputs ({h * w * c} values) but the "
-                f"records have shape {tuple(data_shape)}; use a cfg for this data"
-            )
+        _check_declared(declared, tuple(data_shape), net, source)
         return declared
     if len(data_shape) == 2:
         return (1, data_shape[0], data_shape[1])
     if len(data_shape) == 3:
         return (data_shape[0], data_shape[1], data_shape[2])
     return (math.prod(data_shape), 1, 1)
+
+
+def _check_declared(
+    declared: tuple[int, int, int], data: tuple[int, ...], net: NetConfig, source: str
+) -> None:
+    """Refuse records whose shape is not the one ``[net]`` declares.
+
+    Equal value counts are not enough: (16, 16, 3) channels-last records hold as
+    many values as ``channels=3 height=16 width=16`` but would be read as 16
+    channels of 16x3 pixels. Flat records of H*W values fit a one-channel cfg
+    (read row-major, as Darknet reads its flat vectors: MNIST from a CSV file);
+    with several channels their layout is ambiguous, so they are refused.
+    """
+    c, h, w = declared
+    if net.height and net.width and net.channels:
+        flat_ok = data == (c * h * w,) and (c == 1 or h == w == 1)
+        ok = data == declared or (c == 1 and data == (h, w)) or flat_ok
+    else:  # inputs=N: a flat vector, any record of N values
+        ok = math.prod(data) == c
+    if ok:
+        return
+    want = f"channels={c} height={h} width={w}" if net.height else f"inputs={c}"
+    hint = "use a cfg for this data"
+    if len(data) == 3 and data[2] == c and data[:2] == (h, w):
+        hint = f"the records are channels-last (H, W, C); seal them again as ({c}, {h}, {w})"
+    elif math.prod(data) == c * h * w and len(data) == 1:
+        hint = "the records are flat; seal them as (C, H, W) images or use a cfg with inputs="
+    elif math.prod(data) == c * h * w:
+        hint = "same number of values, other layout; seal the records as (C, H, W)"
+    raise DarknetConfigError(
+        f"{source}: [net] declares {want} (C, H, W = {declared}) but the records have "
+        f"shape {data}; {hint}"
+    )
 
 
 def parse_input_spec(text: str) -> tuple[int, int, int]:

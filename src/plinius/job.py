@@ -36,6 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from torch import nn
 
     from .counters import Counter
@@ -47,11 +48,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "EventLog",
     "build_job",
+    "export_metadata",
     "init_model_from",
     "label_classes",
     "load_key",
     "make_counter",
+    "model_settings",
     "process_age_s",
+    "write_safetensors",
 ]
 
 
@@ -353,3 +357,127 @@ def init_model_from(
     if step is None:
         raise ConfigError(f"--init-from {path} holds no saved state yet; train that job first")
     return step, info
+
+
+def model_settings(model_name: str, input_shape: tuple[int, ...], dtype: Any) -> dict[str, Any]:
+    """What rebuilding and feeding a trained model needs beyond its name.
+
+    ``plinius train`` records these with the job's settings (so a resume checks
+    them, and ``plinius export`` writes them into the safetensors metadata).
+
+    Args:
+        model_name: The built-in name or the cfg path (``--model``).
+        input_shape: The per-record shape of the dataset's first field: what
+            :func:`~plinius.models.build_model` takes to build the model again.
+        dtype: The torch dtype of the dataset's first field.
+
+    Returns:
+        ``input_shape`` (a list), ``input_scale`` (what raw inputs are divided
+        by: the integer dtype's maximum, 1.0 for floats and booleans, ``None``
+        for ``tiny-lm``'s token ids; what ``spec.prepare`` does) and, for a cfg file, ``cfg_sha256``
+        (the SHA-256 of its text, so an export can tell whether the cfg at hand
+        is the one trained).
+    """
+    import hashlib
+
+    import torch
+
+    from .models import is_builtin
+
+    scale: float | None
+    if model_name == "tiny-lm":
+        scale = None  # token ids, fed as they are
+    elif dtype == torch.bool or dtype.is_floating_point:
+        scale = 1.0
+    else:
+        scale = float(torch.iinfo(dtype).max)
+    out: dict[str, Any] = {"input_shape": [int(d) for d in input_shape], "input_scale": scale}
+    if not is_builtin(model_name):
+        try:
+            out["cfg_sha256"] = hashlib.sha256(Path(model_name).read_bytes()).hexdigest()
+        except OSError:  # build_model read it a moment ago; a vanished file is not fatal here
+            pass
+    return out
+
+
+def export_metadata(
+    step: int | None, generation: int, job: Any
+) -> tuple[dict[str, str], str | None]:
+    """The safetensors ``__metadata__`` of ``plinius export``: what rebuilding the model needs.
+
+    Keys (all values are strings, as safetensors requires): ``plinius_step``,
+    ``plinius_generation``; from the job's recorded settings ``plinius_model``
+    (a built-in name or the cfg path), ``plinius_num_classes``,
+    ``plinius_input_shape`` (JSON list: the record shape ``build_model`` takes),
+    ``plinius_input_scale`` (what raw inputs are divided by; ``none`` for
+    token ids), ``plinius_job`` (every setting, JSON with sorted keys) and, for
+    a cfg whose file is at hand unchanged, ``plinius_cfg`` (its text). Nothing
+    varies between exports of the same state: no time, no host.
+
+    Args:
+        step: The committed step.
+        generation: The committed generation.
+        job: The job's settings as the mirror recorded them (anything but a
+            dict, say ``None``, where a library user's own loop saved no settings).
+
+    Returns:
+        ``(metadata, note)``: the note says why a cfg's text is missing, else ``None``.
+    """
+    import hashlib
+
+    meta = {"plinius_step": str(step), "plinius_generation": str(generation)}
+    if not isinstance(job, dict) or not job:
+        return meta, None
+    meta["plinius_job"] = json.dumps(job, sort_keys=True, separators=(",", ":"), default=str)
+    if "model" in job:
+        meta["plinius_model"] = str(job["model"])
+    if "classes" in job:
+        meta["plinius_num_classes"] = str(job["classes"])
+    if "input_shape" in job:
+        meta["plinius_input_shape"] = json.dumps(job["input_shape"])
+    if "input_scale" in job:
+        scale = job["input_scale"]
+        meta["plinius_input_scale"] = "none" if scale is None else repr(float(scale))
+    want = job.get("cfg_sha256")
+    if not want:
+        return meta, None
+    cfg = Path(str(job.get("model")))
+    try:
+        text = cfg.read_bytes()
+    except OSError:
+        return meta, f"the cfg {cfg} is not at hand: the export names it but does not hold its text"
+    if hashlib.sha256(text).hexdigest() != want:
+        return meta, f"the cfg {cfg} changed since training: its text is not in the export"
+    meta["plinius_cfg"] = text.decode("utf-8")
+    return meta, None
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and the metadata.
+
+    safetensors writes its JSON header from a hash map, so the key order (and
+    the file's SHA-256) changes from run to run; the header is rewritten here
+    with sorted keys. Offsets are relative to the data, which is unchanged.
+
+    Args:
+        tensors: Contiguous tensors sharing no memory, by name.
+        metadata: String metadata (``__metadata__``).
+        path: The file to write (created or truncated).
+
+    Raises:
+        OSError: The file cannot be written.
+        SafetensorError: safetensors cannot serialise the tensors.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(raw)[8 + n :])

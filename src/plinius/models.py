@@ -50,6 +50,7 @@ __all__ = [
     "ModelSpec",
     "TinyLM",
     "build_model",
+    "is_builtin",
     "list_models",
     "reference_cnn",
     "shipped_cfgs",
@@ -130,18 +131,37 @@ def _image_prepare(shape: tuple[int, ...], input_scale: float | None) -> Callabl
     return prepare
 
 
+# Channel counts that mark the last axis of a 3-D record as channels (grey,
+# RGB, RGBA): (16, 16, 3) is an RGB image stored channels-last.
+_SMALL_CHANNELS = (1, 3, 4)
+
+
 def _image_shape(name: str, raw: tuple[int, ...]) -> tuple[int, int, int]:
-    """``(C, H, W)`` for a record shape: (H, W), (C, H, W), or n*n flat values."""
+    """``(C, H, W)`` for a record shape: (H, W) or (C, H, W).
+
+    A channels-last record (H, W, C) is refused rather than read as C, H, W
+    (which would train on scrambled pixels), and so are 1-D (tabular) records.
+    """
     if len(raw) == 2:
         return (1, raw[0], raw[1])
     if len(raw) == 3:
+        if raw[2] in _SMALL_CHANNELS and raw[0] not in _SMALL_CHANNELS:
+            h, w, c = raw
+            raise ConfigError(
+                f"{name} takes images as (C, H, W) but the records look channels-last "
+                f"{raw} (H, W, C); seal them again as ({c}, {h}, {w}), e.g. "
+                "array.transpose(0, 3, 1, 2) before plinius seal --npz"
+            )
         return (raw[0], raw[1], raw[2])
-    if len(raw) == 1 and math.isqrt(raw[0]) ** 2 == raw[0]:
-        side = math.isqrt(raw[0])
-        return (1, side, side)
+    if len(raw) == 1:
+        raise ConfigError(
+            f"{name} needs image records of shape (H, W) or (C, H, W), but these are 1-D "
+            f"records of {raw[0]} values (tabular data?); use --model mlp, or seal images "
+            "as (H, W) arrays"
+        )
     raise ConfigError(
-        f"{name} needs image records of shape (H, W), (C, H, W) or n*n flat values, "
-        f"not {raw}; use the mlp for other data"
+        f"{name} needs image records of shape (H, W) or (C, H, W), not {raw}; "
+        "use the mlp for other data"
     )
 
 
@@ -538,6 +558,11 @@ def build_model(
         f"unknown model {spec!r}; choose a built-in ({', '.join(_DESCRIPTIONS)}) or give "
         "the path of a Darknet .cfg file (plinius models lists them)"
     )
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is a built-in model's name (not a cfg path)."""
+    return name in _DESCRIPTIONS
 
 
 def shipped_cfgs() -> list[Path]:

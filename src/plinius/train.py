@@ -62,7 +62,7 @@ Batch = tuple[Tensor, ...]
 
 # Job settings that older versions did not record: a mirror without one resumes
 # (the setting was not recorded, so it cannot be checked).
-_ADDED_SETTINGS = frozenset({"threads"})
+_ADDED_SETTINGS = frozenset({"threads", "input_shape", "input_scale", "cfg_sha256"})
 
 
 def _check_step_rates(optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -292,6 +292,33 @@ def training_state(
     return state
 
 
+def _other_model(mirror: Mirror, job: dict[str, Any]) -> str | None:
+    """The message for a mirror that holds another model's job, or ``None``.
+
+    Names the models rather than listing the tensors whose shapes differ.
+    """
+    try:
+        saved = mirror.committed_value("job")
+    except ConfigError:
+        return None
+    if not isinstance(saved, dict) or "model" not in saved or "model" not in job:
+        return None
+    if saved["model"] == job["model"]:
+        return None
+    return (
+        f"the mirror holds a job of model {saved['model']}; you asked for {job['model']}: "
+        f"resume with model {saved['model']} or use a new mirror file"
+    )
+
+
+def _setting(settings: dict[str, Any], name: str) -> str:
+    """A job setting for a mismatch message; ``None`` and absence spelled out."""
+    if name not in settings:
+        return "not recorded"
+    value = settings[name]
+    return "unset (the default)" if value is None else repr(value)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -467,6 +494,9 @@ def fit(
         try:
             restored = mirror.restore(state)
         except StateMismatchError as exc:
+            other = _other_model(mirror, job)
+            if other is not None:
+                raise StateMismatchError(other) from exc
             raise StateMismatchError(
                 f"{exc}. The mirror was written by a job with other settings "
                 "(model, optimizer, number of steps, ...): rerun with the same settings "
@@ -498,7 +528,7 @@ def fit(
             now = {k: v for k, v in job.items() if k in saved or k not in _ADDED_SETTINGS}
             if saved != now:
                 diff = [
-                    f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
+                    f"{k}={_setting(saved, k)} (now {_setting(now, k)})"
                     for k in sorted(set(saved) | set(now))
                     if saved.get(k) != now.get(k)
                 ]

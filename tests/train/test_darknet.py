@@ -230,12 +230,30 @@ def test_input_shape_from_data_and_resize() -> None:
     assert declared.input_shape == (1, 28, 28)  # flat records reshaped, channel-major
     resized = build("[connected]\noutput=2\n[softmax]\n", input_shape=(3, 4, 4), resize=True)
     assert resized.input_shape == (3, 4, 4)
-    with pytest.raises(DarknetConfigError, match=r"expects 28x28x1 inputs .* \(8, 8\)"):
+    with pytest.raises(
+        DarknetConfigError, match=r"declares channels=1 height=28 width=28 .* \(8, 8\)"
+    ):
         build("[connected]\noutput=2\n[softmax]\n", input_shape=(8, 8))
     inputs_only = build_network(
         parse_cfg("[net]\ninputs=5\n[connected]\noutput=2\n[softmax]\n", "i.cfg"), "i.cfg"
     )
     assert inputs_only.input_shape == (5, 1, 1)
+
+
+def test_records_must_match_the_declared_shape_not_just_the_count() -> None:
+    body = "[connected]\noutput=2\n[softmax]\n"
+    assert build(body, h=16, w=16, c=3, input_shape=(3, 16, 16)).input_shape == (3, 16, 16)
+    # (16, 16, 3) holds as many values as channels=3 height=16 width=16.
+    with pytest.raises(DarknetConfigError, match=r"channels-last .* \(3, 16, 16\)"):
+        build(body, h=16, w=16, c=3, input_shape=(16, 16, 3))
+    with pytest.raises(DarknetConfigError, match=r"other layout"):
+        build(body, h=16, w=16, c=3, input_shape=(16, 3, 16))
+    # Flat records: unambiguous for one channel (row-major), refused for three.
+    assert build(body, h=4, w=4, c=1, input_shape=(16,)).input_shape == (1, 4, 4)
+    with pytest.raises(DarknetConfigError, match=r"records are flat"):
+        build(body, h=4, w=4, c=3, input_shape=(48,))
+    with pytest.raises(DarknetConfigError, match=r"\(4, 4, 3\)"):
+        build(body, h=4, w=4, c=1, input_shape=(4, 4, 3))
 
 
 def test_parse_input_spec() -> None:

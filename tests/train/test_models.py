@@ -122,7 +122,7 @@ def test_same_seed_same_parameters(name: str) -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
-@pytest.mark.parametrize("shape", [(8, 8), (1, 1), (28, 28), (3, 5, 7), (64,)])
+@pytest.mark.parametrize("shape", [(8, 8), (1, 1), (28, 28), (3, 5, 7), (3, 4, 4)])
 def test_cnn_accepts_small_and_odd_inputs(shape: tuple[int, ...]) -> None:
     spec = build_model("cnn-tiny", input_shape=shape, num_classes=3)
     x = torch.randint(0, 255, (2, *shape), dtype=torch.uint8)
@@ -134,8 +134,28 @@ def test_cnn_accepts_small_and_odd_inputs(shape: tuple[int, ...]) -> None:
 def test_cnn_rejects_records_that_are_not_images() -> None:
     with pytest.raises(ConfigError, match="image records"):
         build_model("cnn-tiny", input_shape=(10,), num_classes=3)
+    # 4 tabular columns are not a 2x2 image (nor 64 a flat 8x8 one): the mlp is named.
+    for flat in ((4,), (64,)):
+        with pytest.raises(ConfigError, match=r"1-D records .*--model mlp"):
+            build_model("cnn-tiny", input_shape=flat, num_classes=3)
     with pytest.raises(ConfigError, match="image records"):
         build_model("cnn-tiny", input_shape=(2, 3, 4, 5), num_classes=3)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 3), (28, 28, 1), (32, 24, 4)])
+def test_cnn_refuses_channels_last_records(shape: tuple[int, int, int]) -> None:
+    h, w, c = shape
+    for name in ("cnn-tiny", "cnn-10mb"):
+        with pytest.raises(ConfigError) as err:
+            build_model(name, input_shape=shape, num_classes=3)
+        msg = str(err.value)
+        assert "channels-last" in msg and f"({c}, {h}, {w})" in msg and "\n" not in msg
+
+
+def test_cnn_builds_channels_first_records_with_their_channels() -> None:
+    spec = build_model("cnn-tiny", input_shape=(3, 16, 16), num_classes=3)
+    first = next(m for m in spec.module.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 3 and spec.input_shape == (3, 16, 16)
 
 
 # --------------------------------------------------------------------------- prepare, loss
@@ -151,9 +171,9 @@ def test_prepare_scales_and_adds_the_channel() -> None:
     assert torch.all(spec.prepare(i16) == 1.0)
     f = torch.full((1, 8, 8), 0.25, dtype=torch.float64)
     assert torch.all(spec.prepare(f) == 0.25) and spec.prepare(f).dtype == torch.float32
-    digits = build_model("cnn-tiny", input_shape=(64,), num_classes=10, input_scale=16)
+    digits = build_model("cnn-tiny", input_shape=(8, 8), num_classes=10, input_scale=16)
     assert digits.input_shape == (1, 8, 8)
-    z = digits.prepare(torch.full((3, 64), 16, dtype=torch.uint8))
+    z = digits.prepare(torch.full((3, 8, 8), 16, dtype=torch.uint8))
     assert z.shape == (3, 1, 8, 8) and torch.all(z == 1.0)
     mlp = build_model("mlp", input_shape=(8, 8), num_classes=10, input_scale=16)
     assert mlp.input_shape == (64,)

@@ -34,6 +34,7 @@ __all__ = [
     "PriceTrace",
     "RunRecord",
     "StepLoss",
+    "describe_run",
     "mirror_differences",
     "read_events",
     "run_campaign",
@@ -69,6 +70,38 @@ class RunRecord:
     first_step_after_start_s: float | None = None
     steps: list[StepLoss] = field(default_factory=list)  # as computed, in order
     last_saved: int | None = None  # the last step whose save was started
+
+
+def describe_run(run: RunRecord, previous: RunRecord | None = None) -> str:
+    """One line on a run: where it started, how far it got, how it ended.
+
+    A killed run's last steps may not have been committed yet (the save of a
+    step is still in flight, or ``--mirror-every`` skipped it): the next run
+    then resumes before the step the killed one reached, and says so.
+
+    Args:
+        run: The run.
+        previous: The run before it, if any (the one killed before this resumed).
+
+    Returns:
+        E.g. ``run 2: resumed after step 137, the last committed step (step 138
+        was not yet committed and is redone), reached step 200, finished``.
+    """
+    if run.resumed_from is None:
+        where = "new job"
+    else:
+        where = f"resumed after step {run.resumed_from}, the last committed step"
+        reached = previous.steps[-1].step if previous is not None and previous.steps else None
+        if reached is not None and reached > run.resumed_from:
+            lost = (
+                f"step {reached} was"
+                if reached == run.resumed_from + 1
+                else f"steps {run.resumed_from + 1}-{reached} were"
+            )
+            where += f" ({lost} not yet committed and {'is' if ' was' in lost else 'are'} redone)"
+    last = run.steps[-1].step if run.steps else "-"
+    end = "killed" if run.killed else "finished" if run.exit_code == 0 else f"exit {run.exit_code}"
+    return f"run {run.index + 1}: {where}, reached step {last}, {end}"
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from .._runtime import tune_openmp
 
@@ -35,7 +35,10 @@ class _Group(click.Group):
         if not args:
             click.echo(ctx.get_help())
             ctx.exit(2)
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except BrokenPipeError:  # --version or --help into a closed pipe
+            _closed_pipe()
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -45,6 +48,13 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:
             _fail("interrupted", 130, exc)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BrokenPipeError:
+            _closed_pipe()
+        except SystemExit as exc:
+            # rich's console exits 1 on a closed pipe (Console.on_broken_pipe).
+            if isinstance(exc.__context__, BrokenPipeError):
+                _closed_pipe()
             raise
         except MemoryError as exc:
             _fail("error: out of memory; try a smaller model or batch", 1, exc)
@@ -57,6 +67,20 @@ class _Group(click.Group):
                 1,
                 exc,
             )
+
+
+def _closed_pipe() -> NoReturn:
+    """Exit 0 quietly: a reader that stopped early (``| head -1``) is no failure."""
+    # Python's documented recipe: point stdout at devnull so that the flush at
+    # exit does not raise again ("Exception ignored ... BrokenPipeError").
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (an in-process runner)
+        pass
+    finally:
+        os.close(devnull)
+    sys.exit(0)
 
 
 def _fail(msg: str, code: int, exc: BaseException) -> None:

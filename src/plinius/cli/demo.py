@@ -274,16 +274,15 @@ def crash_test(
     ]  # fmt: skip
     env = dict(os.environ, PYTHONHASHSEED="0")
 
+    seen: list[object] = []
+
     def on_run(r: object) -> None:
-        from ..bench.crashtest import RunRecord
+        from ..bench.crashtest import RunRecord, describe_run
 
         assert isinstance(r, RunRecord)
-        where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
-        last = r.steps[-1].step if r.steps else "-"
-        click.echo(
-            f"run {r.index + 1}: {where}, reached step {last}, "
-            f"{'killed' if r.killed else 'finished'}"
-        )
+        prev = seen[-1] if seen else None
+        click.echo(describe_run(r, prev if isinstance(prev, RunRecord) else None))
+        seen.append(r)
 
     result = run_campaign(
         [*base, "--mirror", str(mirror_path)],

@@ -529,9 +529,9 @@ def export(
     or every tensor if the state has no "model" entry.
     """
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     from ..crypto import MasterKey
+    from ..job import export_metadata, write_safetensors
 
     source = CounterSource(counter_spec, key_server, key_server_pubkey, job_id)
     check_distinct_paths(
@@ -552,9 +552,13 @@ def export(
         names = m.committed_state_names()
         has_model = any(n.startswith("model.") for n in names)
         tensors = m.read_tensors("model." if has_model else "")
+        try:
+            job = m.committed_value("job")
+        except ConfigError:  # a library user's state with tensors under "job"
+            job = None
     if has_model:
         tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-    metadata = {"plinius_step": str(info.step), "plinius_generation": str(info.generation)}
+    metadata, cfg_note = export_metadata(info.step, info.generation, job)
     d = out.parent if str(out.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=d)
@@ -563,13 +567,15 @@ def export(
     os.close(fd)
     try:
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            write_safetensors(tensors, metadata, Path(tmp))
         except SafetensorError as exc:  # raised for I/O errors: a full disk, say
             raise StorageError(
                 f"cannot write {out}: {exc}; free some space or choose another directory"
             ) from exc
         except (ValueError, TypeError, RuntimeError) as exc:
             raise ConfigError(f"safetensors cannot store this state: {exc}") from exc
+        except OSError as exc:
+            raise storage_error(exc, f"cannot write {out}") from exc
         try:
             os.link(tmp, out)  # atomic and exclusive: never overwrites
         except FileExistsError as exc:
@@ -582,4 +588,6 @@ def export(
     if counter_spec is None:
         click.echo(unchecked_note(info), err=True)
     click.echo(f"wrote {len(tensors)} tensors ({_size(total)}) of step {info.step} to {out}")
+    if cfg_note:
+        click.echo(f"note: {cfg_note}", err=True)
     click.echo("note: the exported file is plaintext; protect it like the model itself")

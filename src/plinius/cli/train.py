@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -12,7 +13,15 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, StateMismatchError
-from ..job import EventLog, build_job, init_model_from, load_key, make_counter, process_age_s
+from ..job import (
+    EventLog,
+    build_job,
+    init_model_from,
+    load_key,
+    make_counter,
+    model_settings,
+    process_age_s,
+)
 from ._durable import durable_owns, durable_path, open_durable
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
@@ -56,6 +65,27 @@ def check_key_options(key_path: Path | None, key_server: str | None) -> None:
         )
 
 
+def loss_text(loss: float | None) -> str:
+    """The progress bar's loss: ``-`` until a step has computed one (never ``nan``)."""
+    if loss is None or math.isnan(loss):
+        return "-"
+    return f"{loss:.4f}"
+
+
+def resume_parts(*, model: float, key: float, open: float, restore: float) -> str:
+    """The time a resume took, then its parts (seconds in): the total leads, so a
+    slow model build is not hidden behind a fast restore."""
+
+    def ms(s: float) -> str:
+        return f"{s * 1e3:.0f} ms" if s >= 0.1 else f"{s * 1e3:.1f} ms"
+
+    total = model + key + open + restore
+    head = f"{total:.2f} s" if total >= 1 else ms(total)
+    return (
+        f"{head}: model {ms(model)}, key {ms(key)}, mirror open {ms(open)}, restore {ms(restore)}"
+    )
+
+
 def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
     """A rich progress bar (or nothing) and its closer."""
     if not enabled:
@@ -66,15 +96,15 @@ def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Cal
         TextColumn("[bold]training"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         transient=False,
     )
     progress.start()
-    task = progress.add_task("train", total=total, loss=float("nan"))
+    task = progress.add_task("train", total=total, loss=loss_text(None))
 
     def update(ev: Any) -> None:
-        progress.update(task, completed=ev.step, loss=ev.loss)
+        progress.update(task, completed=ev.step, loss=loss_text(ev.loss))
 
     return update, progress.stop
 
@@ -372,7 +402,12 @@ def train(
                         events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
                     ),
                     # A resume with another model or learning rate is refused.
-                    job_info={"model": model_name, "lr": lr, "classes": classes},
+                    job_info={
+                        "model": model_name,
+                        "lr": lr,
+                        "classes": classes,
+                        **model_settings(model_name, ds.fields[0].shape, ds.fields[0].dtype),
+                    },
                     num_classes=classes,
                     durable=durable,
                 )
@@ -432,11 +467,9 @@ def _report_resume(
     if resumed is None:
         click.echo(f"starting a new job of {steps} steps (the mirror was empty)")
     else:
-        click.echo(
-            f"resumed after step {resumed} of {steps}: restore took {recovery_s * 1e3:.1f} ms "
-            f"(key {t_key * 1e3:.1f} ms, model {t_build * 1e3:.1f} ms, "
-            f"mirror open {t_open * 1e3:.1f} ms)"
-        )
+        click.echo(f"resumed after step {resumed} of {steps} in " + resume_parts(
+            model=t_build, key=t_key, open=t_open, restore=recovery_s
+        ))  # fmt: skip
     events.write(
         "resumed",
         step=resumed,

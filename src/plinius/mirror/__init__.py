@@ -494,7 +494,7 @@ class Mirror:
             self._check_open()
             for k, v in self._manifest.skeleton["items"]:
                 if k == {"t": "str", "v": name}:
-                    if has_refs(v):
+                    if has_refs(v) or v.get("t") == "stateful":
                         raise StateMismatchError(
                             f"state[{name!r}] holds tensors, not a plain value; restore it"
                         )
