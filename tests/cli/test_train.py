@@ -162,7 +162,7 @@ def test_train_more_steps_continues_the_job_and_fewer_is_refused(job: dict[str, 
     lines = r.stdout.splitlines()
     said = "the job was 6 steps, now 9: it continues after step 6; "
     assert said + "no learning-rate schedule to re-plan" in lines
-    assert any(line.startswith("resumed after step 6 of 9:") for line in lines)
+    assert any(line.startswith("resumed after step 6 of 9 in ") for line in lines)
     straight = job["dir"] / "straight.plm"
     assert run_cli(*_mlp(job, straight, "--steps", "9")).exit_code == 0
     assert mirror_differences(job["mirror"], straight, key) == []
