@@ -216,6 +216,16 @@ def test_negative_hidden_share_is_clamped_with_the_spread(tmp_path: Path) -> Non
     md = _md(tmp_path, _results())
     assert "hidden by the asynchronous save: 0% (measured -3%, within noise: " in md
     assert "-3%." not in md
+    r = _results()
+    r["overhead"]["save_in_iteration_s"] = -0.0338
+    assert "ms (below zero: within the noise of the iterations, ±" in _md(tmp_path, r)
+
+
+def test_a_busy_machine_is_said(tmp_path: Path) -> None:
+    assert "The machine was busy" not in _md(tmp_path, _results())
+    r = _results()
+    r["meta"]["machine"]["load_average_at_start"] = [6.5, 4.8, 2.9]
+    assert "**The machine was busy**: load average 6.5 on 2 logical CPUs" in _md(tmp_path, r)
 
 
 def test_one_recovery_run_has_no_median(tmp_path: Path) -> None:

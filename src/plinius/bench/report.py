@@ -344,7 +344,13 @@ def _overhead(md: list[str], o: dict[str, Any]) -> None:
         "Spread: half the interquartile range of the step times, relative to the median, "
         "of no mirror and the mode added together.",
         "",
-        f"Save cost inside a synchronous iteration: {_ms(o['save_in_iteration_s'])} ms; "
+        f"Save cost inside a synchronous iteration: {_ms(o['save_in_iteration_s'])} ms"
+        + (
+            f" (below zero: within the noise of the iterations, ±{spread_ms:.0f} ms)"
+            if o["save_in_iteration_s"] < 0
+            else ""
+        )
+        + "; "
         f"share of it hidden by the asynchronous save: {_hidden(o, spread_ms)}.",
         "",
     ]
@@ -463,6 +469,15 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
             "treat the numbers as indicative.",
             "",
         ]
+    load = meta["machine"].get("load_average_at_start") or []
+    cpus = meta["machine"].get("cpu_count") or 0
+    if load and cpus and load[0] > cpus:
+        md += [
+            f"**The machine was busy**: load average {load[0]:.1f} on {cpus} logical CPUs "
+            "at the start, so other processes shared the cores; the spreads below say how "
+            "much the timings moved.",
+            "",
+        ]
     _machine(md, meta)
     if "latency" in results:
         _latency(md, results["latency"])
@@ -540,11 +555,12 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         xs = [s["state_mb"] for s in sizes]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, op in zip(axes, ("save", "restore")):
-            for m in lat["methods"]:
+            for i, m in enumerate(lat["methods"]):
                 if op == "save" and m == "ssd_encrypted_cold":
                     continue  # its save is the warm one; only its restore differs
                 ys = [s["methods"][m][op + "_s"] * 1e3 for s in sizes]
-                ax.plot(xs, ys, marker="o", label=_LABELS.get(m, m))
+                # One colour per method in both plots.
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=_LABELS.get(m, m))
             ax.set_xscale("log")
             ax.set_yscale("log")
             # Label the measured sizes themselves, not 3x10^1 style minor ticks;
@@ -603,10 +619,15 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylim(0, 100)
             ax.set_title(f"{op.capitalize()} phases: plinius (left) vs encrypted checkpoint")
             ax.grid(True, axis="y", alpha=0.3)
-        # One legend below both plots, in a band kept free of the tick labels and x labels.
-        handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
-        names = [n for ax in axes for n in ax.get_legend_handles_labels()[1]]
-        fig.legend(handles, names, fontsize=8, ncol=4, loc="lower center")
+        # Each plot's legend below it, in a band kept free of the tick labels and x labels.
+        for ax, x in zip(axes, (0.27, 0.77)):
+            fig.legend(
+                *ax.get_legend_handles_labels(),
+                fontsize=8,
+                ncol=2,
+                loc="lower center",
+                bbox_to_anchor=(x, 0.0),
+            )
         save(fig, "phases.png", rect=(0, 0.1, 1, 1))
 
     o, s = results.get("overhead"), results.get("sealed")
