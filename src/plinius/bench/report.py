@@ -151,7 +151,7 @@ def estimated_split(phases: dict[str, float], a: str, b: str, spread: float) -> 
         return text
     small = 100.0 * min(phases.get(a, 0.0), phases.get(b, 0.0)) / tot
     if small == 0.0:
-        return text + f" (clamped: raw AES-GCM alone took as long; noise {_pm(spread)})"
+        return text + f" (clamped: raw AES-GCM alone took at least as long; noise {_pm(spread)})"
     if math.isfinite(spread) and small <= spread:
         return text + f" (within the {_pm(spread)} spread)"
     return text
