@@ -88,5 +88,5 @@ def test_quick_preset_configuration(tmp_path: Path) -> None:
     assert cfg.overhead_model == full.overhead_model  # the target is about this model
     assert (cfg.overhead_steps, cfg.overhead_rounds) == (3, 2)
     assert (cfg.sealed_records, cfg.sealed_steps, cfg.sealed_rounds) == (10_000, 4, 2)
-    assert (cfg.recovery_model, cfg.recovery_crashes, cfg.recovery_steps) == ("cnn-10mb", 1, 20)
+    assert (cfg.recovery_model, cfg.recovery_crashes, cfg.recovery_steps) == ("cnn-10mb", 1, 40)
     assert cfg.memory_mb == 10.0

@@ -154,7 +154,9 @@ class BenchConfig:
             cfg.sealed_rounds = 2
             cfg.recovery_model = "cnn-10mb"
             cfg.recovery_crashes = 1
-            cfg.recovery_steps = 20
+            # Not fewer: the kill lands 0.3-1 s after the first step, and an idle machine
+            # ran 20 steps in less (no resume to time).
+            cfg.recovery_steps = 40
             cfg.recovery_batch = 8
             cfg.memory_mb = 10.0
         return cfg

@@ -553,7 +553,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     if lat and lat["sizes"]:
         sizes = lat["sizes"]
         xs = [s["state_mb"] for s in sizes]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
         for ax, op in zip(axes, ("save", "restore")):
             for i, m in enumerate(lat["methods"]):
                 if op == "save" and m == "ssd_encrypted_cold":
@@ -575,9 +575,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylabel(f"{op} latency (ms, log scale; median)")
             ax.set_title(f"{op.capitalize()} latency versus state size")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=8)
-        axes[1].legend(fontsize=8)
-        save(fig, "latency.png")
+        # One legend for both (a method has one colour), below them where it hides no line;
+        # the restore plot's handles include the cold-cache restore.
+        fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, ncol=3, loc="lower center")
+        save(fig, "latency.png", rect=(0, 0.12, 1, 1))
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
         labels = [s["size"] for s in sizes]
