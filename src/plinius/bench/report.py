@@ -397,7 +397,11 @@ def _recovery(md: list[str], r: dict[str, Any]) -> None:
         "",
     ]
     if not r["resumes"]:
-        md += ["No run resumed from a committed state (the kills came too early).", ""]
+        md += [
+            "No run resumed mid-job, so there is no recovery to time: each kill came before "
+            "the first committed step or after the last one.",
+            "",
+        ]
         return
     names = {
         "interpreter": "interpreter + CLI imports",
