@@ -346,7 +346,8 @@ def _overhead(md: list[str], o: dict[str, Any]) -> None:
         "",
         f"Save cost inside a synchronous iteration: {_ms(o['save_in_iteration_s'])} ms"
         + (
-            f" (below zero: within the noise of the iterations, ±{spread_ms:.0f} ms)"
+            " (below zero, so noise: a mirror cannot make a step faster; "
+            f"steps spread ±{spread_ms:.0f} ms)"
             if o["save_in_iteration_s"] < 0
             else ""
         )
