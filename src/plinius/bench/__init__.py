@@ -36,6 +36,7 @@ from ._common import (
     Notes,
     Progress,
     SizeSpec,
+    frozen_heap,
     machine_info,
     parse_sizes,
 )
@@ -88,8 +89,12 @@ def _storage_notes(pm_kind: str, is_dax: bool, disk_device: str) -> list[str]:
     return notes
 
 
-def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run the sections of ``cfg`` and write the report into ``cfg.out``; return the results."""
+def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any]:
+    """Run the sections of ``cfg`` and write the report into ``cfg.out``; return the results.
+
+    ``progress``: ``True`` rich bars, ``"plain"`` a plain line every few seconds on
+    stderr (outside a terminal), ``False`` nothing.
+    """
     from ..crypto import MasterKey
     from ..pmem import dax_option, describe_path, mount_of
 
@@ -125,7 +130,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
         key = MasterKey.generate()
         key_path = disk / "bench.key"
         key.save(key_path)
-        with Progress(progress) as bars:
+        with frozen_heap(), Progress(progress) as bars:
             if "latency" in cfg.sections:
                 from .latency import run_latency
 

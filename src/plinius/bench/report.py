@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_TARGET_PCT",
     "PAPER_TABLE_I",
     "PLOTS_MISSING",
     "plots_available",
@@ -73,6 +76,85 @@ def _x(r: float | None) -> str:
 
 def _pct(p: float | None) -> str:
     return "-" if p is None or not math.isfinite(p) else f"{p:.0f}%"
+
+
+# The 5% targets of overhead, sealed data and memory (results carry "target_pct").
+DEFAULT_TARGET_PCT = 5.0
+
+
+def _finite(xs: Sequence[float] | None) -> list[float]:
+    return [x for x in (xs or ()) if x is not None and math.isfinite(x)]
+
+
+def spread_pct(*runs: Sequence[float] | None) -> float:
+    """The measured noise of a ratio of medians: the sum, over ``runs``, of half the range
+    of each one's samples relative to its median, in %; NaN when none has 2 samples."""
+    total, known = 0.0, False
+    for xs in runs:
+        v = _finite(xs)
+        if len(v) >= 2 and statistics.median(v) > 0:
+            total += 100.0 * (max(v) - min(v)) / 2.0 / statistics.median(v)
+            known = True
+    return total if known else float("nan")
+
+
+def _iqr_half_pct(xs: Sequence[float] | None) -> float:
+    """Half the interquartile range of per-step times, relative to their median, in %."""
+    v = _finite(xs)
+    if len(v) < 2 or statistics.median(v) <= 0:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    return 100.0 * (q3 - q1) / 2.0 / statistics.median(v)
+
+
+def _pm(spread: float) -> str:
+    return f"±{spread:.0f}%" if math.isfinite(spread) else "unknown (one sample)"
+
+
+def target_verdict(value_pct: float | None, target_pct: float, spread: float = math.nan) -> str:
+    """``met: +2.6% ≤ 5%`` or ``missed: +6.1% > 5%``, noting when within the spread.
+
+    Args:
+        value_pct: The measured overhead (%).
+        target_pct: The target's limit (%).
+        spread: The measured noise (%, NaN if unknown).
+
+    Returns:
+        The verdict; ``not measured`` for a missing value.
+    """
+    if value_pct is None or not math.isfinite(value_pct):
+        return "not measured"
+    noisy = math.isfinite(spread) and spread > 0 and abs(value_pct - target_pct) <= spread
+    if value_pct <= target_pct:
+        out = f"met: {value_pct:+.1f}% ≤ {target_pct:g}%"
+    else:
+        out = f"**missed: {value_pct:+.1f}% > {target_pct:g}%**"
+    return out + (f" (within the {_pm(spread)} spread of the iterations)" if noisy else "")
+
+
+def pct_of_raw(pct: float | None, spread: float) -> str:
+    """plinius' throughput as a % of raw AES-GCM; above 100% is marked as noise or not."""
+    if pct is None or not math.isfinite(pct):
+        return "-"
+    if pct <= 100.0:
+        return f"{pct:.0f}%"
+    if math.isfinite(spread) and pct - 100.0 <= spread:
+        return f"{pct:.0f}% (≈100%: within the {_pm(spread)} spread)"
+    return f"{pct:.0f}% (over 100%, beyond the {_pm(spread)} spread: raw ran slower this run)"
+
+
+def estimated_split(phases: dict[str, float], a: str, b: str, spread: float) -> str:
+    """An estimated two-phase split; a clamped (0%) or tiny share is marked as noise."""
+    text = _split(phases, a, b)
+    tot = phases.get(a, 0.0) + phases.get(b, 0.0)
+    if text == "-" or tot <= 0:
+        return text
+    small = 100.0 * min(phases.get(a, 0.0), phases.get(b, 0.0)) / tot
+    if small == 0.0:
+        return text + f" (clamped: raw AES-GCM alone took at least as long; noise {_pm(spread)})"
+    if math.isfinite(spread) and small <= spread:
+        return text + f" (within the {_pm(spread)} spread)"
+    return text
 
 
 def _split(phases: dict[str, float], a: str, b: str) -> str:
@@ -152,10 +234,14 @@ def _latency(md: list[str], lat: dict[str, Any]) -> None:
                 f"{_ms(m['dcp'][op + '_s'])} ({_x(r['dcp'][op])}) | "
                 f"{_ms(m['aesgcm_raw'][op + '_s'])} | "
                 f"{s['throughput_gb_s']['plinius'][op]:.2f} | "
-                f"{_pct(s['plinius_pct_of_raw_aesgcm'][op])} |"
+                f"{pct_of_raw(s['plinius_pct_of_raw_aesgcm'][op], _raw_spread(s, op))} |"
             )
         md.append("")
     md += [
+        "% of raw above 100% is noise: plinius does the same encryption and more. The "
+        "spread is half the range of the rounds, relative to the median, of plinius and "
+        "raw AES-GCM added together.",
+        "",
         "**Phases** (the paper's Table I, measured the same way here). plinius encrypts "
         "straight into PM, so its encrypt/write and read/decrypt splits are estimated: "
         "crypto = raw AES-GCM over the same bytes into RAM, measured in the same rounds; "
@@ -169,6 +255,8 @@ def _latency(md: list[str], lat: dict[str, Any]) -> None:
     ]
     for s in lat["sizes"]:
         p, c = s["methods"]["plinius"], s["methods"]["ssd_encrypted"]
+        psave = estimated_split(p["save_phases_s"], "encrypt", "write", _raw_spread(s, "save"))
+        prest = estimated_split(p["restore_phases_s"], "read", "decrypt", _raw_spread(s, "restore"))
         cs, cr = c["save_phases_s"], c["restore_phases_s"]
         csave = {"encrypt": cs["serialize"] + cs["encrypt"], "write": cs["write"]}
         crest = {
@@ -176,8 +264,7 @@ def _latency(md: list[str], lat: dict[str, Any]) -> None:
             "decrypt": cr["decrypt"],
         }
         md.append(
-            f"| {s['size']} | {_split(p['save_phases_s'], 'encrypt', 'write')} | "
-            f"{_split(p['restore_phases_s'], 'read', 'decrypt')} | "
+            f"| {s['size']} | {psave} | {prest} | "
             f"{_split(csave, 'encrypt', 'write')} | {_split(crest, 'read', 'decrypt')} | "
             f"{_x(s['time_vs_plinius']['ssd_encrypted']['save'])} | "
             f"{_x(s['time_vs_plinius']['ssd_encrypted']['restore'])} |"
@@ -188,6 +275,11 @@ def _latency(md: list[str], lat: dict[str, Any]) -> None:
     md += ["", "Methods:", ""]
     md += [f"- `{k}`: {v}" for k, v in lat["method_notes"].items()]
     md.append("")
+
+
+def _raw_spread(size: dict[str, Any], op: str) -> float:
+    m = size["methods"]
+    return spread_pct(m["plinius"].get(op + "_runs_s"), m["aesgcm_raw"].get(op + "_runs_s"))
 
 
 def _paper(md: list[str]) -> None:
@@ -208,8 +300,28 @@ def _paper(md: list[str]) -> None:
     ]
 
 
+def _hidden(o: dict[str, Any], spread_ms: float) -> str:
+    h = o["async_hidden_fraction"]
+    if h is None or not math.isfinite(h):
+        return "not measurable in this run (the noise between runs exceeds the save's cost)"
+    noise = (
+        f"the iterations spread ±{spread_ms:.0f} ms, the save costs "
+        f"{o['save_in_iteration_s'] * 1e3:.0f} ms"
+    )
+    if h < 0:
+        return f"0% (measured {100 * h:.0f}%, within noise: {noise})"
+    if h > 1:
+        return f"100% (measured {100 * h:.0f}%, within noise: {noise})"
+    return f"{100 * h:.0f}% ({noise})"
+
+
 def _overhead(md: list[str], o: dict[str, Any]) -> None:
     it = o["iteration_s"]
+    limit = float(o.get("target_pct", DEFAULT_TARGET_PCT))
+    runs = o.get("iteration_runs_s", {})
+    spread = {m: _iqr_half_pct(runs.get("none")) + _iqr_half_pct(runs.get(m)) for m in it}
+    base_spread = _iqr_half_pct(runs.get("none"))
+    spread_ms = base_spread / 100 * it["none"] * 1e3 if math.isfinite(base_spread) else math.nan
     md += [
         "## 2. Mirroring overhead per iteration",
         "",
@@ -217,28 +329,39 @@ def _overhead(md: list[str], o: dict[str, Any]) -> None:
         f"state {o['state_bytes'] / 1e6:.1f} MB), batch {o['batch']}, sealed synthetic "
         f"MNIST-shaped data; median of {o['rounds']} x {o['steps_per_round']} steps per mode.",
         "",
-        "| mode | iteration (ms) | overhead |",
-        "|---|---:|---:|",
-        f"| no mirror | {_ms(it['none'])} | - |",
-        f"| mirror every iteration, synchronous | {_ms(it['sync'])} | "
-        f"{o['overhead_pct']['sync']:+.1f}% |",
-        f"| mirror every iteration, asynchronous | {_ms(it['async'])} | "
-        f"{o['overhead_pct']['async']:+.1f}% |",
+        f"Target: {o['target']}.",
         "",
-        f"Save cost inside a synchronous iteration: {_ms(o['save_in_iteration_s'])} ms; "
-        "share of it hidden by the asynchronous save: "
+        f"| mode | iteration (ms) | overhead | target (≤ {limit:g}%) |",
+        "|---|---:|---:|---|",
+        f"| no mirror | {_ms(it['none'])} | - | - |",
+        f"| mirror every iteration, synchronous | {_ms(it['sync'])} | "
+        f"{o['overhead_pct']['sync']:+.1f}% | "
+        f"{target_verdict(o['overhead_pct']['sync'], limit, spread['sync'])} |",
+        f"| mirror every iteration, asynchronous | {_ms(it['async'])} | "
+        f"{o['overhead_pct']['async']:+.1f}% | "
+        f"{target_verdict(o['overhead_pct']['async'], limit, spread['async'])} |",
+        "",
+        "Spread: half the interquartile range of the step times, relative to the median, "
+        "of no mirror and the mode added together.",
+        "",
+        f"Save cost inside a synchronous iteration: {_ms(o['save_in_iteration_s'])} ms"
         + (
-            _pct(100 * o["async_hidden_fraction"])
-            if o["async_hidden_fraction"] is not None and math.isfinite(o["async_hidden_fraction"])
-            else "not measurable in this run (the noise between runs exceeds the save's cost)"
+            " (below zero, so noise: a mirror cannot make a step faster; "
+            f"steps spread ±{spread_ms:.0f} ms)"
+            if o["save_in_iteration_s"] < 0
+            else ""
         )
-        + f". Target: {o['target']}.",
+        + "; "
+        f"share of it hidden by the asynchronous save: {_hidden(o, spread_ms)}.",
         "",
     ]
 
 
 def _sealed(md: list[str], s: dict[str, Any]) -> None:
     it, fe, t = s["iteration_s"], s["fetch_s"], s["throughput"]
+    limit = float(s.get("target_pct", DEFAULT_TARGET_PCT))
+    runs = s.get("iteration_runs_s", {})
+    spread = _iqr_half_pct(runs.get("plain")) + _iqr_half_pct(runs.get("sealed"))
     md += [
         "## 3. Sealed-data overhead",
         "",
@@ -251,7 +374,8 @@ def _sealed(md: list[str], s: dict[str, Any]) -> None:
         f"| sealed dataset (decrypt per batch) | {_ms(it['sealed'])} | {_ms(fe['sealed'])} |",
         "",
         f"Overhead: {s['overhead_pct']:+.1f}% per iteration (the original: about "
-        f"+{s['paper_overhead_pct']:.0f}%). Target: {s['target']}.",
+        f"+{s['paper_overhead_pct']:.0f}%). Target: {s['target']}: "
+        f"{target_verdict(s['overhead_pct'], limit, spread)}.",
         "",
         f"Decryption throughput, one pass over {t['dataset_bytes'] / 1e6:.1f} MB in "
         f"{t['chunks']} chunks of {t['chunk_records']} records: sealed dataset "
@@ -268,11 +392,17 @@ def _recovery(md: list[str], r: dict[str, Any]) -> None:
         f"`plinius train --model {r['model']} --batch-size {r['batch']}` killed "
         f"{r['crashes']} time(s) with SIGKILL ({r['runs']} runs, job finished: "
         f"{'yes' if r['finished'] else 'NO'}; mirror file {r['mirror_file_bytes'] / 1e6:.1f} MB). "
-        "From process start to the first resumed step, in ms:",
+        "From process start to the first resumed step, in ms"
+        + (" (1 run: no median)" if len(r["resumes"]) == 1 else "")
+        + ":",
         "",
     ]
     if not r["resumes"]:
-        md += ["No run resumed from a committed state (the kills came too early).", ""]
+        md += [
+            "No run resumed mid-job, so there is no recovery to time: each kill came before "
+            "the first committed step or after the last one.",
+            "",
+        ]
         return
     names = {
         "interpreter": "interpreter + CLI imports",
@@ -294,14 +424,18 @@ def _recovery(md: list[str], r: dict[str, Any]) -> None:
             + f" | {_ms(row['total'])} |"
         )
     med = r["median_s"]
-    md.append(
-        "| median | | " + " | ".join(_ms(med[p]) for p in r["phases"]) + f" | {_ms(med['total'])} |"
-    )
+    if len(r["resumes"]) > 1:
+        md.append(
+            f"| median of {len(r['resumes'])} runs | | "
+            + " | ".join(_ms(med[p]) for p in r["phases"])
+            + f" | {_ms(med['total'])} |"
+        )
     md.append("")
 
 
 def _memory(md: list[str], m: dict[str, Any]) -> None:
     md += ["## 5. Peak extra memory of a save and a restore", ""]
+    limit = float(m.get("target_pct", DEFAULT_TARGET_PCT))
     if "skipped" in m:
         md += [f"Skipped: {m['skipped']}.", ""]
         return
@@ -309,12 +443,19 @@ def _memory(md: list[str], m: dict[str, Any]) -> None:
         f"Size {m['size']} (state {m['state_bytes'] / 1e6:.1f} MB), in a child process; "
         f"method: {m['method']} (see docs/BENCHMARKS.md). Target: {m['target']}.",
         "",
-        "| operation | peak extra (MB) | of the state |",
-        "|---|---:|---:|",
+        f"| operation | peak extra (MB) | of the state | target (≤ {limit:g}%) |",
+        "|---|---:|---:|---|",
     ]
     for k, v in m["peak_extra_bytes"].items():
-        md.append(f"| {k} | {v / 1e6:.1f} | {_pct(m['peak_extra_pct_of_state'][k])} |")
-    md.append("")
+        pct = m["peak_extra_pct_of_state"][k]
+        verdict = target_verdict(pct, limit) if k.startswith("plinius") else "- (for comparison)"
+        md.append(f"| {k} | {v / 1e6:.1f} | {_pct(pct)} | {verdict} |")
+    md += [
+        "",
+        "0.0 MB is a measurement, not missing data: the peak did not rise above the "
+        "process' resident memory before the operation.",
+        "",
+    ]
 
 
 def write_markdown(results: dict[str, Any], out: Path) -> Path:
@@ -331,6 +472,15 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
         md += [
             "A quick run: fewer sizes, repetitions and steps than the full benchmark; "
             "treat the numbers as indicative.",
+            "",
+        ]
+    load = meta["machine"].get("load_average_at_start") or []
+    cpus = meta["machine"].get("cpu_count") or 0
+    if load and cpus and load[0] > cpus:
+        md += [
+            f"**The machine was busy**: load average {load[0]:.1f} on {cpus} logical CPUs "
+            "at the start, so other processes shared the cores; the spreads below say how "
+            "much the timings moved.",
             "",
         ]
     _machine(md, meta)
@@ -356,6 +506,11 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
     path = out / "results.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
+
+
+def _mb_label(b: float) -> str:
+    mb = b / 1e6
+    return "0 MB" if mb < 0.05 else f"{mb:.1f} MB"
 
 
 def plots_available() -> bool:
@@ -392,8 +547,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     paths: list[Path] = []
 
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
+    def save(fig: Any, name: str, rect: tuple[float, float, float, float] | None = None) -> None:
+        fig.tight_layout(rect=rect)
         p = out / name
         fig.savefig(p, dpi=110)
         plt.close(fig)
@@ -403,11 +558,14 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     if lat and lat["sizes"]:
         sizes = lat["sizes"]
         xs = [s["state_mb"] for s in sizes]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
         for ax, op in zip(axes, ("save", "restore")):
-            for m in lat["methods"]:
+            for i, m in enumerate(lat["methods"]):
+                if op == "save" and m == "ssd_encrypted_cold":
+                    continue  # its save is the warm one; only its restore differs
                 ys = [s["methods"][m][op + "_s"] * 1e3 for s in sizes]
-                ax.plot(xs, ys, marker="o", label=_LABELS.get(m, m))
+                # One colour per method in both plots.
+                ax.plot(xs, ys, marker="o", color=f"C{i}", label=_LABELS.get(m, m))
             ax.set_xscale("log")
             ax.set_yscale("log")
             # Label the measured sizes themselves, not 3x10^1 style minor ticks;
@@ -422,8 +580,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylabel(f"{op} latency (ms, log scale; median)")
             ax.set_title(f"{op.capitalize()} latency versus state size")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=8)
-        save(fig, "latency.png")
+        # One legend for both (a method has one colour), below them where it hides no line;
+        # the restore plot's handles include the cold-cache restore.
+        fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, ncol=3, loc="lower center")
+        save(fig, "latency.png", rect=(0, 0.12, 1, 1))
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
         labels = [s["size"] for s in sizes]
@@ -464,9 +624,17 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylabel("share of the time (%; medians per phase)")
             ax.set_ylim(0, 100)
             ax.set_title(f"{op.capitalize()} phases: plinius (left) vs encrypted checkpoint")
-            ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
             ax.grid(True, axis="y", alpha=0.3)
-        save(fig, "phases.png")
+        # Each plot's legend below it, in a band kept free of the tick labels and x labels.
+        for ax, x in zip(axes, (0.27, 0.77)):
+            fig.legend(
+                *ax.get_legend_handles_labels(),
+                fontsize=8,
+                ncol=2,
+                loc="lower center",
+                bbox_to_anchor=(x, 0.0),
+            )
+        save(fig, "phases.png", rect=(0, 0.1, 1, 1))
 
     o, s = results.get("overhead"), results.get("sealed")
     if o or s:
@@ -498,8 +666,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     r = results.get("recovery")
     if r and r["resumes"]:
         fig, ax = plt.subplots(figsize=(10, 2.0 + 0.5 * (len(r["resumes"]) + 1)))
-        rows = [*r["resumes"], r["median_s"]]
-        names = [f"resume {i}" for i in range(1, len(r["resumes"]) + 1)] + ["median"]
+        n = len(r["resumes"])
+        # A median of one run is that run: show it only from two runs on.
+        rows = [*r["resumes"], r["median_s"]] if n > 1 else list(r["resumes"])
+        names = [f"resume {i}" for i in range(1, n + 1)] + ([f"median of {n}"] if n > 1 else [])
         left = [0.0] * len(rows)
         colors = ["#7f7f7f", "#bcbd22", "#9467bd", "#8c564b", "#17becf", "#1f77b4", "#2ca02c"]
         for p, c in zip(r["phases"], colors):
@@ -507,7 +677,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.barh(names, vals, left=left, color=c, label=p)
             left = [a + b for a, b in zip(left, vals)]
         ax.set_xlabel("time from process start to the first resumed step (ms)")
-        ax.set_title(f"Recovery after SIGKILL ({r['model']})")
+        ax.set_title(f"Recovery after SIGKILL ({r['model']}, {n} run{'s' if n > 1 else ''})")
         ax.legend(
             fontsize=7, ncol=len(r["phases"]), loc="upper center", bbox_to_anchor=(0.5, -0.45)
         )
@@ -518,7 +688,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     if m and "peak_extra_bytes" in m:
         fig, ax = plt.subplots(figsize=(8, 4))
         ops = list(m["peak_extra_bytes"])
-        ax.bar(ops, [m["peak_extra_bytes"][k] / 1e6 for k in ops], color="#1f77b4")
+        bars = ax.bar(ops, [m["peak_extra_bytes"][k] / 1e6 for k in ops], color="#1f77b4")
+        # Every bar labelled, so a zero reads as "0 MB" measured, not as missing data.
+        ax.bar_label(bars, labels=[_mb_label(m["peak_extra_bytes"][k]) for k in ops], fontsize=8)
+        ax.margins(y=0.12)
         ax.axhline(m["state_bytes"] / 1e6, color="#d62728", ls="--", label="state size")
         ax.set_ylabel("peak extra memory (MB)")
         ax.set_title(f"Peak extra memory, state of {m['state_bytes'] / 1e6:.0f} MB")

@@ -64,7 +64,9 @@ _SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
 )
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @click.option(
-    "--progress/--no-progress", default=None, help="Progress bars (default: when a terminal)."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars (default: in a terminal; elsewhere a plain line every 5 s).",
 )
 def bench(
     quick: bool,
@@ -122,7 +124,8 @@ def bench(
     # Without matplotlib (a bare install) everything but the PNGs still runs.
     missing_plots = not no_plots and not plots_available()
     cfg.plots = not no_plots and not missing_plots
-    show = sys.stderr.isatty() if progress is None else progress
+    # Outside a terminal (CI, nohup, a pipe) a plain line every few seconds, not silence.
+    show: bool | str = progress if progress is not None else sys.stderr.isatty() or "plain"
     results = run_bench(cfg, progress=show)
     click.echo(f"wrote {results['files']['markdown']} and {results['files']['json']}")
     for p in results["plots"]:

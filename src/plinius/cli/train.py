@@ -86,8 +86,50 @@ def resume_parts(*, model: float, key: float, open: float, restore: float) -> st
     )
 
 
-def make_progress(enabled: bool, total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
-    """A rich progress bar (or nothing) and its closer."""
+# Seconds between two plain progress lines (outside a terminal); tests lower it.
+PROGRESS_INTERVAL_S = 5.0
+
+
+def make_progress(
+    enabled: bool,
+    total: int,
+    *,
+    plain: bool = False,
+    interval_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A rich progress bar, plain progress lines, or nothing; and its closer.
+
+    Args:
+        enabled: Draw the rich bar (a terminal, or ``--progress``).
+        total: The job's total steps.
+        plain: When not ``enabled``, print a line such as
+            ``step 120/500  loss 0.4321  3.1 steps/s`` every ``interval_s``
+            instead (stdout is not a terminal and no ``--no-progress``), so a
+            log shows the job is alive.
+        interval_s: Seconds between plain lines (default
+            :data:`PROGRESS_INTERVAL_S`).
+        clock: Monotonic seconds (tests pass a fake one).
+
+    Returns:
+        ``(update, stop)``: call ``update(event)`` after every step, ``stop()`` at the end.
+    """
+    if not enabled and plain:
+        every = PROGRESS_INTERVAL_S if interval_s is None else interval_s
+        last = {"t": clock(), "step": -1}
+
+        def line(ev: Any) -> None:
+            now = clock()
+            if last["step"] < 0:  # the first step (or the first after a resume)
+                last["step"] = ev.step - 1
+            dt = now - last["t"]
+            if dt < every:
+                return
+            rate = (ev.step - last["step"]) / dt if dt > 0 else float("nan")
+            click.echo(f"step {ev.step}/{total}  loss {loss_text(ev.loss)}  {rate:.1f} steps/s")
+            last["t"], last["step"] = now, ev.step
+
+        return line, (lambda: None)
     if not enabled:
         return (lambda _ev: None), (lambda: None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -253,7 +295,9 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Append JSON-lines progress events here.",
 )
 @click.option(
-    "--progress/--no-progress", default=None, help="Progress bar (default: when a terminal)."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar (default: in a terminal; elsewhere a plain line every 5 s).",
 )
 @click.option(
     "--init-from",
@@ -373,7 +417,7 @@ def train(
             if init_from is not None:
                 _init_from(init_from, mirror.info().step, key, spec.module, model_name, mirror_path)
             show = sys.stdout.isatty() if progress is None else progress
-            update, stop = make_progress(show, steps)
+            update, stop = make_progress(show, steps, plain=progress is None)
 
             def on_step(ev: Any) -> None:
                 events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
