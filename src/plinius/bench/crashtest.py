@@ -351,7 +351,11 @@ def run_campaign(
                     elif total_steps is not None:
                         left = crashes - len([r for r in runs if r.killed])
                         span = max(1, (total_steps - progress) // (left + 1))
-                        target = min(total_steps - 1, progress + rng.randint(1, 2 * span))
+                        # At least two steps must remain after the target: the kill comes
+                        # within one step's time of reaching it, and a job that finished
+                        # first would leave the campaign a kill short.
+                        last_target = max(1, total_steps - 2)
+                        target = min(last_target, progress + rng.randint(1, 2 * span))
                         wait_s = max(1.0, min(120.0, deadline - time.monotonic()))
                         per_step = _wait_for_step(proc, events_path, offset, wait_s, target)
                         if per_step is not None:
