@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .crashtest import CampaignResult, RunRecord, mirror_differences, run_campaign
+from .crashtest import CampaignResult, RunRecord, describe_run, mirror_differences, run_campaign
 from .report import PLOTS_MISSING, plots_available
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -364,12 +364,15 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
         crash_mirror = pm_dir / "crashed.plm"
         clean_mirror = pm_dir / "clean.plm"
 
+        seen: list[RunRecord] = []
+
         def on_run(r: RunRecord) -> None:
-            what = "killed" if r.killed else f"finished (exit {r.exit_code})"
-            where = "new job" if r.resumed_from is None else f"resumed after step {r.resumed_from}"
-            rec = "" if r.recovery_s is None else f", restore {r.recovery_s * 1e3:.1f} ms"
-            last = r.steps[-1].step if r.steps else "-"
-            log(f"  run {r.index + 1}: {where}{rec}, reached step {last}, {what}")
+            # The same words as crash-test: a killed run's last step may not have been
+            # committed yet, and the next run says it redoes it.
+            line = describe_run(r, seen[-1] if seen else None)
+            rec = "" if r.recovery_s is None else f" (restore {r.recovery_s * 1e3:.1f} ms)"
+            seen.append(r)
+            log(f"  {line}{rec}")
 
         log(f"training {cfg.model} for {cfg.steps} steps with {cfg.crashes} SIGKILLs ...")
         crashed = run_campaign(
