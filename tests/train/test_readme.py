@@ -86,6 +86,23 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:  # pragma: no cover - already gone
         pass
     proc.wait(timeout=30)
+    _remove_orphaned_torch_shm()
+
+
+def _remove_orphaned_torch_shm() -> None:
+    """Remove the shared-memory files of killed DataLoader workers from /dev/shm.
+
+    A worker hands each batch over in a ``/dev/shm/torch_<pid>_...`` file that the
+    receiver unlinks; a SIGKILL between the two leaves it behind. Only files of
+    processes that no longer exist are removed.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir():  # pragma: no cover - not Linux
+        return
+    for f in shm.glob("torch_*_*"):
+        pid = f.name.split("_")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            f.unlink(missing_ok=True)
 
 
 def _generation(mirror: Path) -> int:
@@ -173,6 +190,7 @@ def test_the_readme_quick_start_resumes_bit_for_bit_after_kill_9(shm_dir: Path) 
     finally:
         if straight.poll() is None:  # pragma: no cover - a failure above
             _kill(straight)
+        _remove_orphaned_torch_shm()
 
     assert killed_at == sorted(killed_at) and killed_at[0] >= targets[0], killed_at
     final = torch.load(crashed_dir / "final.pt", weights_only=False)
