@@ -101,6 +101,18 @@ def _key_server_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _read_verified(
+    path: Path, key_path: Path, counter: CounterSource | None
+) -> tuple[Any, list[Any], dict[str, Any], str | None]:
+    """Open, verify and read a mirror for ``inspect``: (info, tensors, job, counter spec)."""
+    from ..crypto import MasterKey
+
+    source = counter or CounterSource(None, None, None, None)
+    key = MasterKey.load(key_path)
+    with source.open(path, key) as m:
+        return m.verify(), m.committed_tensors(), job_of(m), source.spec
+
+
 def mirror_lines(
     path: Path, key_path: Path | None, counter: CounterSource | None = None
 ) -> list[str]:
@@ -127,14 +139,7 @@ def mirror_lines(
             "  freshness        NOT checked (needs --key, and --counter if the job used one)"
         )
         return lines
-    from ..crypto import MasterKey
-
-    source = counter or CounterSource(None, None, None, None)
-    key = MasterKey.load(key_path)
-    with source.open(path, key) as m:
-        info = m.verify()
-        tensors = m.committed_tensors()
-        job = job_of(m)
+    info, tensors, job, spec = _read_verified(path, key_path, counter)
     lines += [
         f"  step             {info.step if info.step is not None else 'none (never saved)'}",
         f"  saved            {_when(info.saved_at)}",
@@ -161,7 +166,7 @@ def mirror_lines(
             if info.counter_expected is not None
             else info.counter_bound
         ),
-        f"  freshness        {freshness_line(info, source.spec)}",
+        f"  freshness        {freshness_line(info, spec)}",
     ]
     return lines
 
@@ -197,14 +202,7 @@ def mirror_doc(
     }
     if key_path is None:
         return doc
-    from ..crypto import MasterKey
-
-    source = counter or CounterSource(None, None, None, None)
-    key = MasterKey.load(key_path)
-    with source.open(path, key) as m:
-        info = m.verify()
-        tensors = m.committed_tensors()
-        job = job_of(m)
+    info, tensors, job, spec = _read_verified(path, key_path, counter)
     doc.update(
         authenticated=True,
         generation=info.generation,
@@ -224,7 +222,7 @@ def mirror_doc(
         ],
         job=job,
         counter=info.counter_bound,
-        freshness_checked=source.spec is not None,
+        freshness_checked=spec is not None,
     )
     return doc
 
