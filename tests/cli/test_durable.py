@@ -7,29 +7,19 @@ import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from plinius.crypto import MasterKey
-from plinius.data import seal_dataset
 from plinius.mirror import DurableCopy, Mirror, _durable
+from tests.cli.conftest import sealed_job
 from tests.conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture
 def job(shm_dir: Path, tmp_path: Path) -> dict[str, Path]:
-    key_path = shm_dir / "k.key"
-    key = MasterKey.generate()
-    key.save(key_path)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, size=(300, 8, 8), dtype=np.uint8)
-    y = (x[:, :4, :].mean(axis=(1, 2)) > 127).astype(np.int64)
-    data = shm_dir / "d.pld"
-    seal_dataset(data, key, {"image": x, "label": y})
     disk = tmp_path / "durable"
     disk.mkdir()
-    return {"key": key_path, "data": data, "mirror": shm_dir / "m.plm", "dir": shm_dir,
-            "disk": disk}  # fmt: skip
+    return {**sealed_job(shm_dir), "disk": disk}
 
 
 def _train(job: dict[str, Path], steps: int, *extra: str) -> list[str]:

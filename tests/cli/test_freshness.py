@@ -11,12 +11,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import Result
 
-from plinius.crypto import MasterKey
-from plinius.data import seal_dataset
+from tests.cli.conftest import sealed_job
 from tests.conftest import assert_one_line_error, run_cli
 
 NOTE_COUNTER_USED = (
@@ -36,21 +34,7 @@ TRAIN_NOTE = (
 
 @pytest.fixture
 def job(shm_dir: Path) -> dict[str, Path]:
-    key_path = shm_dir / "k.key"
-    key = MasterKey.generate()
-    key.save(key_path)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, size=(200, 8, 8), dtype=np.uint8)
-    y = (x[:, :4, :].mean(axis=(1, 2)) > 127).astype(np.int64)
-    data = shm_dir / "d.pld"
-    seal_dataset(data, key, {"image": x, "label": y})
-    return {
-        "key": key_path,
-        "data": data,
-        "mirror": shm_dir / "m.plm",
-        "counter": shm_dir / "ctr",
-        "dir": shm_dir,
-    }
+    return {**sealed_job(shm_dir, records=200), "counter": shm_dir / "ctr"}
 
 
 def _train(job: dict[str, Path], steps: int, *extra: str) -> Result:

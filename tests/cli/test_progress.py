@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from plinius.cli import train as train_cli
-from plinius.crypto import MasterKey
-from plinius.data import seal_dataset
+from tests.cli.conftest import sealed_job
 from tests.conftest import run_cli
 
 
@@ -43,16 +41,10 @@ def test_nothing_when_disabled_and_not_plain(capsys: pytest.CaptureFixture[str])
 
 @pytest.fixture
 def job(shm_dir: Path) -> list[str]:
-    key_path = shm_dir / "k.key"
-    key = MasterKey.generate()
-    key.save(key_path)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, size=(128, 8, 8), dtype=np.uint8)
-    y = (x[:, :4, :].mean(axis=(1, 2)) > 127).astype(np.int64)
-    seal_dataset(shm_dir / "d.pld", key, {"image": x, "label": y})
+    files = sealed_job(shm_dir, records=128)
     return [
-        "train", "--key", str(key_path), "--data", str(shm_dir / "d.pld"),
-        "--mirror", str(shm_dir / "m.plm"), "--model", "cnn-tiny", "--batch-size", "16",
+        "train", "--key", str(files["key"]), "--data", str(files["data"]),
+        "--mirror", str(files["mirror"]), "--model", "cnn-tiny", "--batch-size", "16",
         "--threads", "1", "--steps", "4",
     ]  # fmt: skip
 

@@ -6,25 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from plinius.crypto import MasterKey
-from plinius.data import seal_dataset
+from tests.cli.conftest import sealed_job
 from tests.conftest import assert_one_line_error, run_cli
 
 
 @pytest.fixture
 def job(shm_dir: Path) -> dict[str, Path]:
-    key_path = shm_dir / "k.key"
-    key = MasterKey.generate()
-    key.save(key_path)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, size=(300, 8, 8), dtype=np.uint8)
-    y = (x[:, :4, :].mean(axis=(1, 2)) > 127).astype(np.int64)
-    data = shm_dir / "d.pld"
-    seal_dataset(data, key, {"image": x, "label": y})
-    return {"key": key_path, "data": data, "mirror": shm_dir / "m.plm", "dir": shm_dir}
+    return sealed_job(shm_dir)
 
 
 def _train(job: dict[str, Path], *extra: str) -> list[str]:
