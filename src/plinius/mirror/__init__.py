@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ..counters import Counter
-from ..crypto import TAG_SIZE, MasterKey
+from ..crypto import TAG_SIZE, Aead, MasterKey
 from ..errors import ConfigError, IntegrityError, PliniusError, StateMismatchError
 from ..pmem import RegionLike
 from ..rng import RNGState
@@ -413,16 +413,8 @@ class Mirror:
             aead = save_aead(self._mirror_key, m.salt)
             largest = max((min(e.nbytes, m.root.chunk_bytes) for e in m.entries), default=0)
             scratch = np.empty(largest, dtype=np.uint8)
-            pieces, buf = self._sealing, self._region.buf
             for i, e in enumerate(m.entries):
-                for src, dst, nonce, ad in pieces.open_pieces(m, i, e, buf, scratch, shared=True):
-                    try:
-                        aead.decrypt_into(nonce, src, ad, memory_of(dst))
-                    except IntegrityError as exc:
-                        raise IntegrityError(
-                            f"tensor {e.name!r} of {self._label} fails authentication: the mirror "
-                            "was tampered with or corrupted"
-                        ) from exc
+                self._decrypt_entry(m, i, e, aead, scratch, shared=True)
             return self._info(verified=True)
 
     def read_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -435,7 +427,6 @@ class Mirror:
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
             out: dict[str, torch.Tensor] = {}
-            pieces, buf = self._sealing, self._region.buf
             for i, e in enumerate(m.entries):
                 if not e.name.startswith(prefix):
                     continue
@@ -451,15 +442,30 @@ class Mirror:
                         raise ConfigError(
                             f"{e.name}: numpy dtype {arr.dtype} has no torch equivalent"
                         ) from exc
-                for src, dst, nonce, ad in pieces.open_pieces(m, i, e, buf, flat):
-                    try:
-                        aead.decrypt_into(nonce, src, ad, memory_of(dst))
-                    except IntegrityError as exc:
-                        raise IntegrityError(
-                            f"tensor {e.name!r} of {self._label} fails authentication"
-                        ) from exc
+                self._decrypt_entry(m, i, e, aead, flat)
                 out[e.name] = t
             return out
+
+    def _decrypt_entry(
+        self,
+        m: fmt.Manifest,
+        i: int,
+        e: fmt.Entry,
+        aead: Aead,
+        dst: np.ndarray[Any, Any],
+        shared: bool = False,
+    ) -> None:
+        """Decrypt committed tensor ``i`` into ``dst`` (``shared``: each piece reuses it)."""
+        for src, plain, nonce, ad in self._sealing.open_pieces(
+            m, i, e, self._region.buf, dst, shared=shared
+        ):
+            try:
+                aead.decrypt_into(nonce, src, ad, memory_of(plain))
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"tensor {e.name!r} of {self._label} fails authentication: the mirror "
+                    "was tampered with or corrupted"
+                ) from exc
 
     def committed_tensors(self) -> list[TensorInfo]:
         """Name, kind, dtype, shape and size of every committed tensor, in order."""
