@@ -66,6 +66,7 @@ from ._file import (
     init_region,
     open_file,
     read_committed,
+    read_previous,
     save_aead,
     take_lock,
     wipe_root,
@@ -221,6 +222,10 @@ class Mirror:
     catches a rolled-back file; it is advanced after a commit when
     ``counter_every`` commits (None: never by count) or ``counter_interval_s``
     seconds have passed since the last advance. ``threads``: encryption threads.
+    ``keep_previous``: keep the previous committed generation readable until the
+    next save starts (one process of a multi-process job, whose processes agree
+    on the newest step all of them hold: see :mod:`plinius.dist`); the caller
+    then saves only once every process has committed the current generation.
     """
 
     def __init__(
@@ -233,6 +238,7 @@ class Mirror:
         counter_every: int | None = 1,
         counter_interval_s: float | None = None,
         threads: int | None = None,
+        keep_previous: bool = False,
     ) -> None:
         if not isinstance(key, MasterKey):
             raise ConfigError("key must be a plinius MasterKey (MasterKey.load(path))")
@@ -240,6 +246,13 @@ class Mirror:
             raise ConfigError("counter_every must be a positive integer or None")
         if counter_interval_s is not None and not (counter_interval_s > 0):
             raise ConfigError("counter_interval_s must be a positive number of seconds or None")
+        if keep_previous and counter is not None:
+            # Going back to the previous generation would read as a rollback to the
+            # counter; the set's freshness is another design (not per process).
+            raise ConfigError(
+                "a mirror that keeps its previous generation (one process of a multi-process "
+                "job) cannot use a freshness counter yet; run without a counter"
+            )
         if counter is not None and counter_every is None and counter_interval_s is None:
             raise ConfigError("with a counter, give counter_every or counter_interval_s (or both)")
         wears = counter is not None and getattr(counter, "wears", False)
@@ -251,6 +264,7 @@ class Mirror:
             )
         self._key = key
         self._readonly = readonly
+        self._keep_previous = keep_previous
         self._threads = max(1, threads if threads is not None else THREADS)
         self._lock = threading.RLock()
         self._pending: PendingSave | None = None
@@ -327,7 +341,7 @@ class Mirror:
             self._populate(end)
 
     # ------------------------------------------------------------ public API
-    def restore(self, state: dict[str, Any]) -> int | None:
+    def restore(self, state: dict[str, Any], *, step: int | None = None) -> int | None:
         """Load the committed state into ``state`` in place; return its step.
 
         Returns None, touching nothing, if nothing was ever saved (generation 0).
@@ -335,16 +349,44 @@ class Mirror:
         state does not fit ``state``, and :class:`IntegrityError` if any part
         fails authentication; if that happens part-way, the tensors already
         written are zeroed and ``state`` must not be used.
+
+        ``step``: restore this step, the committed one or the previous one
+        still held (:meth:`held_steps`). A writable mirror that goes back to
+        the previous generation makes it the committed one again (one commit
+        word store), and the newer one is dropped: what a multi-process job
+        does when its processes agree on the newest step all of them hold.
         """
         with self._lock:
             self._join_pending()
             self._check_open()
-            m = self._manifest
+            m = self._manifest if step is None else self._manifest_at(step)
             if m.root.generation == 0:
                 return None
-            return self._restore_locked(m.skeleton, state)
+            if m is self._manifest:
+                return self._restore_locked(m, m.skeleton, state)
+            if not self._readonly:
+                self._check_writable()
+            done = self._restore_locked(m, m.skeleton, state)
+            if not self._readonly:
+                self._go_back_to(m)
+            return done
 
-    def restore_model(self, module: torch.nn.Module, name: str = "model") -> int | None:
+    def held_steps(self) -> tuple[int | None, int | None]:
+        """The committed step and the previous step still held (``None`` where there is none).
+
+        A mirror opened with ``keep_previous`` holds the previous generation
+        until its next save starts; others (and one whose previous root a crash
+        tore or someone wiped) hold only the committed one.
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_open()
+            prev = self._previous()
+            return self._manifest.root.step, (prev.root.step if prev is not None else None)
+
+    def restore_model(
+        self, module: torch.nn.Module, name: str = "model", *, step: int | None = None
+    ) -> int | None:
         """Load only ``state[name]`` of the committed state into ``module``; return the step.
 
         For evaluation and export, where the optimizer and the rest of the
@@ -353,7 +395,7 @@ class Mirror:
         with self._lock:
             self._join_pending()
             self._check_open()
-            m = self._manifest
+            m = self._manifest if step is None else self._manifest_at(step)
             if m.root.generation == 0:
                 return None
             for k, v in m.skeleton["items"]:
@@ -362,7 +404,7 @@ class Mirror:
                     break
             else:
                 raise StateMismatchError(f"the saved state has no {name!r} entry to restore")
-            return self._restore_locked(sub, {name: module})
+            return self._restore_locked(m, sub, {name: module})
 
     def save(self, state: dict[str, Any], *, step: int) -> None:
         """Encrypt ``state`` into a new generation; returns once it is committed and durable."""
@@ -417,12 +459,15 @@ class Mirror:
                 self._decrypt_entry(m, i, e, aead, scratch, shared=True)
             return self._info(verified=True)
 
-    def read_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Decrypted copies of the committed tensors whose name starts with ``prefix``."""
+    def read_tensors(self, prefix: str = "", *, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Decrypted copies of the committed tensors whose name starts with ``prefix``.
+
+        ``step``: read this step, the committed one or the previous one still held.
+        """
         with self._lock:
             self._join_pending()
             self._check_open()
-            m = self._manifest
+            m = self._manifest if step is None else self._manifest_at(step)
             self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
@@ -571,8 +616,40 @@ class Mirror:
         return f"Mirror({self._label!r}, {mode})"
 
     # ------------------------------------------------------------ internals
-    def _restore_locked(self, skeleton: dict[str, Any], state: dict[str, Any]) -> int | None:
+    def _previous(self) -> fmt.Manifest | None:
+        """The previous generation's manifest, while its root is intact."""
+        return read_previous(
+            self._region, self._mirror_key, self._sb.region_id, self._label, self._manifest
+        )
+
+    def _manifest_at(self, step: int) -> fmt.Manifest:
+        """The manifest (committed or previous) that holds ``step``."""
         m = self._manifest
+        if m.root.step == step:
+            return m
+        prev = self._previous()
+        if prev is not None and prev.root.step == step:
+            return prev
+        held = f"step {m.root.step}" if m.root.generation else "nothing"
+        if prev is not None:
+            held += f" and step {prev.root.step}"
+        raise StateMismatchError(f"{self._label} holds {held}, not step {step}")
+
+    def _go_back_to(self, prev: fmt.Manifest) -> None:
+        """Make the previous generation the committed one again and drop the newer one."""
+        region = self._region
+        dropped = self._manifest.slot
+        # IMPORTANT: the commit word first (one 8-byte store), then the wipe: a
+        # crash between them leaves the previous generation committed and the
+        # dropped root unreachable (its generation is not the one before).
+        commit(region, prev.root.generation, prev.slot)
+        wipe_root(region, dropped)
+        self._manifest = prev
+        self._in_use = fmt.in_use_end(prev)
+
+    def _restore_locked(
+        self, m: fmt.Manifest, skeleton: dict[str, Any], state: dict[str, Any]
+    ) -> int | None:
         # Nothing is written until the saved state fits the target (the plan)
         # and every stored tag is the manifest's (a swapped tensor is caught here).
         plan = plan_restore(skeleton, m.entries, state)
@@ -661,6 +738,13 @@ class Mirror:
         grow_to(region, alloc.end)
         self._prefault(alloc.end)  # what this save writes, before it does
         buf = region.buf
+        if self._keep_previous:
+            # The caller knows every process committed the current generation:
+            # the previous one is needed by no one. Wipe its root before its
+            # slots are reused, so no crash leaves it naming overwritten data.
+            old = fmt.ROOT_OFFSETS[slot]
+            if any(buf[old : old + 64]):
+                wipe_root(region, slot)
         salt = os.urandom(16)
         aead = save_aead(self._mirror_key, salt)
         sealing = self._sealing
@@ -718,8 +802,11 @@ class Mirror:
         self._manifest = fmt.Manifest(root, slot, skeleton, entries, salt)
         self._in_use = alloc.end
         # The superseded root is wiped, so that rewriting the commit word alone
-        # cannot roll back to it (a full-file rollback needs the counter).
-        wipe_root(region, 1 - slot)
+        # cannot roll back to it (a full-file rollback needs the counter). A
+        # process of a multi-process job keeps it until its next save: the job
+        # may have to go back to it (a one-step rollback, as a crash makes).
+        if not self._keep_previous:
+            wipe_root(region, 1 - slot)
         # Last: the counter advances only once the generation expecting it is committed.
         fresh.committed(counter_expected, advance)
 

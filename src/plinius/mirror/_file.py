@@ -40,6 +40,7 @@ __all__ = [
     "open_file",
     "read_commit_word",
     "read_committed",
+    "read_previous",
     "save_aead",
     "take_lock",
     "wipe_root",
@@ -348,14 +349,50 @@ def read_committed(
             authentication, or is inconsistent; the file is truncated. Never a
             fallback to an older manifest: that would let an attacker roll back.
     """
-    buf = region.buf
     gen, slot = fmt.unpack_commit(read_commit_word(region))
+    return _read_manifest(region, mirror_key, region_id, label, gen, slot, "committed manifest")
+
+
+def read_previous(
+    region: RegionLike, mirror_key: bytes, region_id: bytes, label: str, current: fmt.Manifest
+) -> fmt.Manifest | None:
+    """The manifest of the generation before ``current``, if its root is still intact.
+
+    A mirror that keeps its previous generation (a process of a multi-process
+    job) leaves it in the other root slot until its next save. It is read only
+    when every process agrees to go back to it; any doubt (wiped, torn by a
+    crash during the next save, replaced) means "not held", never a guess.
+
+    Returns:
+        The authenticated previous manifest, or ``None`` when it is not held.
+    """
+    gen, slot = current.root.generation - 1, 1 - current.slot
+    off = fmt.ROOT_OFFSETS[slot]
+    if gen < 0 or not any(region.buf[off : off + 64]):
+        return None
+    try:
+        return _read_manifest(region, mirror_key, region_id, label, gen, slot, "previous manifest")
+    except IntegrityError:
+        return None
+
+
+def _read_manifest(
+    region: RegionLike,
+    mirror_key: bytes,
+    region_id: bytes,
+    label: str,
+    gen: int,
+    slot: int,
+    what: str,
+) -> fmt.Manifest:
+    """Read and authenticate the manifest of generation ``gen`` whose root is in ``slot``."""
+    buf = region.buf
     off = fmt.ROOT_OFFSETS[slot]
     salt = bytes(buf[off : off + fmt.ROOT_SALT])
     n = int.from_bytes(buf[off + 16 : off + 20], "little")
     if n != fmt.ROOT_PLAIN_SIZE + TAG_SIZE:
         raise IntegrityError(
-            f"the committed manifest of {label} (generation {gen}, slot {slot}) is "
+            f"the {what} of {label} (generation {gen}, slot {slot}) is "
             "damaged: the mirror was tampered with or corrupted; restore it from a trusted copy"
         )
     aead = save_aead(mirror_key, salt)
@@ -367,16 +404,16 @@ def read_committed(
         )
     except IntegrityError as exc:
         raise IntegrityError(
-            f"the committed manifest of {label} (generation {gen}, slot {slot}) fails "
+            f"the {what} of {label} (generation {gen}, slot {slot}) fails "
             "authentication: the mirror was tampered with or corrupted; restore it from a "
             "trusted copy"
         ) from exc
     root = fmt.unpack_root(plain)
     if root.generation != gen:
-        raise IntegrityError("the committed manifest names another generation")
+        raise IntegrityError(f"the {what} names another generation")
     if root.extent_end > region.size:
         raise IntegrityError(
-            f"{label} is truncated: the committed manifest needs {root.extent_end} bytes, "
+            f"{label} is truncated: the {what} needs {root.extent_end} bytes, "
             f"the file has {region.size}; restore it from a trusted copy"
         )
     body = buf[root.body_off : root.body_off + root.body_len]
