@@ -207,6 +207,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),
     ("plinius.counters", "plinius.data", "plinius.models"),
     ("plinius.mirror",),
+    ("plinius.dist",),
     ("plinius.train",),
     ("plinius.job",),
     ("plinius.bench",),

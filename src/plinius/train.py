@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from .data import SealedDataset, SealedSampler
 from .data.loader import BatchStream, collate_tuple
+from .dist import MirrorSet, StepGate
 from .errors import ConfigError, IntegrityError, StateMismatchError
 from .limits import MAX_LEARNING_RATE, check_learning_rate
 from .mirror import DurableCopy, Mirror, PendingSave
@@ -329,7 +330,7 @@ def fit(
     steps: int | None = None,
     epochs: int | None = None,
     seed: int = 0,
-    mirror: Mirror | None = None,
+    mirror: Mirror | MirrorSet | None = None,
     scheduler: Any | None = None,
     mirror_every: int = 1,
     async_save: bool = True,
@@ -369,6 +370,12 @@ def fit(
         epochs: The job's length in whole epochs instead.
         seed: Seed of the data order (and of DataLoader workers' generators).
         mirror: Where the training state is mirrored, or ``None`` for none.
+            Under ``torchrun`` (a process group of several processes), this
+            process's part of a mirror set (:func:`plinius.dist.open_mirror_set`):
+            each process mirrors its own state, a step counts once every
+            process committed it, and the model must be wrapped in
+            DistributedDataParallel (:func:`plinius.dist.wrap_ddp`);
+            ``batch_size`` is then the whole job's batch, split evenly.
         scheduler: A learning-rate scheduler, stepped after every step
             (``ReduceLROnPlateau`` with the step's loss), or ``None``.
         mirror_every: Mirror every this many steps (and after the last one).
@@ -448,6 +455,13 @@ def fit(
             check_learning_rate(lr, f"the learning rate of parameter group {i}")
     prepare = prepare or _identity
     split = split or _default_split
+    # Under torchrun: this process's share of every batch, and the step gate.
+    gate = StepGate.for_job(model, mirror, batch_size)
+    if gate is not None and durable is not None:
+        raise ConfigError("the durable tier is not supported in a multi-process job yet")
+    members = mirror if isinstance(mirror, MirrorSet) else None
+    own: Mirror | None = mirror.mirror if isinstance(mirror, MirrorSet) else mirror
+    core = gate.module if gate is not None else model
 
     sampler = make_sampler(dataset, seed=seed, shuffle=shuffle)
     losses = torch.full((total,), math.nan, dtype=torch.float64)
@@ -462,8 +476,10 @@ def fit(
         "threads": torch.get_num_threads(),
         **(job_info or {}),
     }
+    if members is not None:
+        job["world_size"] = members.place.world_size
     state = training_state(
-        model,
+        core,
         optimizer,
         scheduler=scheduler,
         sampler=sampler,
@@ -477,24 +493,27 @@ def fit(
         if overlap:
             raise ConfigError(f"extra_state may not use the reserved names {sorted(overlap)}")
         state.update(extra_state)
+    if members is not None:
+        # Which job, world size and place this file belongs to: the set's check on restart.
+        state["dist"] = dict(members.identity)
 
     start = 0
     resumed_from: int | None = None
     replanned_from: int | None = None
     recovery_s = 0.0
-    if mirror is not None:
+    if own is not None:
         t0 = time.perf_counter()
         # Another total than the mirror's job: restore into a state of the saved
         # length, then continue with the new one (below).
-        replanned_from = _saved_job_length(mirror, total)
+        replanned_from = _saved_job_length(own, total)
         plan: dict[str, Any] | None = None
         if replanned_from is not None:
             plan = schedule_plan(scheduler)
             state["losses"] = torch.full((replanned_from,), math.nan, dtype=torch.float64)
         try:
-            restored = mirror.restore(state)
+            restored = own.restore(state)
         except StateMismatchError as exc:
-            other = _other_model(mirror, job)
+            other = _other_model(own, job)
             if other is not None:
                 raise StateMismatchError(other) from exc
             raise StateMismatchError(
@@ -539,6 +558,8 @@ def fit(
                 )
             # From now on the mirror records every setting (thread count included).
             state["job"] = job
+            if members is not None:
+                state["dist"] = dict(members.identity)
             start = restored
             resumed_from = restored
     if start > total:
@@ -549,8 +570,10 @@ def fit(
     if on_resume is not None:
         on_resume(resumed_from, recovery_s)
     model.train()
-    source = BatchStream(dataset, sampler, batch_size, num_workers)
+    shard = (gate.rank, gate.world_size) if gate is not None else (0, 1)
+    source = BatchStream(dataset, sampler, batch_size, num_workers, shard=shard)
     pending: PendingSave | None = None
+    committed = start  # the last step this process committed
     saves = 0
     save_wait = 0.0
     step_times: list[float] = []
@@ -572,13 +595,23 @@ def fit(
                 tw = time.perf_counter()
                 pending.wait()
                 save_wait += time.perf_counter() - tw
-                if durable is not None and mirror is not None:
+                if durable is not None and own is not None:
                     # Committed and nothing in flight: the moment to copy it.
-                    durable.after_commit(mirror, pending.step)
+                    durable.after_commit(own, pending.step)
+                committed = pending.step
                 pending = None
+            loss_value = float(loss.detach())
+            if gate is not None:
+                # Every process tells its loss and last commit; the gather runs
+                # while this process steps its optimizer.
+                gate.start(loss_value, committed)
             _check_step_rates(optimizer, step + 1)
             optimizer.step()
-            loss_value = float(loss.detach())
+            if gate is not None:
+                # The job's loss (the same on every process), and the proof that
+                # every process committed what this one did: only then may the
+                # save below reuse the slots of the step before.
+                loss_value = gate.finish(committed)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(loss_value)  # it steps on a metric: the training loss
             elif scheduler is not None:
@@ -587,15 +620,16 @@ def fit(
             sampler.advance(len(batch[0]))
             losses[step] = loss_value
             done = step + 1
-            commit = mirror is not None and (done % mirror_every == 0 or done == total)
+            commit = own is not None and (done % mirror_every == 0 or done == total)
             if commit:
-                assert mirror is not None
+                assert own is not None
                 if async_save and done < total:
-                    pending = mirror.save_async(state, step=done)
+                    pending = own.save_async(state, step=done)
                 else:
-                    mirror.save(state, step=done)
+                    own.save(state, step=done)
+                    committed = done
                     if durable is not None:
-                        durable.after_commit(mirror, done, force=done == total)
+                        durable.after_commit(own, done, force=done == total)
                 saves += 1
             step_times.append(time.perf_counter() - t_step)
             if callback is not None:
@@ -616,8 +650,8 @@ def fit(
         raise
     if pending is not None:
         pending.wait()
-    if mirror is not None and replanned_from is not None and start == total:
-        mirror.save(state, step=total)  # nothing to run: record the new total all the same
+    if own is not None and replanned_from is not None and start == total:
+        own.save(state, step=total)  # nothing to run: record the new total all the same
     return FitResult(
         losses=[float(v) for v in losses.tolist()],
         resumed_from=resumed_from,

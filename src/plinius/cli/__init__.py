@@ -86,6 +86,11 @@ def _closed_pipe() -> NoReturn:
 def _fail(msg: str, code: int, exc: BaseException) -> None:
     if os.environ.get("PLINIUS_DEBUG") == "1":
         raise exc
+    # An error every process of a torchrun job raised together is said once,
+    # by the process that saw it (plinius.dist); the others exit quietly.
+    by = getattr(exc, "reported_by", None)
+    if by is not None and str(by) != os.environ.get("RANK", "0"):
+        sys.exit(code)
     click.echo(msg.replace("\n", " "), err=True)
     sys.exit(code)
 

@@ -27,6 +27,7 @@ from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, tra
 from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
+from ._torchrun import torchrun_job
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -351,6 +352,17 @@ def train(
         if stray:
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
+    # Under torchrun: several processes, one mirror set (cli/_torchrun.py).
+    job = torchrun_job()
+    if job is not None:
+        job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
+        if batch_size is not None:
+            job.check_batch(batch_size)
+    elif mirror_path.is_dir():
+        raise ConfigError(
+            f"{mirror_path} is the mirror set of a multi-process job: resume it with torchrun "
+            "and as many processes as wrote it (plinius inspect shows how many)"
+        )
     durable_file = durable_path(durable_dir, durable_every, durable_interval, mirror_path)
     # Appending events to the key, dataset, mirror or counter would damage it.
     check_distinct_paths(
@@ -368,7 +380,7 @@ def train(
     )
     age = process_age_s()
     t_start = time.perf_counter()
-    events = EventLog(events_path)
+    events = EventLog(events_path if job is None or job.speaks else None)
     events.write("start", pid=os.getpid(), process_age_s=age, imports_s=t_start - _T_ENTRY)
     import torch
 
@@ -388,6 +400,9 @@ def train(
         spec, classes = build_job(model_name, ds, num_classes, seed)
         model_batch = spec.hyper.get("batch")  # the model's (or cfg's) own batch size
         bs = batch_size or (model_batch if isinstance(model_batch, int) and model_batch else 128)
+        if job is not None:
+            job.check_batch(bs)
+            job.start()
         optimizer = spec.make_optimizer(lr)
         scheduler = spec.make_scheduler(optimizer, steps)
         t_build = time.perf_counter() - t0
@@ -404,20 +419,27 @@ def train(
             _init_from(init_from, None, key, spec.module, model_name, mirror_path)
             init_from = None
         t0 = time.perf_counter()
-        with Mirror(
-            mirror_path,
-            key,
-            counter=counter,
-            counter_every=every if counter is not None else 1,
-            counter_interval_s=counter_interval,
-        ) as mirror:
+        opened: Any = (
+            job.open_mirror(mirror_path, key)
+            if job is not None
+            else Mirror(
+                mirror_path,
+                key,
+                counter=counter,
+                counter_every=every if counter is not None else 1,
+                counter_interval_s=counter_interval,
+            )
+        )
+        with opened as mirror:
             t_open = time.perf_counter() - t0
-            if counter is None:
-                click.echo(train_note(mirror.info()), err=True)
+            own = mirror.mirror if job is not None else mirror
+            speaks = job is None or job.speaks
+            if counter is None and speaks:
+                click.echo(train_note(own.info()), err=True)
             if init_from is not None:
                 _init_from(init_from, mirror.info().step, key, spec.module, model_name, mirror_path)
             show = sys.stdout.isatty() if progress is None else progress
-            update, stop = make_progress(show, steps, plain=progress is None)
+            update, stop = make_progress(show and speaks, steps, plain=progress is None and speaks)
 
             def on_step(ev: Any) -> None:
                 events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
@@ -426,7 +448,7 @@ def train(
 
             try:
                 result = fit(
-                    spec.module,
+                    spec.module if job is None else job.wrap(spec.module),
                     optimizer,
                     loss_fn=spec.loss,
                     dataset=ds,
@@ -441,9 +463,9 @@ def train(
                     prepare=spec.prepare,
                     split=spec.split,
                     callback=on_step,
-                    on_replan=lambda said: _report_replan(events, said),
+                    on_replan=lambda said: _report_replan(events, said, speaks),
                     on_resume=lambda r, s: _report_resume(
-                        events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY
+                        events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY, speaks
                     ),
                     # A resume with another model or learning rate is refused.
                     job_info={
@@ -468,8 +490,13 @@ def train(
         save_wait_s=result.save_wait_s,
     )
     events.close()
+    if job is not None:
+        job.finish()
+        if not job.speaks:
+            return
+    procs = f", {job.world_size} processes" if job is not None else ""
     click.echo(
-        f"done: {result.final_step} steps of {spec.name} (batch {bs}, {classes} classes), "
+        f"done: {result.final_step} steps of {spec.name} (batch {bs}{procs}, {classes} classes), "
         f"final loss {result.losses[-1]:.4f}; key from {key_source}"
     )
 
@@ -492,8 +519,9 @@ def _init_from(
     )
 
 
-def _report_replan(events: EventLog, said: str) -> None:
-    click.echo(said)
+def _report_replan(events: EventLog, said: str, speaks: bool = True) -> None:
+    if speaks:
+        click.echo(said)
     events.write("replanned", message=said)
 
 
@@ -507,8 +535,11 @@ def _report_resume(
     t_open: float,
     age: float | None,
     imports_s: float,
+    speaks: bool = True,
 ) -> None:
-    if resumed is None:
+    if not speaks:
+        pass
+    elif resumed is None:
         click.echo(f"starting a new job of {steps} steps (the mirror was empty)")
     else:
         click.echo(f"resumed after step {resumed} of {steps} in " + resume_parts(

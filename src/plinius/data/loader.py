@@ -107,6 +107,10 @@ class BatchStream:
         batch_size: Records per batch.
         num_workers: DataLoader worker processes; 0 reads in this process.
         drop_last: Leave out an epoch's last incomplete batch.
+        shard: ``(rank, world_size)``: this process fetches only its share of
+            every batch (the ``rank``-th of ``world_size`` equal parts; the
+            batch size must divide by ``world_size``). :attr:`last_size` stays
+            the whole batch's size: every process advances the sampler alike.
     """
 
     def __init__(
@@ -117,7 +121,19 @@ class BatchStream:
         num_workers: int,
         *,
         drop_last: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world:
+            raise ConfigError(f"shard {shard} is not (rank, world size) with 0 <= rank < world")
+        if batch_size % world:
+            raise ConfigError(
+                f"the batch size {batch_size} does not divide by the {world} processes; "
+                f"use a batch size that is a multiple of {world}"
+            )
+        if world > 1 and not drop_last:
+            raise ConfigError("a batch shared by several processes needs drop_last")
+        self.shard = (rank, world)
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
@@ -133,12 +149,24 @@ class BatchStream:
             return tuple(self.dataset.get_batch(idx))
         return collate_tuple([self.dataset[i] for i in idx])
 
+    def _share(self, batch: list[int]) -> list[int]:
+        """This process's part of a batch of the whole job (all of it with one process)."""
+        rank, world = self.shard
+        if world == 1:
+            return batch
+        n = len(batch) // world
+        return batch[rank * n : (rank + 1) * n]
+
     def _start_epoch_iter(self) -> Iterator[tuple[int, Batch]]:
-        index_batches = list(self.sampler.batches(self.batch_size, drop_last=self.drop_last))
+        whole = list(self.sampler.batches(self.batch_size, drop_last=self.drop_last))
+        # Sizes are the whole batches' (what the sampler advances by); the
+        # indices fetched are this process's share of each.
+        sizes = [len(b) for b in whole]
+        index_batches = [self._share(b) for b in whole]
         if self.num_workers <= 0:
             # In this process: a random __getitem__ draws from the global RNGs,
             # which are in the mirror, so a resumed job draws the same numbers.
-            return ((len(b), self._fetch(b)) for b in index_batches)
+            return ((n, self._fetch(b)) for n, b in zip(sizes, index_batches))
         # With workers, which worker fetches a batch (and where its RNG stands)
         # depends on where in the epoch the job (re)started. So every batch is
         # fetched with the generators seeded from (seed, epoch, batch number):
@@ -160,7 +188,7 @@ class BatchStream:
             generator=gen,
         )
         # A DataLoader keeps the batch order: sizes and batches pair up.
-        return zip((len(b) for b in index_batches), loader)
+        return zip(sizes, loader)
 
     def next_in_epoch(self) -> Batch | None:
         """The next batch of the sampler's epoch, or ``None`` when the epoch is used up.

@@ -371,18 +371,45 @@ class Mirror:
                 self._go_back_to(m)
             return done
 
-    def held_steps(self) -> tuple[int | None, int | None]:
-        """The committed step and the previous step still held (``None`` where there is none).
+    def held_steps(self) -> list[int | None]:
+        """The steps this mirror can restore: the committed one, then the previous one if held.
 
-        A mirror opened with ``keep_previous`` holds the previous generation
-        until its next save starts; others (and one whose previous root a crash
-        tore or someone wiped) hold only the committed one.
+        ``None`` stands for generation 0 (nothing saved). A mirror opened with
+        ``keep_previous`` holds the previous generation until its next save
+        starts (``[3, 2]``; after its first save ``[1, None]``); others, and
+        one whose previous root a crash tore or someone wiped, hold only the
+        committed one (``[3]``).
         """
         with self._lock:
             self._join_pending()
             self._check_open()
             prev = self._previous()
-            return self._manifest.root.step, (prev.root.step if prev is not None else None)
+            held = [self._manifest.root.step]
+            if prev is not None:
+                held.append(prev.root.step)
+            return held
+
+    def go_back(self) -> int | None:
+        """Make the previous generation the committed one again; return its step.
+
+        The newer generation is dropped (one commit-word store, then its root
+        is wiped). What a process of a multi-process job does when the others
+        did not commit its newest step. Nothing is decrypted: restore next.
+
+        Raises:
+            StateMismatchError: the previous generation is not held.
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_writable()
+            prev = self._previous()
+            if prev is None:
+                raise StateMismatchError(
+                    f"{self._label} holds only step {self._manifest.root.step}: there is no "
+                    "previous step to go back to"
+                )
+            self._go_back_to(prev)
+            return prev.root.step
 
     def restore_model(
         self, module: torch.nn.Module, name: str = "model", *, step: int | None = None

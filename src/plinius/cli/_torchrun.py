@@ -1,0 +1,115 @@
+"""``plinius train`` under torchrun: what changes when several processes run the job.
+
+Without torchrun nothing here is used. Under it, each process joins the job's
+process group, trains its share of every batch in DistributedDataParallel, and
+mirrors its own state into the mirror set at ``--mirror`` (a directory:
+:mod:`plinius.dist`). Only the process of rank 0 prints progress and writes the
+``--events`` file; every error is said once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+
+__all__ = ["TorchrunJob", "torchrun_job"]
+
+
+class TorchrunJob:
+    """This process's part of a torchrun job of ``plinius train``.
+
+    Attributes:
+        rank: the global rank (rank 0 speaks for the job).
+        world_size: the number of processes.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def speaks(self) -> bool:
+        """Whether this process prints and writes events (rank 0 only)."""
+        return self.rank == 0
+
+    def check_options(
+        self,
+        *,
+        counter_spec: str | None,
+        durable_dir: Path | None,
+        init_from: Path | None,
+    ) -> None:
+        """Refuse the options a multi-process job does not support yet (one line each)."""
+        unsupported = [
+            ("--counter", counter_spec),
+            ("--durable-dir", durable_dir),
+            ("--init-from", init_from),
+        ]
+        given = [flag for flag, value in unsupported if value is not None]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)}: not supported under torchrun yet; run without it"
+            )
+
+    def check_batch(self, batch_size: int) -> None:
+        """The whole job's batch must split evenly between the processes.
+
+        Raises:
+            ConfigError: it does not.
+        """
+        if batch_size % self.world_size:
+            lower = batch_size - batch_size % self.world_size
+            raise ConfigError(
+                f"--batch-size {batch_size} (the whole job's batch) does not divide by the "
+                f"{self.world_size} processes; use a multiple of {self.world_size}, such as "
+                f"{lower or self.world_size}"
+            )
+
+    def start(self) -> None:
+        """Join the job's process group."""
+        from ..dist import init
+
+        init()
+
+    def wrap(self, module: Any) -> Any:
+        """The model in DDP, with gradient sums exact on resume."""
+        from ..dist import wrap_ddp
+
+        return wrap_ddp(module)
+
+    def open_mirror(self, path: Path, key: Any) -> Any:
+        """This process's part of the mirror set at ``path``."""
+        from ..dist import open_mirror_set
+
+        return open_mirror_set(path, key)
+
+    def finish(self) -> None:
+        """Leave the process group."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def torchrun_job() -> TorchrunJob | None:
+    """This process's torchrun job, or ``None`` when ``plinius`` was not started by torchrun.
+
+    Read from torchrun's environment without importing torch (so that the
+    start-up event stays cheap).
+
+    Raises:
+        ConfigError: torchrun's variables are there but not understood.
+    """
+    env = os.environ
+    if "LOCAL_RANK" not in env or "WORLD_SIZE" not in env or "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    try:
+        rank, world = int(env.get("RANK", env["LOCAL_RANK"])), int(env["WORLD_SIZE"])
+    except ValueError as exc:
+        raise ConfigError(f"torchrun's environment is not understood ({exc})") from exc
+    return TorchrunJob(rank, world)

@@ -1,0 +1,636 @@
+"""Multi-process training under ``torchrun``: one mirror per process, a global commit.
+
+::
+
+    # torchrun --standalone --nproc-per-node=2 train.py
+    place = plinius.dist.init()                 # the process group (gloo on CPU)
+    model = plinius.dist.wrap_ddp(model)        # DDP whose gradient sums are exact on resume
+    with plinius.dist.open_mirror_set("/dev/shm/job.plm", key) as mirrors:
+        plinius.fit(model, optimizer, mirror=mirrors, batch_size=64, ...)
+
+**Files.** The mirror set at ``PATH`` is a directory; each process mirrors its
+own state to ``PATH/local-<LOCAL_RANK>.plm`` (one directory per machine: the
+machine's persistent memory). ``LOCAL_RANK``, not ``RANK``: torchrun keeps the
+first stable across restarts on a machine, not the second.
+
+**Global commit.** A step is committed only once every process committed it.
+Each process's mirror keeps its previous generation (``keep_previous``), and a
+process starts saving step *k+1* only once every process has committed step *k*
+(:class:`plinius.fit` learns it from one tiny all-gather per step, which also
+carries the step's loss). So after any crash the processes are at most one save
+apart, and each still holds the newest step all of them hold. On start they
+agree on it (:func:`open_mirror_set`, one all-gather) and those ahead go back to
+it: one commit-word store each. A set whose files disagree in a way no crash
+can produce (another job's file, a swapped or rolled-back file, a missing one)
+is refused, naming the file; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .crypto import MasterKey
+from .errors import ConfigError, IntegrityError, PliniusError, RollbackError
+from .mirror import Mirror
+
+__all__ = [
+    "MirrorSet",
+    "Place",
+    "SetMember",
+    "StepGate",
+    "describe_set",
+    "init",
+    "member_path",
+    "open_mirror_set",
+    "ordered_allreduce_hook",
+    "wrap_ddp",
+]
+
+_MEMBER = re.compile(r"^local-(\d+)\.plm$")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where this process stands in a torchrun job (from torchrun's environment).
+
+    Attributes:
+        rank: the global rank (``RANK``; not stable across elastic restarts).
+        world_size: the number of processes (``WORLD_SIZE``).
+        local_rank: the rank on this machine (``LOCAL_RANK``; names the file).
+        local_world_size: the processes on this machine (``LOCAL_WORLD_SIZE``).
+        node: this machine's rank in the rendezvous (``GROUP_RANK``).
+        restart: how many times torchrun restarted the workers
+            (``TORCHELASTIC_RESTART_COUNT``).
+        run_id: the rendezvous run id (``TORCHELASTIC_RUN_ID``).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node: int
+    restart: int
+    run_id: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Place | None:
+        """This process's place, or ``None`` when it was not started by torchrun.
+
+        Raises:
+            ConfigError: torchrun's variables are there but not numbers.
+        """
+        env = os.environ if env is None else env
+        if "LOCAL_RANK" not in env or "WORLD_SIZE" not in env:
+            return None
+        try:
+            world = int(env["WORLD_SIZE"])
+            local_world = int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+            place = cls(
+                rank=int(env.get("RANK", env["LOCAL_RANK"])),
+                world_size=world,
+                local_rank=int(env["LOCAL_RANK"]),
+                local_world_size=local_world,
+                node=int(env.get("GROUP_RANK", "0")),
+                restart=int(env.get("TORCHELASTIC_RESTART_COUNT", "0")),
+                run_id=env.get("TORCHELASTIC_RUN_ID", ""),
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"torchrun's environment is not understood ({exc}); start the job with torchrun"
+            ) from exc
+        if not (0 <= place.rank < world and 0 <= place.local_rank < local_world <= world):
+            raise ConfigError(
+                f"torchrun's environment is inconsistent (RANK={place.rank}, LOCAL_RANK="
+                f"{place.local_rank}, WORLD_SIZE={world}); start the job with torchrun"
+            )
+        return place
+
+
+def init(backend: str | None = None) -> Place:
+    """Join the job's process group (gloo on CPU, nccl where CUDA is) and return this place.
+
+    Idempotent: a group already initialised is kept.
+
+    Raises:
+        ConfigError: the process was not started by torchrun.
+    """
+    place = Place.from_env()
+    if place is None:
+        raise ConfigError(
+            "not started by torchrun (LOCAL_RANK and WORLD_SIZE are not set); run the script "
+            "with torchrun --nproc-per-node=N"
+        )
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # torchrun's agent shares its TCP store with the workers, and keeps it
+        # across restarts: a restarted group would read the dead incarnation's
+        # addresses from it and fail to connect (pytorch issues 135712, 167288).
+        # A key prefix per restart keeps each incarnation's keys apart.
+        from torch.distributed import PrefixStore  # type: ignore[attr-defined]
+        from torch.distributed.rendezvous import rendezvous
+
+        store, rank, world = next(rendezvous("env://"))
+        store = PrefixStore(f"plinius/restart-{place.restart}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    return place
+
+
+def ordered_allreduce_hook(group: Any, bucket: Any) -> torch.futures.Future[Tensor]:
+    """A DDP comm hook whose sums do not depend on the bucket layout.
+
+    DDP rebuilds its gradient buckets after the first iteration, so a resumed
+    process reduces its first step in another layout than the run that never
+    stopped; a ring all-reduce over 3 or more processes then adds in another
+    order, and the result differs in the last bits. This hook all-gathers each
+    bucket and adds the processes' gradients in rank order, element by element:
+    the same sum whatever the layout. It moves ``world_size`` times the bucket
+    instead of about twice (measured in ``plinius bench``'s DDP section).
+    """
+    grads = bucket.buffer()
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(grads) for _ in range(world)]
+    fut = dist.all_gather(parts, grads, group=group, async_op=True).get_future()  # type: ignore[union-attr]
+
+    def add_in_rank_order(_: torch.futures.Future[Any]) -> Tensor:
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total.add_(p)
+        return total.div_(world)
+
+    out: torch.futures.Future[Tensor] = fut.then(add_in_rank_order)
+    return out
+
+
+# DDP checks a hook's annotations as objects; this module's are strings (PEP 563).
+ordered_allreduce_hook.__annotations__.update(
+    bucket=dist.GradBucket,  # type: ignore[attr-defined]
+    group=Any,
+    **{"return": torch.futures.Future[torch.Tensor]},
+)
+
+
+def wrap_ddp(model: nn.Module, *, ordered: bool | None = None, **ddp_kwargs: Any) -> nn.Module:
+    """Wrap ``model`` in DistributedDataParallel, exact on resume.
+
+    Args:
+        model: the module (on this process's device).
+        ordered: reduce gradients with :func:`ordered_allreduce_hook`. ``None``
+            (the default) does so with 3 or more processes, where the ring's
+            order depends on the bucket layout; with 2, every order adds a+b.
+        ddp_kwargs: passed to DDP.
+
+    Returns:
+        The DDP module (its ``.module`` is ``model``).
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not dist.is_initialized():
+        raise ConfigError("wrap_ddp needs the process group: call plinius.dist.init() first")
+    ddp = DDP(model, **ddp_kwargs)
+    if ordered is None:
+        ordered = dist.get_world_size() >= 3
+    if ordered:
+        ddp.register_comm_hook(None, ordered_allreduce_hook)
+    return ddp
+
+
+def member_path(base: str | os.PathLike[str], local_rank: int) -> Path:
+    """The file of the process with ``local_rank`` in the mirror set at ``base``."""
+    return Path(base) / f"local-{local_rank}.plm"
+
+
+@dataclass(frozen=True)
+class SetMember:
+    """One file of a mirror set, as :func:`describe_set` reads it.
+
+    Attributes:
+        path: the file.
+        local_rank: the place its name gives.
+        generation: its committed generation (-1: the file is missing).
+        held: the steps it can restore, committed first (``None``: nothing
+            saved; see :meth:`~plinius.mirror.Mirror.held_steps`); empty when missing.
+        identity: the set identity its state records (job, world size, place),
+            or ``None`` when nothing was saved.
+    """
+
+    path: Path
+    local_rank: int
+    generation: int
+    held: tuple[int | None, ...]
+    identity: dict[str, Any] | None
+
+    @property
+    def step(self) -> int | None:
+        """The committed step (``None``: nothing saved, or missing)."""
+        return self.held[0] if self.held else None
+
+
+class MirrorSet:
+    """This process's part of a mirror set: its own :class:`~plinius.mirror.Mirror` and its place.
+
+    Made by :func:`open_mirror_set`; give it to :func:`plinius.fit` as ``mirror``.
+
+    Attributes:
+        mirror: this process's mirror (``keep_previous``).
+        path: the set's directory.
+        place: this process's place.
+        identity: what every save records about the set (its job id, the
+            world size, this process's local rank and node).
+        step: the newest step every process holds (``None``: a new job), to
+            which this process's mirror was brought.
+    """
+
+    def __init__(
+        self, mirror: Mirror, path: Path, place: Place, identity: dict[str, Any], step: int | None
+    ) -> None:
+        self.mirror = mirror
+        self.path = path
+        self.place = place
+        self.identity = identity
+        self.step = step
+
+    def close(self) -> None:
+        """Close this process's mirror (waiting for a pending save)."""
+        self.mirror.close()
+
+    def __enter__(self) -> MirrorSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mirror.__exit__(*exc)
+
+    def __repr__(self) -> str:
+        return f"MirrorSet({str(self.path)!r}, local_rank={self.place.local_rank})"
+
+
+class StepGate:
+    """The one small collective of each step of a multi-process :func:`plinius.fit`.
+
+    Every process all-gathers two numbers: its loss and the last step it
+    committed. From them each process computes the job's loss (the processes'
+    losses added in rank order: the same value everywhere) and learns that
+    every process committed what it did, the condition for its next save to
+    reuse the slots of the step before. :meth:`start` runs the gather in the
+    background (while the optimizer steps); :meth:`finish` waits for it.
+
+    Attributes:
+        module: the model inside DDP (what is mirrored).
+        rank: this process's rank.
+        world_size: the number of processes.
+    """
+
+    def __init__(self, module: nn.Module, rank: int, world_size: int) -> None:
+        self.module = module
+        self.rank = rank
+        self.world_size = world_size
+        self._mine = torch.zeros(2, dtype=torch.float64)
+        self._parts = [torch.zeros(2, dtype=torch.float64) for _ in range(world_size)]
+        self._work: Any = None
+
+    @classmethod
+    def for_job(cls, model: nn.Module, mirror: object, batch_size: int) -> StepGate | None:
+        """The gate of a job under a process group of several processes, else ``None``.
+
+        Raises:
+            ConfigError: the model is not wrapped in DDP, the mirror is not a
+                :class:`MirrorSet`, or the batch does not divide by the processes.
+        """
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return None
+        world = dist.get_world_size()
+        if not isinstance(model, DDP):
+            raise ConfigError(
+                f"this job runs in {world} processes: wrap the model in "
+                "DistributedDataParallel (plinius.dist.wrap_ddp(model)), or every process "
+                "trains its own copy"
+            )
+        if mirror is not None and not isinstance(mirror, MirrorSet):
+            raise ConfigError(
+                f"this job runs in {world} processes: open the mirror with "
+                "plinius.dist.open_mirror_set(path, key), so that each process mirrors its "
+                "own state and the job resumes where every process committed"
+            )
+        if batch_size % world:
+            raise ConfigError(
+                f"the batch size {batch_size} (the whole job's) does not divide by the {world} "
+                f"processes; use a multiple of {world}"
+            )
+        module = model.module
+        assert isinstance(module, nn.Module)
+        return cls(module, dist.get_rank(), world)
+
+    def start(self, loss: float, committed: int) -> None:
+        """Start gathering this step's loss and this process's last committed step."""
+        self._mine[0] = loss
+        self._mine[1] = float(committed)
+        self._work = dist.all_gather(self._parts, self._mine, async_op=True)
+
+    def finish(self, committed: int) -> float:
+        """Wait for the gather; return the job's loss for the step.
+
+        Raises:
+            IntegrityError: a process has not committed what this one did (the
+                processes' saves are out of step).
+        """
+        self._work.wait()
+        self._work = None
+        total = 0.0
+        for r, part in enumerate(self._parts):
+            loss, theirs = part.tolist()
+            total += loss  # in rank order: the same sum on every process
+            if int(theirs) < committed:
+                raise IntegrityError(
+                    f"process {r} committed only step {int(theirs)}, this one step {committed}: "
+                    "the processes' saves are out of step (the same --mirror-every on every "
+                    "process?); restart the job"
+                )
+        return total / self.world_size
+
+
+def _describe(path: Path, local_rank: int, m: Mirror) -> SetMember:
+    ident = m.committed_value("dist")
+    return SetMember(
+        path,
+        local_rank,
+        m.info().generation,
+        tuple(m.held_steps()),
+        ident if isinstance(ident, dict) else None,
+    )
+
+
+def _held_text(held: tuple[int | None, ...]) -> str:
+    if not held:
+        return "missing"
+    words = ["nothing" if h is None else f"step {h}" for h in held]
+    return words[0] + (f" (and {words[1]})" if len(words) > 1 else "")
+
+
+def _order(step: int | None) -> int:
+    return -1 if step is None else step
+
+
+def agree(members: list[SetMember], world_size: int, where: Path) -> int | None:
+    """The newest step every member holds; refuse a set that no crash can produce.
+
+    Args:
+        members: every process's file, in local-rank order (``generation`` -1
+            for a missing file).
+        world_size: the number of processes now.
+        where: the set's directory (for messages).
+
+    Returns:
+        The step to resume from (``None``: nothing to resume).
+
+    Raises:
+        ConfigError: the set was written by another number of processes.
+        IntegrityError: a file belongs to another job or another process.
+        RollbackError: a file is missing, or further behind the others than a
+            crash can leave it.
+    """
+    saved = [s for s in members if s.identity is not None]
+    for s in saved:
+        ident = s.identity or {}
+        if ident.get("world_size") != world_size:
+            raise ConfigError(
+                f"the mirror set {where} was written by {ident.get('world_size')} processes, "
+                f"this job has {world_size}: run with that many processes (changing it needs "
+                "re-sharding the state, which is not supported yet), or use a new --mirror"
+            )
+        if ident.get("local_rank") != s.local_rank:
+            raise IntegrityError(
+                f"{s.path} holds the state of process local-{ident.get('local_rank')}, "
+                f"not local-{s.local_rank}: the set's files were swapped or copied; put each "
+                "file back in its place"
+            )
+    if saved:
+        first = _job(saved[0])
+        odd = [s for s in saved if _job(s) != first]
+        if odd:
+            raise IntegrityError(
+                f"the mirror set {where} mixes jobs: {', '.join(str(s.path) for s in odd)} "
+                f"belong(s) to another job than {saved[0].path}; put back the set's own files, "
+                "or start a new job with a new --mirror"
+            )
+    missing = [s for s in members if s.generation < 0]
+    if missing and saved:
+        states = "; ".join(f"{s.path.name}: {_held_text(s.held)}" for s in members)
+        raise RollbackError(
+            f"{', '.join(str(s.path) for s in missing)} of the mirror set {where} is missing "
+            f"while others hold saved steps ({states}); put the file back, or start a new job "
+            "with a new --mirror (plinius rm the set)"
+        )
+    present = [s for s in members if s.generation >= 0]
+    if not present:
+        return None
+    target = min((s.step for s in present), key=_order)
+    for s in present:
+        if target not in s.held:
+            behind = [b for b in present if b.step == target]
+            states = "; ".join(f"{b.path.name}: {_held_text(b.held)}" for b in members)
+            raise RollbackError(
+                f"the files of the mirror set {where} are further apart than a crash leaves "
+                f"them ({states}): {', '.join(str(b.path) for b in behind)} was rolled back "
+                "or replaced by an older copy; put back the newest files, or start a new job "
+                "with a new --mirror"
+            )
+    return target
+
+
+def _job(s: SetMember) -> str:
+    return str(s.identity["job"]) if s.identity is not None else ""
+
+
+def open_mirror_set(
+    base: str | os.PathLike[str],
+    key: MasterKey,
+    *,
+    threads: int | None = None,
+) -> MirrorSet:
+    """Open this process's mirror of the set at ``base``; agree with the others where to resume.
+
+    Every process of the job calls it (it runs two small collectives). Each
+    checks its own file; all exchange what they hold; every file is checked
+    against the others (one job, one world size, each file in its place, none
+    missing, none further behind than a crash leaves it); the processes ahead
+    of the newest common step go back to it. Only then is a missing file of a
+    new set created.
+
+    Args:
+        base: the set's directory (``--mirror``); created if missing.
+        key: the master key.
+        threads: encryption threads per process.
+
+    Returns:
+        This process's :class:`MirrorSet`; ``step`` is where the job resumes.
+
+    Raises:
+        ConfigError: not under an initialised process group; ``base`` is a
+            single-process mirror file; another number of processes wrote the set.
+        IntegrityError, RollbackError: the set's files disagree (see :func:`agree`),
+            or a file fails authentication.
+    """
+    if not dist.is_initialized():
+        raise ConfigError(
+            "a mirror set needs the job's process group: call plinius.dist.init() first"
+        )
+    place = Place.from_env()
+    if place is None:
+        raise ConfigError("a mirror set needs torchrun's environment (LOCAL_RANK, WORLD_SIZE)")
+    where = Path(base)
+    if where.exists() and not where.is_dir():
+        raise ConfigError(
+            f"{where} is a single-process mirror file; a torchrun job keeps a mirror set (a "
+            "directory): use another --mirror path"
+        )
+    path = member_path(where, place.local_rank)
+    mine: Mirror | None = None
+    error: PliniusError | None = None
+    report: dict[str, Any] = {"local_rank": place.local_rank, "generation": -1, "held": ()}
+    try:
+        if path.exists():
+            mine = Mirror(path, key, threads=threads, keep_previous=True)
+            d = _describe(path, place.local_rank, mine)
+            report.update(generation=d.generation, held=d.held, identity=d.identity)
+        if place.local_rank == 0 and where.is_dir():
+            extra = _extra_members(where, place.local_world_size)
+            if extra:
+                raise ConfigError(
+                    f"the mirror set {where} has files of more processes than this job's "
+                    f"{place.local_world_size} ({', '.join(extra)}): run with as many processes "
+                    "as wrote it (re-sharding is not supported yet), or use a new --mirror"
+                )
+    except PliniusError as exc:
+        error = exc
+    report["rank"] = place.rank
+    report["error"] = None if error is None else (type(error).__name__, str(error))
+    reports: list[dict[str, Any]] = [{} for _ in range(place.world_size)]
+    dist.all_gather_object(reports, report)
+    try:
+        # Every process raises the first error any of them saw (so none waits
+        # alone), marked with the rank that saw it: that one reports it.
+        seen = next((r for r in reports if r["error"] is not None), None)
+        if seen is not None:
+            raise _peer_error(seen["rank"], *seen["error"]) from error
+        members = [
+            SetMember(
+                member_path(where, r["local_rank"]),
+                r["local_rank"],
+                r["generation"],
+                tuple(r["held"]),
+                r.get("identity"),
+            )
+            for r in reports
+        ]
+        members = _this_machine(members, place)
+        step = agree(members, place.world_size, where)
+        job = next((s.identity["job"] for s in members if s.identity is not None), None)
+        if job is None:
+            # A new set: one id for the job, drawn by rank 0 and shared.
+            box = [os.urandom(8).hex() if place.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            job = box[0]
+        if mine is None:
+            where.mkdir(parents=True, exist_ok=True)
+            mine = Mirror(path, key, threads=threads, keep_previous=True)
+        elif mine.held_steps()[0] != step:
+            mine.go_back()  # ahead of the others: the newest common step is the previous one
+    except BaseException:
+        if mine is not None:
+            mine.close()
+        raise
+    identity = {
+        "job": job,
+        "world_size": place.world_size,
+        "local_rank": place.local_rank,
+        "node": place.node,
+    }
+    return MirrorSet(mine, where, place, identity, step)
+
+
+def _peer_error(rank: int, kind: str, message: str) -> PliniusError:
+    """The error a process saw, raised again in every process; ``reported_by`` names it."""
+    from . import errors
+
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, PliniusError)):
+        cls = ConfigError
+    exc = cls(message)
+    exc.reported_by = rank  # type: ignore[attr-defined]
+    return exc
+
+
+def _this_machine(members: list[SetMember], place: Place) -> list[SetMember]:
+    """The members of this machine's directory (one set directory per machine)."""
+    # With one machine every process is here; several machines (each its own
+    # directory) are the machine-loss issue's: each checks its own files.
+    if place.local_world_size == place.world_size:
+        return sorted(members, key=lambda s: s.local_rank)
+    raise ConfigError(
+        "a mirror set across several machines is not supported yet; run on one machine"
+    )
+
+
+def _extra_members(where: Path, local_world_size: int) -> list[str]:
+    """Files of the set beyond this machine's processes."""
+    out = []
+    for p in sorted(where.iterdir()):
+        m = _MEMBER.match(p.name)
+        if m is not None and int(m.group(1)) >= local_world_size:
+            out.append(p.name)
+    return out
+
+
+def describe_set(
+    path: str | os.PathLike[str], key: MasterKey
+) -> tuple[list[SetMember], int | None]:
+    """Read every file of the mirror set at ``path`` (read-only) and where it would resume.
+
+    Args:
+        path: the set's directory.
+        key: the master key.
+
+    Returns:
+        The members in local-rank order, and the newest globally committed
+        step (held by every member; ``None`` when nothing was committed).
+
+    Raises:
+        FormatError: ``path`` holds no mirror set.
+        IntegrityError, RollbackError, ConfigError: as :func:`agree`.
+    """
+    from .errors import FormatError
+
+    where = Path(path)
+    files = sorted(
+        (int(m.group(1)), p)
+        for p in (where.iterdir() if where.is_dir() else [])
+        if (m := _MEMBER.match(p.name)) is not None
+    )
+    if not files:
+        raise FormatError(f"{where} is not a mirror set (no local-N.plm files in it)")
+    members: list[SetMember] = []
+    by_rank = dict(files)
+    world = None
+    for rank, p in files:
+        with Mirror(p, key, readonly=True) as reader:
+            s = _describe(p, rank, reader)
+        members.append(s)
+        if s.identity is not None:
+            world = s.identity.get("world_size")
+    world = world if isinstance(world, int) else len(files)
+    for rank in range(world):
+        if rank not in by_rank:
+            members.append(SetMember(member_path(where, rank), rank, -1, (), None))
+    members.sort(key=lambda s: s.local_rank)
+    return members, agree(members, world, where)
