@@ -40,15 +40,17 @@ from torch import Tensor, nn
 
 from .crypto import MasterKey
 from .errors import ConfigError, IntegrityError, PliniusError, RollbackError
-from .mirror import Mirror
+from .mirror import Mirror, MirrorInfo, TensorInfo
 
 __all__ = [
     "MirrorSet",
     "Place",
     "SetMember",
+    "SetView",
     "StepGate",
     "describe_set",
     "init",
+    "member_files",
     "member_path",
     "open_mirror_set",
     "ordered_allreduce_hook",
@@ -592,6 +594,25 @@ def _extra_members(where: Path, local_world_size: int) -> list[str]:
     return out
 
 
+def member_files(path: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """The process files of the mirror set at ``path``: ``(local rank, file)``, in order.
+
+    Raises:
+        FormatError: ``path`` holds no mirror set.
+    """
+    from .errors import FormatError
+
+    where = Path(path)
+    files = sorted(
+        (int(m.group(1)), p)
+        for p in (where.iterdir() if where.is_dir() else [])
+        if (m := _MEMBER.match(p.name)) is not None
+    )
+    if not files:
+        raise FormatError(f"{where} is not a mirror set (no local-N.plm files in it)")
+    return files
+
+
 def describe_set(
     path: str | os.PathLike[str], key: MasterKey
 ) -> tuple[list[SetMember], int | None]:
@@ -609,16 +630,9 @@ def describe_set(
         FormatError: ``path`` holds no mirror set.
         IntegrityError, RollbackError, ConfigError: as :func:`agree`.
     """
-    from .errors import FormatError
 
     where = Path(path)
-    files = sorted(
-        (int(m.group(1)), p)
-        for p in (where.iterdir() if where.is_dir() else [])
-        if (m := _MEMBER.match(p.name)) is not None
-    )
-    if not files:
-        raise FormatError(f"{where} is not a mirror set (no local-N.plm files in it)")
+    files = member_files(where)
     members: list[SetMember] = []
     by_rank = dict(files)
     world = None
@@ -634,3 +648,75 @@ def describe_set(
             members.append(SetMember(member_path(where, rank), rank, -1, (), None))
     members.sort(key=lambda s: s.local_rank)
     return members, agree(members, world, where)
+
+
+class SetView:
+    """A mirror set read at its newest globally committed step (read-only).
+
+    What ``plinius inspect``, ``export`` and ``evaluate`` read of a set: the
+    model and optimizer are the same in every process under DDP, so process
+    local-0's file is read, at the step every process holds (its committed
+    generation, or the previous one when it was one save ahead).
+
+    Args:
+        path: the set's directory.
+        key: the master key.
+
+    Raises:
+        as :func:`describe_set`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: MasterKey) -> None:
+        self.members, self.step = describe_set(path, key)
+        self._m = Mirror(self.members[0].path, key, readonly=True)
+
+    def _at(self) -> dict[str, Any]:
+        return {} if self.step is None else {"step": self.step}
+
+    def _nothing(self, info: MirrorInfo) -> MirrorInfo:
+        import dataclasses
+
+        # No step is held by every process: the set holds nothing yet.
+        return dataclasses.replace(info, generation=0, step=None, saved_at=None, num_tensors=0)
+
+    def info(self) -> MirrorInfo:
+        """As :meth:`Mirror.info`, at the set's step."""
+        info = self._m.info(**self._at())
+        return info if self.step is not None else self._nothing(info)
+
+    def verify(self) -> MirrorInfo:
+        """As :meth:`Mirror.verify`, at the set's step."""
+        info = self._m.verify(**self._at())
+        return info if self.step is not None else self._nothing(info)
+
+    def read_tensors(self, prefix: str = "") -> dict[str, Tensor]:
+        """As :meth:`Mirror.read_tensors`, at the set's step."""
+        return self._m.read_tensors(prefix, **self._at())
+
+    def restore_model(self, module: nn.Module, name: str = "model") -> int | None:
+        """As :meth:`Mirror.restore_model`, at the set's step."""
+        if self.step is None:
+            return None
+        return self._m.restore_model(module, name, step=self.step)
+
+    def committed_tensors(self) -> list[TensorInfo]:
+        """The tensors of process local-0's state (the same names at either step)."""
+        return self._m.committed_tensors() if self.step is not None else []
+
+    def committed_state_names(self) -> list[str]:
+        """The flattened names of the tensors."""
+        return [t.name for t in self.committed_tensors()]
+
+    def committed_value(self, name: str, default: Any = None) -> Any:
+        """A plain value of the job's state (its settings are the same at either step)."""
+        return self._m.committed_value(name, default) if self.step is not None else default
+
+    def close(self) -> None:
+        """Close the file read."""
+        self._m.close()
+
+    def __enter__(self) -> SetView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import RollbackError
+from ..errors import ConfigError, RollbackError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..counters import Counter
     from ..crypto import MasterKey
+    from ..dist import SetView
     from ..mirror import Mirror, MirrorInfo
 
 __all__ = [
@@ -113,8 +114,10 @@ def open_for_reading(
     key_server: str | None,
     key_server_pubkey: str | None,
     job_id: str | None,
-) -> Mirror:
+) -> Mirror | SetView:
     """Open the mirror at ``path`` read-only, checked against the counter ``spec`` names.
+
+    A mirror set (a directory) is read at its globally committed step.
 
     Args:
         path: the mirror file.
@@ -134,6 +137,15 @@ def open_for_reading(
     """
     from ..mirror import Mirror
 
+    if path.is_dir():
+        from ..dist import SetView
+
+        if spec is not None:
+            raise ConfigError(
+                f"{path} is a mirror set (a multi-process job), which keeps no freshness counter "
+                "yet; run without --counter"
+            )
+        return SetView(path, key)
     counter = reading_counter(spec, key, key_server, key_server_pubkey, job_id or path.name)
     m = Mirror(path, key, readonly=True, counter=counter)
     if spec is not None:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..dist import SetView
     from ..mirror import Mirror
 
 __all__ = ["is_cfg_path", "job_of", "job_text", "model_for_evaluation", "scored_on"]
 
 
-def job_of(m: Mirror) -> dict[str, Any]:
+def job_of(m: Mirror | SetView) -> dict[str, Any]:
     """What the open mirror ``m`` records about its job (``None`` where it records nothing).
 
     Returns:

@@ -13,8 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import click
-
 from ..errors import ConfigError
 
 __all__ = ["TorchrunJob", "torchrun_job"]
@@ -52,8 +50,8 @@ class TorchrunJob:
         ]
         given = [flag for flag, value in unsupported if value is not None]
         if given:
-            raise click.UsageError(
-                f"{', '.join(given)}: not supported under torchrun yet; run without it"
+            raise _said_once(
+                ConfigError(f"{', '.join(given)}: not supported under torchrun yet; run without it")
             )
 
     def check_batch(self, batch_size: int) -> None:
@@ -64,10 +62,12 @@ class TorchrunJob:
         """
         if batch_size % self.world_size:
             lower = batch_size - batch_size % self.world_size
-            raise ConfigError(
-                f"--batch-size {batch_size} (the whole job's batch) does not divide by the "
-                f"{self.world_size} processes; use a multiple of {self.world_size}, such as "
-                f"{lower or self.world_size}"
+            raise _said_once(
+                ConfigError(
+                    f"--batch-size {batch_size} (the whole job's batch) does not divide by the "
+                    f"{self.world_size} processes; use a multiple of {self.world_size}, such as "
+                    f"{lower or self.world_size}"
+                )
             )
 
     def start(self) -> None:
@@ -94,6 +94,12 @@ class TorchrunJob:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _said_once(exc: ConfigError) -> ConfigError:
+    """An error every process finds alike (bad options): rank 0 says it, the others exit."""
+    exc.reported_by = 0  # type: ignore[attr-defined]
+    return exc
 
 
 def torchrun_job() -> TorchrunJob | None:

@@ -30,6 +30,7 @@ from ._paths import check_distinct_paths, counter_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..crypto import MasterKey
+    from ..dist import SetView
     from ..mirror import Mirror
 
 
@@ -79,7 +80,7 @@ class CounterSource:
                 raise click.UsageError(f"{', '.join(stray)} only {verb} to --counter keyserver")
         self.spec, self.url, self.pubkey, self.job_id = spec, url, pubkey, job_id
 
-    def open(self, path: Path, key: MasterKey) -> Mirror:
+    def open(self, path: Path, key: MasterKey) -> Mirror | SetView:
         """Open the mirror at ``path`` read-only, checked against the counter if one is given."""
         return open_for_reading(path, key, self.spec, self.url, self.pubkey, self.job_id)
 
@@ -228,7 +229,7 @@ def mirror_doc(
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--key",
     "key_path",
@@ -257,6 +258,16 @@ def inspect(
     check_distinct_paths(
         {"PATH": path, "--key": key_path, "--counter file:": counter_file(counter_spec)}
     )
+    if path.is_dir():
+        if counter_spec is not None:
+            raise click.UsageError("--counter does not apply to a mirror set (a directory) yet")
+        doc = set_doc(path, key_path)
+        if as_json:
+            echo_json(doc)
+            return
+        for line in set_lines(doc):
+            click.echo(line)
+        return
     kind = _kind(path)
     if counter_spec is not None and kind == "dataset":
         raise click.UsageError("--counter applies to mirrors only; PATH is a sealed dataset")
@@ -291,6 +302,79 @@ def inspect(
         )
     for line in lines:
         click.echo(line)
+
+
+def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
+    """What ``plinius inspect`` reads of a mirror set (a multi-process job's directory)."""
+    from ..crypto import MasterKey
+    from ..dist import SetView, member_files
+    from ..mirror import describe_file
+
+    files = member_files(path)
+    doc: dict[str, Any] = {
+        "kind": "mirror-set",
+        "path": str(path),
+        "authenticated": False,
+        "step": None,
+        "members": [
+            {"path": str(f), "local_rank": r, "generation": describe_file(f).generation}
+            for r, f in files
+        ],
+    }
+    if key_path is None:
+        return doc
+    with SetView(path, MasterKey.load(key_path)) as view:
+        info = view.verify()
+        job = job_of(view)
+        doc.update(
+            authenticated=True,
+            step=view.step,
+            processes=len(view.members),
+            members=[
+                {
+                    "path": str(m.path),
+                    "local_rank": m.local_rank,
+                    "generation": m.generation,
+                    "step": m.step,
+                    "held": list(m.held),
+                }
+                for m in view.members
+            ],
+            num_tensors=info.num_tensors,
+            tensor_bytes=info.tensor_bytes,
+            job=job,
+        )
+    return doc
+
+
+def set_lines(doc: dict[str, Any]) -> list[str]:
+    """``plinius inspect``'s text for a mirror set, from :func:`set_doc`."""
+    members = doc["members"]
+    lines = [f"{doc['path']}: plinius mirror set, {len(members)} process files"]
+    for m in members:
+        name = Path(m["path"]).name
+        if "held" not in m:
+            lines.append(f"  {name:<14} generation {m['generation']}")
+            continue
+        held = ["none" if h is None else str(h) for h in m["held"]]
+        more = f" (and the previous step {held[1]})" if len(held) > 1 else ""
+        lines.append(f"  {name:<14} generation {m['generation']}, step {held[0]}{more}")
+    if not doc["authenticated"]:
+        lines.append("  steps and tensors are encrypted: pass --key KEY to read and verify them")
+        return lines
+    step = doc["step"]
+    lines.append(
+        "  globally committed step "
+        + (f"{step} (every process holds it: the job resumes there)" if step else "none")
+    )
+    if doc["job"]["model"] is not None:
+        lines.append(f"  job              {job_text(doc['job'])}")
+    lines.append(
+        f"  verified: the {doc['num_tensors']} tensors ({_size(doc['tensor_bytes'])}) of "
+        f"{Path(members[0]['path']).name} at that step authenticate under this key"
+    )
+    lines.append("  freshness        NOT checked (a mirror set keeps no counter yet)")
+    return lines
 
 
 def _ls_row(path: Path, kind: FileKind, key: MasterKey | None) -> dict[str, Any]:
@@ -443,16 +527,19 @@ def ls(directory: Path, key_path: Path | None, as_json: bool) -> None:
 def rm(paths: tuple[Path, ...]) -> None:
     """Remove mirror and sealed dataset files, and nothing else.
 
-    Refuses, removing nothing, when any PATH is not a plinius mirror or sealed
-    dataset (a key, a symbolic link, any other file) or is a mirror that a
-    running job (or reader) has open. Each removal is made durable (the
+    A mirror set (the directory of a multi-process job) is removed whole: its
+    process files, then the directory. Refuses, removing nothing, when any PATH
+    is not a plinius mirror, mirror set or sealed dataset (a key, a symbolic
+    link, any other file, a directory holding anything else) or is a mirror
+    that a running job (or reader) has open. Each removal is made durable (the
     directory is synced).
     """
     from ..mirror import exclusive_lock
 
     targets: list[tuple[Path, FileKind, int]] = []
     seen: set[tuple[int, int]] = set()
-    for p in paths:
+    files, sets = _expand_sets(paths)
+    for p in files:
         try:
             st = os.lstat(p)
             if stat.S_ISLNK(st.st_mode):
@@ -493,10 +580,39 @@ def rm(paths: tuple[Path, ...]) -> None:
             except OSError as exc:
                 raise storage_error(exc, f"cannot remove {p}") from exc
             click.echo(f"removed {p} ({kind}, {_size(size)})")
+        for d in sets:
+            try:
+                d.rmdir()
+                fsync_dir(d.parent)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot remove the directory {d}") from exc
+            click.echo(f"removed {d} (mirror set)")
+
+
+def _expand_sets(paths: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
+    """The files ``rm`` removes (a mirror set's process files in its place) and the sets."""
+    from ..dist import member_files
+
+    files: list[Path] = []
+    sets: list[Path] = []
+    for p in paths:
+        if not p.is_dir() or p.is_symlink():
+            files.append(p)
+            continue
+        members = [f for _, f in member_files(p)]
+        others = sorted(q.name for q in p.iterdir() if q not in members)
+        if others:
+            raise ConfigError(
+                f"{p} holds other files than a mirror set's ({', '.join(others[:3])}); "
+                "plinius rm removes mirrors and sealed datasets only (nothing removed)"
+            )
+        files += members
+        sets.append(p)
+    return files, sets
 
 
 @click.command()
-@click.argument("mirror", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("mirror", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--key",
     "key_path",

@@ -461,22 +461,28 @@ class Mirror:
             self._pending = pending
             return pending
 
-    def info(self) -> MirrorInfo:
-        """The committed generation, step, sizes and where the file lives."""
+    def info(self, *, step: int | None = None) -> MirrorInfo:
+        """The committed generation, step, sizes and where the file lives.
+
+        ``step``: describe the generation holding this step instead (the
+        committed one or the previous one still held).
+        """
         with self._lock:
             self._join_pending()
             self._check_open()
-            return self._info(verified=False)
+            m = self._manifest if step is None else self._manifest_at(step)
+            return self._info(verified=False, m=m)
 
-    def verify(self) -> MirrorInfo:
+    def verify(self, *, step: int | None = None) -> MirrorInfo:
         """Authenticate every tensor of the committed generation; write nothing.
 
+        ``step``: verify the generation holding this step instead.
         Raises :class:`IntegrityError` at the first failure.
         """
         with self._lock:
             self._join_pending()
             self._check_open()
-            m = self._manifest
+            m = self._manifest if step is None else self._manifest_at(step)
             self._prefault(self._in_use)
             check_stored_tags(m, self._region.buf, self._label)
             aead = save_aead(self._mirror_key, m.salt)
@@ -484,7 +490,7 @@ class Mirror:
             scratch = np.empty(largest, dtype=np.uint8)
             for i, e in enumerate(m.entries):
                 self._decrypt_entry(m, i, e, aead, scratch, shared=True)
-            return self._info(verified=True)
+            return self._info(verified=True, m=m)
 
     def read_tensors(self, prefix: str = "", *, step: int | None = None) -> dict[str, torch.Tensor]:
         """Decrypted copies of the committed tensors whose name starts with ``prefix``.
@@ -837,8 +843,8 @@ class Mirror:
         # Last: the counter advances only once the generation expecting it is committed.
         fresh.committed(counter_expected, advance)
 
-    def _info(self, verified: bool) -> MirrorInfo:
-        r = self._manifest.root
+    def _info(self, verified: bool, m: fmt.Manifest | None = None) -> MirrorInfo:
+        r = (m or self._manifest).root
         return MirrorInfo(
             generation=r.generation,
             step=r.step,
