@@ -536,7 +536,12 @@ def open_mirror_set(
             for r in reports
         ]
         members = _this_machine(members, place)
-        step = agree(members, place.world_size, where)
+        try:
+            step = agree(members, place.world_size, where)
+        except PliniusError as exc:
+            # Every process finds the same from the same reports: rank 0 says it.
+            exc.reported_by = 0  # type: ignore[attr-defined]
+            raise
         job = next((s.identity["job"] for s in members if s.identity is not None), None)
         if job is None:
             # A new set: one id for the job, drawn by rank 0 and shared.
