@@ -316,10 +316,20 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
         "path": str(path),
         "authenticated": False,
         "step": None,
+        "processes": len(files),
         "members": [
-            {"path": str(f), "local_rank": r, "generation": describe_file(f).generation}
+            {
+                "path": str(f),
+                "local_rank": r,
+                "generation": describe_file(f).generation,
+                "step": None,
+                "held": None,
+            }
             for r, f in files
         ],
+        "num_tensors": None,
+        "tensor_bytes": None,
+        "job": None,
     }
     if key_path is None:
         return doc
@@ -353,7 +363,7 @@ def set_lines(doc: dict[str, Any]) -> list[str]:
     lines = [f"{doc['path']}: plinius mirror set, {len(members)} process files"]
     for m in members:
         name = Path(m["path"]).name
-        if "held" not in m:
+        if m["held"] is None:
             lines.append(f"  {name:<14} generation {m['generation']}")
             continue
         held = ["none" if h is None else str(h) for h in m["held"]]
