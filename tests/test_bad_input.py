@@ -612,7 +612,7 @@ CLI_ROWS = [
         "--policy", str(w.text), "--pccs-url", "https://pccs.example"], 2,
         "--pccs-url applies to --verifier dcap-qvl"),
     BadCli("keygen-into-a-directory", lambda w: ["keygen", str(w.subdir)], 2, "is a directory"),
-    BadCli("inspect-a-directory", lambda w: ["inspect", str(w.subdir)], 2, "is a directory"),
+    BadCli("inspect-a-directory", lambda w: ["inspect", str(w.subdir)], 1, "not a mirror set"),
     # -- errors (exit 1, one line)
     BadCli("train-key-and-key-server", lambda w: _train(
         w, "--key-server", "http://127.0.0.1:9"), 1, "not both"),

@@ -609,7 +609,13 @@ def _expand_sets(paths: tuple[Path, ...]) -> tuple[list[Path], list[Path]]:
         if not p.is_dir() or p.is_symlink():
             files.append(p)
             continue
-        members = [f for _, f in member_files(p)]
+        try:
+            members = [f for _, f in member_files(p)]
+        except FormatError as exc:
+            raise ConfigError(
+                f"{p} is not a regular file nor a mirror set; plinius rm removes mirrors, "
+                "mirror sets and sealed datasets only (nothing removed)"
+            ) from exc
         others = sorted(q.name for q in p.iterdir() if q not in members)
         if others:
             raise ConfigError(

@@ -358,7 +358,7 @@ def train(
         job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
         if batch_size is not None:
             job.check_batch(batch_size)
-    elif mirror_path.is_dir():
+    elif mirror_path.is_dir() and any(mirror_path.glob("local-*.plm")):
         raise ConfigError(
             f"{mirror_path} is the mirror set of a multi-process job: resume it with torchrun "
             "and as many processes as wrote it (plinius inspect shows how many)"
