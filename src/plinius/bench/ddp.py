@@ -18,8 +18,10 @@ always does in a multi-process job), so ``mirror`` against ``none`` is the
 cost of mirroring. The gate itself (the global commit's one collective) is
 timed alone: the median of many ``start``/``finish`` pairs, an upper bound of
 what it adds to a step, where it overlaps ``optimizer.step()``. Per-step times
-are rank 0's (DDP keeps the processes in step); the first two steps (warm-up,
-the mirror's first layout) and the last (a synchronous save) are left out.
+are rank 0's (DDP keeps the processes in step); the first three steps (warm-up,
+and the first writes into each of the two generations a mirror set's file
+keeps: fresh pages of the file system) and the last (a synchronous save) are
+left out.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _fit_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str) -> 
     seed_everything(0)
     spec = build_model(args.model, input_shape=(28, 28), num_classes=10)
     opt = spec.make_optimizer(None)
-    steps = args.steps + 3
+    steps = args.steps + 4
     sched = spec.make_scheduler(opt, steps)
     model = wrap_ddp(spec.module, ordered=mode == "ordered")
     where = Path(args.pm) / f"ddp-{tag}"
@@ -81,7 +83,7 @@ def _fit_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str) -> 
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(where, ignore_errors=True)
-    return list(res.step_times_s[2:-1])
+    return list(res.step_times_s[3:-1])
 
 
 def _gate_times(iters: int) -> list[float]:
@@ -202,7 +204,7 @@ def run_ddp(
     from ..models import build_model
     from .overhead import synthetic_mnist
 
-    records = cfg.ddp_batch * (cfg.ddp_steps + 4)
+    records = cfg.ddp_batch * (cfg.ddp_steps + 5)
     data = pm / "ddp.pld"
     seal_dataset(data, key, synthetic_mnist(records))
     worlds = []
