@@ -143,9 +143,10 @@ def _run_world(
 
     out = disk / f"ddp-{world}.json"
     log = disk / f"ddp-{world}.log"
+    batch = cfg.ddp_batch - cfg.ddp_batch % world  # the global batch must split evenly
     args = [
         "--key", str(key_path), "--data", str(data), "--pm", str(pm), "--out", str(out),
-        "--model", cfg.ddp_model, "--batch", str(cfg.ddp_batch), "--steps", str(cfg.ddp_steps),
+        "--model", cfg.ddp_model, "--batch", str(batch), "--steps", str(cfg.ddp_steps),
         "--rounds", str(cfg.ddp_rounds), "--gate-iters", str(cfg.ddp_gate_iters),
         "--threads", str(cfg.threads or 1),
     ]  # fmt: skip
@@ -159,12 +160,14 @@ def _run_world(
         finally:
             stop_job(agent)
     if code != 0 or not out.exists():
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        lines = log.read_text(errors="replace").strip().splitlines()
+        # A worker's own error, not the agent's report of its failure.
+        why = [ln for ln in lines if "Error: " in ln and "ChildFailedError" not in ln]
         raise PliniusError(
             f"the DDP benchmark with {world} processes "
             + ("timed out" if code is None else f"failed (exit {code})")
             + ": "
-            + " | ".join(tail)
+            + (why[-1].strip() if why else " | ".join(lines[-3:]))
         )
     raw: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
@@ -174,6 +177,7 @@ def _run_world(
     gate = median(raw["gate_s"])
     return {
         "world_size": world,
+        "batch": batch,
         "oversubscribed": world > (os.cpu_count() or 1),
         "iteration_s": med,
         "iteration_runs_s": raw["step_s"],

@@ -464,7 +464,8 @@ def _ddp(md: list[str], d: dict[str, Any]) -> None:
         "## 6. Mirroring under DistributedDataParallel (torchrun)",
         "",
         f"`plinius.fit` in DDP (gloo) on {d['model']} ({d['param_bytes'] / 1e6:.1f} MB of "
-        f"parameters), global batch {d['batch']} split between the processes, sealed "
+        f"parameters), global batch {d['batch']} (rounded down to a multiple of the "
+        "processes) split between them, sealed "
         f"synthetic MNIST-shaped data; median of {d['rounds']} x {d['steps_per_round']} "
         "steps per mode, rank 0's step times. Every mode runs the step gate's all-gather; "
         "`mirror`: each process mirrors its state into its file of a mirror set every "
