@@ -38,6 +38,7 @@ def _tiny(out: Path, pm: Path, disk: Path) -> BenchConfig:
     cfg.recovery_window_s = (0.02, 0.08)
     cfg.memory_mb = 1.0
     cfg.threads = 1
+    cfg.sections = tuple(s for s in cfg.sections if s != "ddp")  # tests/bench/test_multiproc.py
     return cfg
 
 

@@ -1,7 +1,7 @@
 """``plinius bench``: the original evaluation reproduced here, side by side with peers.
 
-One process, one run, five sections (children only where a SIGKILL or a clean
-memory measurement needs them):
+One process, one run, six sections (children only where a SIGKILL, a clean
+memory measurement or torchrun needs them):
 
 1. ``latency``: save/restore versus state size, with phases, against an
    encrypted disk checkpoint, torch.save, torch.distributed.checkpoint and raw
@@ -12,7 +12,10 @@ memory measurement needs them):
    throughput (:mod:`.sealed`);
 4. ``recovery``: process start to first resumed step after SIGKILL, by phase
    (:mod:`.recovery`);
-5. ``memory``: peak extra memory of a save and a restore (:mod:`.memory`).
+5. ``memory``: peak extra memory of a save and a restore (:mod:`.memory`);
+6. ``ddp``: iteration time under DistributedDataParallel (torchrun, 2 and 3
+   processes) without and with a mirror set, the global commit's all-gather,
+   and the ordered all-reduce hook (:mod:`.ddp`).
 
 Results go to ``results.json``, ``results.md`` and PNG plots (:mod:`.report`).
 Every file created in the PM and disk directories is removed at the end.
@@ -163,6 +166,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any
                 t0 = time.perf_counter()
                 results["memory"] = run_memory(cfg, pm, disk, bars, notes)
                 section_s["memory"] = time.perf_counter() - t0
+            if "ddp" in cfg.sections:
+                from .ddp import run_ddp
+
+                t0 = time.perf_counter()
+                results["ddp"] = run_ddp(cfg, key, key_path, pm, disk, bars)
+                section_s["ddp"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(pm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MB = 1_000_000  # SI megabytes, as the original paper's model sizes
-SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
+SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,14 @@ class BenchConfig:
     recovery_window_s: tuple[float, float] = (0.3, 1.0)
     # peak memory (one child process)
     memory_mb: float = 100.0
+    # mirroring under DDP (torchrun jobs of these many processes; global batch)
+    ddp_model: str = "cnn-10mb"
+    ddp_batch: int = 128
+    ddp_steps: int = 8
+    ddp_rounds: int = 5
+    ddp_worlds: tuple[int, ...] = (2, 3)
+    ddp_gate_iters: int = 200
+    ddp_timeout_s: float = 900.0
     threads: int | None = None
     plots: bool = True
     command: str = "plinius bench"
@@ -159,6 +167,12 @@ class BenchConfig:
             cfg.recovery_steps = 40
             cfg.recovery_batch = 8
             cfg.memory_mb = 10.0
+            # One torchrun job of 2 processes: its start-up (the interpreters, torch) is
+            # most of the section's time.
+            cfg.ddp_steps = 3
+            cfg.ddp_rounds = 2
+            cfg.ddp_worlds = (2,)
+            cfg.ddp_gate_iters = 100
         return cfg
 
 

@@ -37,8 +37,10 @@ __all__ = [
     "describe_run",
     "mirror_differences",
     "read_events",
+    "record_run",
     "run_campaign",
     "synthetic_trace",
+    "wait_for_step",
 ]
 
 
@@ -234,12 +236,23 @@ def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     return events, start + consumed
 
 
-def _wait_for_step(
+def wait_for_step(
     proc: subprocess.Popen[bytes], events: Path, offset: int, timeout: float, target: int = 0
 ) -> float | None:
     """Wait until the child logs a step >= ``target`` (any step for 0).
 
-    Returns the child's mean seconds per step so far, or None if it exited first.
+    Args:
+        proc: The child (under torchrun: the agent, whose workers write the events).
+        events: Its events file.
+        offset: The byte offset from which its events count.
+        timeout: The most seconds to wait.
+        target: The step to wait for.
+
+    Returns:
+        The child's mean seconds per step so far, or None if it exited first.
+
+    Raises:
+        PliniusError: No such step within ``timeout``.
     """
     deadline = time.monotonic() + timeout
     pos = offset
@@ -357,12 +370,12 @@ def run_campaign(
                         last_target = max(1, total_steps - 2)
                         target = min(last_target, progress + rng.randint(1, 2 * span))
                         wait_s = max(1.0, min(120.0, deadline - time.monotonic()))
-                        per_step = _wait_for_step(proc, events_path, offset, wait_s, target)
+                        per_step = wait_for_step(proc, events_path, offset, wait_s, target)
                         if per_step is not None:
                             kill_at = time.monotonic() + rng.uniform(0.0, per_step)
                     else:
                         wait_s = max(1.0, min(120.0, deadline - time.monotonic()))
-                        if _wait_for_step(proc, events_path, offset, timeout=wait_s) is not None:
+                        if wait_for_step(proc, events_path, offset, timeout=wait_s) is not None:
                             kill_at = time.monotonic() + rng.uniform(*window_s)
                 killed = False
                 if kill_at is not None:
@@ -382,7 +395,8 @@ def run_campaign(
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            rec = _record(len(runs), events_path, offset, started, killed, kill_at, code)
+            evs, _ = read_events(events_path, offset)
+            rec = record_run(len(runs), evs, started, killed, kill_at, code)
             if rec.first_step_after_start_s is not None:
                 # Learn how long start-up and restore take from any run that got
                 # that far, so start-up kills land inside them.
@@ -401,16 +415,24 @@ def run_campaign(
     return CampaignResult(runs)
 
 
-def _record(
+def record_run(
     index: int,
-    events_path: Path,
-    offset: int,
+    evs: list[dict[str, Any]],
     started: float,
     killed: bool,
     kill_at: float | None,
     code: int | None,
 ) -> RunRecord:
-    evs, _ = read_events(events_path, offset)
+    """A :class:`RunRecord` of one run from the events it wrote.
+
+    Args:
+        index: The run's index in the campaign.
+        evs: Its events (:func:`read_events`).
+        started: When it started (``time.monotonic()``).
+        killed: Whether it was killed.
+        kill_at: When the kill was due (``time.monotonic()``), if one was.
+        code: Its exit code (ignored for a killed run).
+    """
     rec = RunRecord(
         index=index,
         killed=killed,

@@ -21,11 +21,13 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .crashtest import CampaignResult, RunRecord, describe_run, mirror_differences, run_campaign
+from .multiproc import check_nproc, run_torchrun_campaign, set_differences
 from .report import PLOTS_MISSING, plots_available
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,6 +58,8 @@ class DemoConfig:
             skipped with a note without it).
         reference_mb: Also time save/restore for a reference CNN of this many
             MB (0: skip).
+        nproc: Train in this many processes under torchrun, killing random
+            workers (``None``: one process, no torchrun).
     """
 
     workdir: Path | None = None
@@ -70,6 +74,7 @@ class DemoConfig:
     keep: bool = False
     plot: bool = True
     reference_mb: float = 10.0
+    nproc: int | None = None
 
 
 @dataclass
@@ -182,7 +187,10 @@ class _FinalState:
 
 
 def _restored_state(cfg: DemoConfig, key: Any, data: Path, mirror_path: Path) -> _FinalState:
-    """The demo job's training state, built as ``plinius train`` builds it, restored."""
+    """The demo job's training state, built as ``plinius train`` builds it, restored.
+
+    Under torchrun (``cfg.nproc``), ``mirror_path`` is the set's first process's file.
+    """
     import torch
 
     from ..data import SealedDataset
@@ -199,6 +207,8 @@ def _restored_state(cfg: DemoConfig, key: Any, data: Path, mirror_path: Path) ->
     state = training_state(
         spec.module, optimizer, scheduler=scheduler, sampler=sampler, losses=losses, total=cfg.steps
     )
+    if cfg.nproc is not None:
+        state["dist"] = None  # which job and place the file belongs to (differs by job)
     with Mirror(mirror_path, key, readonly=True) as m:
         m.restore(state)
     return _FinalState(state, spec, optimizer, scheduler, losses)
@@ -336,11 +346,14 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
         PliniusError: A training run failed (the message names its log).
     """
     from ..crypto import MasterKey
+    from ..dist import member_path
     from ..pmem import describe_path
 
     t_begin = time.perf_counter()
     if cfg.crashes < 0 or cfg.steps < 10:
         raise ConfigError("the demo needs at least 10 steps and a non-negative number of crashes")
+    if cfg.nproc is not None:
+        check_nproc(cfg.nproc, cfg.batch_size)
     workdir = Path(cfg.workdir or tempfile.mkdtemp(prefix="plinius-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
@@ -361,8 +374,10 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             "--seed", str(cfg.seed), "--threads", str(cfg.threads),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONHASHSEED="0")
-        crash_mirror = pm_dir / "crashed.plm"
-        clean_mirror = pm_dir / "clean.plm"
+        # Under torchrun each mirror is a set (a directory, one file per process).
+        suffix = "" if cfg.nproc is None else "-set"
+        crash_mirror = pm_dir / f"crashed.plm{suffix}"
+        clean_mirror = pm_dir / f"clean.plm{suffix}"
 
         seen: list[RunRecord] = []
 
@@ -374,8 +389,12 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             seen.append(r)
             log(f"  {line}{rec}")
 
-        log(f"training {cfg.model} for {cfg.steps} steps with {cfg.crashes} SIGKILLs ...")
-        crashed = run_campaign(
+        campaign: Any = (
+            run_campaign if cfg.nproc is None else partial(run_torchrun_campaign, nproc=cfg.nproc)
+        )
+        procs = "" if cfg.nproc is None else f" in {cfg.nproc} processes under torchrun"
+        log(f"training {cfg.model} for {cfg.steps} steps{procs} with {cfg.crashes} SIGKILLs ...")
+        crashed = campaign(
             [*base, "--mirror", str(crash_mirror)],
             events_path=workdir / "crashed.events.jsonl",
             log_path=workdir / "crashed.log",
@@ -386,7 +405,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             total_steps=cfg.steps,
         )
         log("training the same job without interruption ...")
-        clean = run_campaign(
+        clean = campaign(
             [*base, "--mirror", str(clean_mirror)],
             events_path=workdir / "clean.events.jsonl",
             log_path=workdir / "clean.log",
@@ -394,7 +413,12 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             env=env,
             on_run=on_run,
         )
-        diffs = mirror_differences(crash_mirror, clean_mirror, key)
+        if cfg.nproc is None:
+            diffs = mirror_differences(crash_mirror, clean_mirror, key)
+        else:
+            diffs = set_differences(crash_mirror, clean_mirror, key, cfg.nproc)
+            # Every process holds the same model, optimizer and losses: the first's will do.
+            crash_mirror, clean_mirror = member_path(crash_mirror, 0), member_path(clean_mirror, 0)
         crashed_state = _restored_state(cfg, key, train, crash_mirror)
         clean_state = _restored_state(cfg, key, train, clean_mirror)
         diffs += _plain_differences(crashed_state, clean_state)
@@ -447,7 +471,8 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             wall_s=time.perf_counter() - t_begin,
             notes=[
                 f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
-                f"torch threads {cfg.threads}",
+                f"torch threads {cfg.threads}"
+                + ("" if cfg.nproc is None else f", {cfg.nproc} processes under torchrun"),
                 "SSD checkpoint = torch.save to a buffer, AES-256-GCM, write temp file, fsync, "
                 f"rename, fsync directory, in {workdir}",
                 *notes,

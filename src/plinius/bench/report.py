@@ -458,6 +458,45 @@ def _memory(md: list[str], m: dict[str, Any]) -> None:
     ]
 
 
+def _ddp(md: list[str], d: dict[str, Any]) -> None:
+    limit = float(d.get("target_pct", DEFAULT_TARGET_PCT))
+    md += [
+        "## 6. Mirroring under DistributedDataParallel (torchrun)",
+        "",
+        f"`plinius.fit` in DDP (gloo) on {d['model']} ({d['param_bytes'] / 1e6:.1f} MB of "
+        f"parameters), global batch {d['batch']} (rounded down to a multiple of the "
+        "processes) split between them, sealed "
+        f"synthetic MNIST-shaped data; median of {d['rounds']} x {d['steps_per_round']} "
+        "steps per mode, rank 0's step times. Every mode runs the step gate's all-gather; "
+        "`mirror`: each process mirrors its state into its file of a mirror set every "
+        "iteration; `ordered`: gradients reduced by the ordered all-reduce hook (exact "
+        "on resume; `plinius train` uses it from 3 processes on) instead of DDP's.",
+        "",
+        f"| processes | DDP (ms) | + mirror set (ms) | mirroring overhead | target "
+        f"(≤ {limit:g}%) | ordered hook (ms) | hook's cost | global commit's all-gather |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for w in d["worlds"]:
+        it, runs = w["iteration_s"], w.get("iteration_runs_s", {})
+        spread = _iqr_half_pct(runs.get("none")) + _iqr_half_pct(runs.get("mirror"))
+        note = " (more processes than cores)" if w.get("oversubscribed") else ""
+        md.append(
+            f"| {w['world_size']}{note} | {_ms(it['none'])} | {_ms(it['mirror'])} | "
+            f"{w['overhead_pct']['mirror']:+.1f}% | "
+            f"{target_verdict(w['overhead_pct']['mirror'], limit, spread)} | "
+            f"{_ms(it['ordered'])} | {w['overhead_pct']['ordered']:+.1f}% | "
+            f"{w['gate_s'] * 1e3:.2f} ms ({w['gate_pct']:.1f}% of a step) |"
+        )
+    md += [
+        "",
+        "The global commit's all-gather is timed alone (the median of many start/finish "
+        "pairs of `plinius.dist.StepGate`): an upper bound of what it adds, since `fit` "
+        "overlaps it with `optimizer.step()`. The ordered hook all-gathers every gradient "
+        "bucket (N times the bucket instead of about twice) and adds in rank order.",
+        "",
+    ]
+
+
 def write_markdown(results: dict[str, Any], out: Path) -> Path:
     """``results.md``: every table, the machine, the paper's figures beside ours."""
     meta = results["meta"]
@@ -495,6 +534,8 @@ def write_markdown(results: dict[str, Any], out: Path) -> Path:
         _recovery(md, results["recovery"])
     if "memory" in results:
         _memory(md, results["memory"])
+    if "ddp" in results:
+        _ddp(md, results["ddp"])
     if meta["skipped"]:
         md += ["## Skipped", ""]
         md += [f"- {k['section']} {k['size']}: {k['reason']}" for k in meta["skipped"]]

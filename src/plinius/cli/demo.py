@@ -54,6 +54,12 @@ def _yes(ok: bool) -> str:
     "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Batch size."
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of training and kills.")
+@click.option(
+    "--nproc",
+    default=None,
+    type=int,
+    help="Train in N processes under torchrun and kill random workers (default: one process).",
+)
 def demo(
     workdir: Path | None,
     pm_dir: Path | None,
@@ -62,6 +68,7 @@ def demo(
     model: str,
     batch_size: int,
     seed: int,
+    nproc: int | None,
 ) -> None:
     """Train with random SIGKILLs, resume each time, and prove the result is exact.
 
@@ -75,6 +82,10 @@ def demo(
 
     from ..bench.demo import DemoConfig, run_demo
 
+    if nproc is not None:
+        from ..bench.multiproc import check_nproc
+
+        check_nproc(nproc, batch_size)  # before the work directory is made
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     if pm_dir is not None and not pm_dir.is_dir():
@@ -88,6 +99,7 @@ def demo(
         model=model,
         batch_size=batch_size,
         seed=seed,
+        nproc=nproc,
     )
     # markup=False: the lines are plain text ("pip install 'plinius[plots]'" included).
     rep = run_demo(cfg, log=lambda s: console.print(s, markup=False))
@@ -206,6 +218,12 @@ def demo(
 @click.option(
     "--workdir", type=click.Path(file_okay=False, path_type=Path), help="Logs and events go here."
 )
+@click.option(
+    "--nproc",
+    default=None,
+    type=int,
+    help="Train in N processes under torchrun and kill random workers (default: one process).",
+)
 def crash_test(
     key_path: Path,
     data_path: Path,
@@ -222,16 +240,21 @@ def crash_test(
     threads: int,
     verify: bool,
     workdir: Path | None,
+    nproc: int | None,
 ) -> None:
     """Kill `plinius train` with SIGKILL CRASHES times, resume each time, check the result.
 
     The schedule is random (random moments while training, some during start-up
     and restore) or the replay of a spot-price trace, as preemptible cloud
-    instances are killed whenever the price rises above the bid.
+    instances are killed whenever the price rises above the bid. With --nproc N
+    the job runs in N processes under torchrun (--mirror is then a mirror set,
+    a directory), each kill hits one worker, and torchrun restarts the group.
     """
     from ..bench.crashtest import PriceTrace, mirror_differences, run_campaign, synthetic_trace
     from ..crypto import MasterKey
 
+    if nproc is not None:
+        _check_nproc_options(nproc, batch_size, schedule)
     if schedule != "trace":
         ctx = click.get_current_context()
         stray = [
@@ -284,6 +307,9 @@ def crash_test(
         click.echo(describe_run(r, prev if isinstance(prev, RunRecord) else None))
         seen.append(r)
 
+    if nproc is not None:
+        _crash_test_nproc(nproc, base, key, mirror_path, ref, wd, crashes, seed, steps, verify, env)
+        return
     result = run_campaign(
         [*base, "--mirror", str(mirror_path)],
         events_path=wd / "events.jsonl",
@@ -315,3 +341,76 @@ def crash_test(
                 "the resumed run differs from an uninterrupted run in: " + ", ".join(diffs[:5])
             )
         click.echo("bit-for-bit identical to an uninterrupted run: yes")
+
+
+def _check_nproc_options(nproc: int, batch_size: int, schedule: str) -> None:
+    """Refuse what a torchrun campaign cannot do, in one line, before anything starts."""
+    from ..bench.multiproc import check_nproc
+
+    check_nproc(nproc, batch_size)
+    if schedule != "random":
+        raise click.UsageError("--nproc runs the random schedule only; drop --schedule trace")
+
+
+def _crash_test_nproc(
+    nproc: int,
+    base: list[str],
+    key: object,
+    mirror_path: Path,
+    ref: Path,
+    wd: Path,
+    crashes: int,
+    seed: int,
+    steps: int,
+    verify: bool,
+    env: dict[str, str],
+) -> None:
+    """``crash-test --nproc N``: the campaign under torchrun, then the same job uninterrupted."""
+    import shutil
+
+    from ..bench.crashtest import RunRecord, describe_run
+    from ..bench.multiproc import run_torchrun_campaign, set_differences
+
+    seen: list[RunRecord] = []
+
+    def on_run(r: RunRecord) -> None:
+        click.echo(describe_run(r, seen[-1] if seen else None))
+        seen.append(r)
+
+    result = run_torchrun_campaign(
+        [*base, "--mirror", str(mirror_path)],
+        nproc=nproc,
+        events_path=wd / "events.jsonl",
+        log_path=wd / "train.log",
+        crashes=crashes,
+        seed=seed,
+        env=env,
+        on_run=on_run,
+        total_steps=steps,
+    )
+    click.echo(
+        f"{result.crashes} workers killed, job finished: {result.finished} "
+        f"({nproc} processes under torchrun); logs in {wd}"
+    )
+    if not verify:
+        return
+    try:
+        run_torchrun_campaign(
+            [*base, "--mirror", str(ref)],
+            nproc=nproc,
+            events_path=wd / "reference.events.jsonl",
+            log_path=wd / "reference.log",
+            crashes=0,
+            env=env,
+        )
+        diffs = set_differences(mirror_path, ref, key, nproc)
+    finally:
+        shutil.rmtree(ref, ignore_errors=True)
+    if diffs:
+        raise ConfigError(
+            "the resumed run differs from an uninterrupted run in: " + ", ".join(diffs[:5])
+        )
+    click.echo(
+        f"bit-for-bit identical to an uninterrupted {nproc}-process run "
+        "(every process's mirror): yes"
+    )
