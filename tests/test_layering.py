@@ -206,7 +206,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius._fsutil", "plinius.crypto", "plinius.pmem"),
     ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),
     ("plinius.counters", "plinius.data", "plinius.models"),
-    ("plinius.mirror",),
+    ("plinius.mirror", "plinius.dcp"),
     ("plinius.train",),
     ("plinius.job",),
     ("plinius.bench",),
