@@ -1,6 +1,6 @@
 """``plinius bench``: the original evaluation reproduced here, side by side with peers.
 
-One process, one run, five sections (children only where a SIGKILL or a clean
+One process, one run, six sections (children only where a SIGKILL or a clean
 memory measurement needs them):
 
 1. ``latency``: save/restore versus state size, with phases, against an
@@ -12,7 +12,9 @@ memory measurement needs them):
    throughput (:mod:`.sealed`);
 4. ``recovery``: process start to first resumed step after SIGKILL, by phase
    (:mod:`.recovery`);
-5. ``memory``: peak extra memory of a save and a restore (:mod:`.memory`).
+5. ``memory``: peak extra memory of a save and a restore (:mod:`.memory`);
+6. ``dcp``: ``torch.distributed.checkpoint`` into plinius' encrypted storage
+   against DCP's own ``FileSystemWriter`` (:mod:`.dcp`).
 
 Results go to ``results.json``, ``results.md`` and PNG plots (:mod:`.report`).
 Every file created in the PM and disk directories is removed at the end.
@@ -163,6 +165,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any
                 t0 = time.perf_counter()
                 results["memory"] = run_memory(cfg, pm, disk, bars, notes)
                 section_s["memory"] = time.perf_counter() - t0
+            if "dcp" in cfg.sections:
+                from .dcp import run_dcp
+
+                t0 = time.perf_counter()
+                results["dcp"] = run_dcp(cfg, key, disk, bars)
+                section_s["dcp"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(pm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

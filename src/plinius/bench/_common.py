@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MB = 1_000_000  # SI megabytes, as the original paper's model sizes
-SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory")
+SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "dcp")
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,12 @@ class BenchConfig:
     recovery_window_s: tuple[float, float] = (0.3, 1.0)
     # peak memory (one child process)
     memory_mb: float = 100.0
+    # encrypted vs plain torch.distributed.checkpoint (bench/dcp.py)
+    dcp_sizes: tuple[SizeSpec, ...] = (
+        SizeSpec(25.0, "sgd"),
+        SizeSpec(100.0, "sgd"),
+        SizeSpec(300.0, "adam"),
+    )
     threads: int | None = None
     plots: bool = True
     command: str = "plinius bench"
@@ -159,6 +165,7 @@ class BenchConfig:
             cfg.recovery_steps = 40
             cfg.recovery_batch = 8
             cfg.memory_mb = 10.0
+            cfg.dcp_sizes = (SizeSpec(5.0, "sgd"), SizeSpec(25.0, "sgd"))
         return cfg
 
 
