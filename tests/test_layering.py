@@ -209,6 +209,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius.mirror", "plinius.dcp"),
     ("plinius.train",),
     ("plinius.job",),
+    ("plinius.integrations",),
     ("plinius.bench",),
     ("plinius.cli", "plinius.__main__"),
 ]

@@ -55,8 +55,8 @@ def _save(method: str, state: dict[str, Any], d: Path, key: MasterKey) -> float:
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    from ..dcp import PliniusWriter
     from .._fsutil import fsync_dir
+    from ..dcp import PliniusWriter
 
     writer = FileSystemWriter(d, sync_files=True) if method == "plain" else PliniusWriter(d, key)
     t0 = time.perf_counter()

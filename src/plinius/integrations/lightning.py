@@ -109,19 +109,27 @@ class PliniusMirrorCallback(pl.Callback):
         if stage != "fit":
             return
         self._mirror = Mirror(self.path, self._key, counter=self._counter)
-        if self._mirror.info().generation == 0:
-            return
-        check_job(self._mirror, _job(pl_module, self._name), self.path)
-        step, ckpt = restore_dict(self._mirror, self._state(trainer, pl_module), _HOLDER)
-        if ckpt is None:
-            return
-        # The module was restored in place (strictly: same keys, shapes, dtypes);
-        # Lightning loads the checkpoint's state_dict into it again.
-        ckpt["state_dict"] = pl_module.state_dict()
-        # Lightning resumes from the checkpoint in this slot (filled by
-        # resume_start when a ckpt_path is given: an explicit one wins).
-        trainer._checkpoint_connector._loaded_checkpoint = ckpt
-        self.resumed_step = step
+        try:
+            if self._mirror.info().generation == 0:
+                return
+            check_job(self._mirror, _job(pl_module, self._name), self.path)
+            target = {"job": _job(pl_module, self._name), "model": pl_module, "rng": self._rng}
+            step, ckpt = restore_dict(self._mirror, target, _HOLDER)
+            if ckpt is None:
+                return
+            # The module was restored in place (strictly: same keys, shapes, dtypes);
+            # Lightning loads the checkpoint's state_dict into it again.
+            ckpt["state_dict"] = pl_module.state_dict()
+            # Lightning resumes from the checkpoint in this slot (filled by
+            # resume_start when a ckpt_path is given: an explicit one wins).
+            trainer._checkpoint_connector._loaded_checkpoint = ckpt
+            self.resumed_step = step
+        except BaseException:
+            # Lightning does not tear callbacks down when setup fails: release
+            # the mirror (and its lock) here; nothing was written to it.
+            self._mirror.close()
+            self._mirror = None
+            raise
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -141,6 +149,12 @@ class PliniusMirrorCallback(pl.Callback):
         if self._mirror is None or trainer.global_step % self._every:
             return
         self._mirror.save(self._state(trainer, pl_module), step=trainer.global_step)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Close the mirror when fit fails (its last commit stays)."""
+        self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Close the mirror."""
