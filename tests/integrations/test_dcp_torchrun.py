@@ -16,14 +16,14 @@ from plinius.crypto import MasterKey
 WORKER = Path(__file__).with_name("dcp_worker.py")
 
 
-def _torchrun(nproc: int, *args: str | Path, timeout: float = 240) -> str:
+def _torchrun(nproc: int, *args: str | Path, script: Path = WORKER, timeout: float = 240) -> str:
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        str(WORKER),
+        str(script),
         *map(str, args),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -56,3 +56,18 @@ def test_saved_by_two_processes_loads_in_one_and_in_three(tmp_path: Path, key: M
     assert "LOADED-OK world=1 rank=0" in out
     out = _torchrun(3, "load", tmp_path, tmp_path / "key")
     assert all(f"LOADED-OK world=3 rank={r}" in out for r in range(3)), out[-2000:]
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dcp_torchrun.py"
+
+
+@pytest.mark.slow
+def test_the_dcp_example_saves_with_two_and_loads_with_one(tmp_path: Path, key: MasterKey) -> None:
+    key.save(tmp_path / "key")
+    common = ("--key", tmp_path / "key", "--dir", tmp_path / "c")
+    assert "saved" in _torchrun(2, *common, "save", script=EXAMPLE)
+    assert "loaded" in _torchrun(1, *common, "load", script=EXAMPLE)
+    other = tmp_path / "other.key"
+    MasterKey.generate().save(other)
+    with pytest.raises(AssertionError, match=r"error: .*another master key"):
+        _torchrun(1, "--key", other, "--dir", tmp_path / "c", "load", script=EXAMPLE)
