@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             logger=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            deterministic=True,
         )
         model = Regressor(args.hidden)
         trainer.fit(model, data)
