@@ -206,10 +206,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius._fsutil", "plinius.crypto", "plinius.pmem"),
     ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),
     ("plinius.counters", "plinius.data", "plinius.models"),
-    ("plinius.mirror",),
+    ("plinius.mirror", "plinius.dcp"),
     ("plinius.dist",),
     ("plinius.train",),
     ("plinius.job",),
+    ("plinius.integrations",),
     ("plinius.bench",),
     ("plinius.cli", "plinius.__main__"),
 ]

@@ -10,11 +10,25 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-__all__ = ["DATASET", "MAGIC_LEN", "MIRROR", "SEALED_KEY", "FileKind", "kind_of", "sniff"]
+__all__ = [
+    "DATASET",
+    "DCP_DATA",
+    "DCP_METADATA",
+    "MAGIC_LEN",
+    "MIRROR",
+    "SEALED_KEY",
+    "FileKind",
+    "kind_of",
+    "sniff",
+]
 
 MIRROR = b"PLINIUSM"  # a mirror of the training state (plinius.mirror)
 DATASET = b"PLINIUSD"  # a sealed dataset (plinius.data)
 SEALED_KEY = b"PLNSEAL\0"  # a master key sealed to a platform (plinius.tee.sealing)
+# A torch.distributed.checkpoint directory (plinius.dcp): its metadata and data files.
+# Not sniffed: the CLI's ls and rm handle single-file kinds, and a DCP checkpoint is a directory.
+DCP_METADATA = b"PLNDCPM\0"
+DCP_DATA = b"PLNDCPD\0"
 MAGIC_LEN = 8
 
 FileKind = Literal["mirror", "dataset", "sealed-key"]

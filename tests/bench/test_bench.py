@@ -37,6 +37,7 @@ def _tiny(out: Path, pm: Path, disk: Path) -> BenchConfig:
     cfg.recovery_batch = 8
     cfg.recovery_window_s = (0.02, 0.08)
     cfg.memory_mb = 1.0
+    cfg.dcp_sizes = (SizeSpec(1.0, "sgd"),)
     cfg.threads = 1
     cfg.sections = tuple(s for s in cfg.sections if s != "ddp")  # tests/bench/test_multiproc.py
     return cfg
@@ -52,9 +53,18 @@ def test_smallest_configuration_end_to_end(tmp_path: Path, shm_dir: Path) -> Non
     assert list(disk.iterdir()) == []
 
     data = json.loads((out / "results.json").read_text())
-    assert set(data) >= {"meta", "latency", "overhead", "sealed", "recovery", "memory", "plots"}
+    assert set(data) >= {
+        "meta",
+        "latency",
+        "overhead",
+        "sealed",
+        "recovery",
+        "memory",
+        "dcp",
+        "plots",
+    }
     meta = data["meta"]
-    assert meta["sections"] == ["latency", "overhead", "sealed", "recovery", "memory"]
+    assert meta["sections"] == ["latency", "overhead", "sealed", "recovery", "memory", "dcp"]
     assert meta["machine"]["pm_dir"] == str(shm_dir)
     assert meta["machine"]["disk_dir"] == str(disk)
     assert isinstance(meta["pm_is_dax"], bool)
@@ -115,6 +125,11 @@ def test_smallest_configuration_end_to_end(tmp_path: Path, shm_dir: Path) -> Non
     }
     assert all(v >= 0 for v in m["peak_extra_bytes"].values())
 
+    (row,) = data["dcp"]["sizes"]
+    assert row["size"] == "1" and row["state_bytes"] >= 1_000_000
+    assert set(row["save_s"]) == set(row["load_s"]) == {"plain", "plinius"}
+    assert row["ratio"]["save"] > 0 and row["ratio"]["load"] > 0
+
     md = (out / "results.md").read_text()
     for heading in (
         "## Machine",
@@ -124,6 +139,7 @@ def test_smallest_configuration_end_to_end(tmp_path: Path, shm_dir: Path) -> Non
         "## 3. Sealed-data overhead",
         "## 4. Recovery after SIGKILL",
         "## 5. Peak extra memory",
+        "## 7. torch.distributed.checkpoint",
     ):
         assert heading in md
     assert str(shm_dir) in md and str(disk) in md

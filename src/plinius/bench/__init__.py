@@ -1,6 +1,6 @@
 """``plinius bench``: the original evaluation reproduced here, side by side with peers.
 
-One process, one run, six sections (children only where a SIGKILL, a clean
+One process, one run, seven sections (children only where a SIGKILL, a clean
 memory measurement or torchrun needs them):
 
 1. ``latency``: save/restore versus state size, with phases, against an
@@ -15,7 +15,9 @@ memory measurement or torchrun needs them):
 5. ``memory``: peak extra memory of a save and a restore (:mod:`.memory`);
 6. ``ddp``: iteration time under DistributedDataParallel (torchrun, 2 and 3
    processes) without and with a mirror set, the global commit's all-gather,
-   and the ordered all-reduce hook (:mod:`.ddp`).
+   and the ordered all-reduce hook (:mod:`.ddp`);
+7. ``dcp``: ``torch.distributed.checkpoint`` into plinius' encrypted storage
+   against DCP's own ``FileSystemWriter`` (:mod:`.dcp`).
 
 Results go to ``results.json``, ``results.md`` and PNG plots (:mod:`.report`).
 Every file created in the PM and disk directories is removed at the end.
@@ -172,6 +174,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any
                 t0 = time.perf_counter()
                 results["ddp"] = run_ddp(cfg, key, key_path, pm, disk, bars)
                 section_s["ddp"] = time.perf_counter() - t0
+            if "dcp" in cfg.sections:
+                from .dcp import run_dcp
+
+                t0 = time.perf_counter()
+                results["dcp"] = run_dcp(cfg, key, disk, bars)
+                section_s["dcp"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(pm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

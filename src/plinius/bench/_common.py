@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MB = 1_000_000  # SI megabytes, as the original paper's model sizes
-SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp")
+SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp", "dcp")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,12 @@ class BenchConfig:
     ddp_worlds: tuple[int, ...] = (2, 3)
     ddp_gate_iters: int = 200
     ddp_timeout_s: float = 900.0
+    # encrypted vs plain torch.distributed.checkpoint (bench/dcp.py)
+    dcp_sizes: tuple[SizeSpec, ...] = (
+        SizeSpec(25.0, "sgd"),
+        SizeSpec(100.0, "sgd"),
+        SizeSpec(300.0, "adam"),
+    )
     threads: int | None = None
     plots: bool = True
     command: str = "plinius bench"
@@ -173,6 +179,7 @@ class BenchConfig:
             cfg.ddp_rounds = 2
             cfg.ddp_worlds = (2,)
             cfg.ddp_gate_iters = 100
+            cfg.dcp_sizes = (SizeSpec(5.0, "sgd"), SizeSpec(25.0, "sgd"))
         return cfg
 
 
