@@ -89,7 +89,9 @@ def describe_run(run: RunRecord, previous: RunRecord | None = None) -> str:
         E.g. ``run 2: resumed after step 137, the last committed step (step 138
         was not yet committed and is redone), reached step 200, finished``.
     """
-    if run.resumed_from is None:
+    if run.resumed_from is None and run.recovery_s is None and run.killed:
+        where = "killed during start-up, before its restore"
+    elif run.resumed_from is None:
         where = "new job"
     else:
         where = f"resumed after step {run.resumed_from}, the last committed step"
