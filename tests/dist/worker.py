@@ -1,0 +1,145 @@
+"""A user's own torchrun script: DDP, a mirror set and ``plinius.fit``; the tests run it.
+
+    torchrun --standalone --nproc-per-node=N tests/dist/worker.py --mirror DIR --key K --out OUT
+
+Rank 0 writes the job's result to ``OUT`` as JSON: every step's loss and a hash
+of the final model and optimizer state of every process (gathered). Test hooks
+(environment variables, for the worst moments):
+
+* ``WORKER_SLOW_SAVE=K``: rank 0's save of step K waits 30 s before it writes.
+* ``WORKER_DIE_AFTER_COMMIT=K:R``: rank R kills itself (SIGKILL) once it has
+  committed step K.
+  Both fire only in the first incarnation (``TORCHELASTIC_RESTART_COUNT`` 0).
+* ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
+  once its first step of this incarnation is done (training is under way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+import plinius
+from plinius import dist as pdist
+from plinius.crypto import MasterKey
+
+
+class Records(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Deterministic records: 16 features, 4 classes."""
+
+    def __init__(self, n: int = 480) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.x = torch.randn(n, 16, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+
+
+def digest(module: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    for k, st in sorted(optimizer.state_dict()["state"].items()):
+        for name, v in sorted(st.items()):
+            h.update(f"{k}.{name}".encode())
+            h.update(torch.as_tensor(v).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def hooks(mirrors: pdist.MirrorSet) -> Any:
+    """The test hooks' step callback (and the slow save, installed here)."""
+    first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    slow = int(os.environ.get("WORKER_SLOW_SAVE", "0"))
+    die = os.environ.get("WORKER_DIE_AFTER_COMMIT", "")
+    rank = mirrors.place.rank
+    if first and slow and rank == 0:
+        m = mirrors.mirror
+        inner = m._save_locked  # the test reaches inside to stall one save
+
+        def stalled(skeleton: Any, srcs: Any, step: int) -> None:
+            if step == slow:
+                time.sleep(30)
+            inner(skeleton, srcs, step)
+
+        m._save_locked = stalled  # type: ignore[method-assign]
+    die_step, die_rank = (int(v) for v in die.split(":")) if die else (0, -1)
+    pids = os.environ.get("WORKER_PIDS")
+    told = []
+
+    def callback(ev: plinius.StepEvent) -> None:
+        if pids and not told:
+            Path(pids, f"{mirrors.place.local_rank}.pid").write_text(str(os.getpid()))
+            told.append(True)
+        if first and ev.step == die_step and rank == die_rank:
+            mirrors.mirror.info()  # joins the pending save: step K is committed here
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return callback
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mirror", required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--sync", action="store_true", help="synchronous saves")
+    ap.add_argument("--ordered", choices=["auto", "yes", "no"], default="auto")
+    args = ap.parse_args()
+    place = pdist.init()
+    key = MasterKey.load(args.key)
+    net = model()
+    ordered = {"auto": None, "yes": True, "no": False}[args.ordered]
+    ddp = pdist.wrap_ddp(net, ordered=ordered)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    with pdist.open_mirror_set(args.mirror, key) as mirrors:
+        res = plinius.fit(
+            ddp,
+            opt,
+            loss_fn=nn.functional.cross_entropy,
+            dataset=Records(),
+            batch_size=args.batch_size,
+            steps=args.steps,
+            seed=7,
+            mirror=mirrors,
+            scheduler=sched,
+            async_save=not args.sync,
+            callback=hooks(mirrors),
+        )
+    digests: list[Any] = [None] * place.world_size
+    dist.all_gather_object(digests, digest(net, opt))
+    if place.rank == 0:
+        out = {"losses": res.losses, "digests": digests, "resumed_from": res.resumed_from}
+        Path(args.out).write_text(json.dumps(out))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
