@@ -209,7 +209,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius.mirror",),
     ("plinius.dist",),
     ("plinius.train",),
-    ("plinius.job",),
+    ("plinius.job", "plinius.standby"),
     ("plinius.bench",),
     ("plinius.cli", "plinius.__main__"),
 ]

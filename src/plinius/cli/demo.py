@@ -26,6 +26,16 @@ def _speedup(baseline_ms: float, plinius_ms: float) -> str:
     return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
 
 
+def _lost(ms: list[float]) -> str:
+    """Median and worst of the times lost to kills (kill to the end of the next step, less one)."""
+    import statistics
+
+    def fmt(x: float) -> str:
+        return f"{x:.0f} ms" if x < 1000 else f"{x / 1e3:.2f} s"
+
+    return f"median {fmt(statistics.median(ms))}, worst {fmt(max(ms))} ({len(ms)} kills)"
+
+
 def _yes(ok: bool) -> str:
     return "[green]yes[/green]" if ok else "[bold red]NO[/bold red]"
 
@@ -41,13 +51,24 @@ def _yes(ok: bool) -> str:
 )
 @click.option(
     "--crashes",
-    default=4,
+    default=2,
     show_default=True,
     type=click.IntRange(min=0, max=50),
     help="SIGKILLs during the crashed run.",
 )
 @click.option(
-    "--steps", default=240, show_default=True, type=click.IntRange(min=10), help="Steps of the job."
+    "--steps",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=10),
+    help="Steps of the job (with the standby: enough for a spare to get ready before each kill).",
+)
+@click.option(
+    "--standby/--cold",
+    default=True,
+    show_default=True,
+    help="Crash a standby pair (a warm spare takes over; a cold restart is timed beside it), "
+    "or restart cold after each kill.",
 )
 @click.option("--model", default="cnn-tiny", show_default=True, help="Built-in model or .cfg path.")
 @click.option(
@@ -69,6 +90,7 @@ def demo(
     batch_size: int,
     seed: int,
     nproc: int | None,
+    standby: bool,
 ) -> None:
     """Train with random SIGKILLs, resume each time, and prove the result is exact.
 
@@ -100,6 +122,7 @@ def demo(
         batch_size=batch_size,
         seed=seed,
         nproc=nproc,
+        standby=standby and nproc is None,
     )
     # markup=False: the lines are plain text ("pip install 'plinius[plots]'" included).
     rep = run_demo(cfg, log=lambda s: console.print(s, markup=False))
@@ -107,11 +130,20 @@ def demo(
     t.add_row("crashes (SIGKILL)", str(rep.crashes))
     for r in rep.resumes:
         if r["resumed_from"] is not None:
+            start = r["start_to_first_step_s"]
             t.add_row(
                 f"  resume of run {r['run']}",
-                f"after step {r['resumed_from']}: restore {r['restore_ms']:.1f} ms, "
-                f"process start to first step {r['start_to_first_step_s'] or float('nan'):.2f} s",
+                f"after step {r['resumed_from']}: "
+                + (
+                    f"restore {r['restore_ms']:.1f} ms, process start to first step {start:.2f} s"
+                    if start is not None
+                    else f"a warm spare took over, restored {r['restore_ms']:.1f} ms after the kill"
+                ),
             )
+    if rep.lost_standby_ms:
+        t.add_row("time lost to a SIGKILL: standby", _lost(rep.lost_standby_ms))
+    if rep.lost_cold_ms:
+        t.add_row("time lost to a SIGKILL: cold restart", _lost(rep.lost_cold_ms))
     t.add_row("persistent memory", rep.pm_kind)
     t.add_row("state size", f"{rep.state_bytes / 1e6:.2f} MB")
     t.add_row(
