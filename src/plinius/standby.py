@@ -361,6 +361,14 @@ def _restartable(code: int) -> bool:
     return (code < 0 and code != -signal.SIGINT) or code == RESTARTABLE_EXIT
 
 
+class _Stopped(Exception):
+    """SIGINT or SIGTERM reached the supervisor: stop the pair."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _Worker:
     """One worker process and its control pipes, as the supervisor sees it."""
 
@@ -478,10 +486,9 @@ def supervise(
     base_env = dict(os.environ if env is None else env)
     base_env.pop(ENV, None)
     log = EventLog(Path(events) if events is not None else None)
-    stop: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
-        stop.append(signum)
+        raise _Stopped(signum)  # wakes the select below (PEP 475 would retry it)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     trainer: _Worker | None = None
@@ -494,12 +501,6 @@ def supervise(
         went_at = time.monotonic()
         first_ready = True
         while True:
-            if stop:
-                code = 128 + stop[0]
-                for w in (trainer, spare):
-                    if w is not None:
-                        w.close(signal.SIGTERM)
-                return code
             fds = [w.pidfd for w in (trainer, spare) if w is not None]
             fds += [w.from_r for w in (trainer, spare) if w is not None and not w.eof]
             timeout = None
@@ -583,6 +584,11 @@ def supervise(
             if spare is None and (trainer.stepped or time.monotonic() >= went_at + spare_delay_s):
                 spare = _Worker(command, base_env)
                 log.write("standby_spare", spare_pid=spare.pid)
+    except _Stopped as stop:
+        for w in (trainer, spare):
+            if w is not None:
+                w.close(signal.SIGTERM)
+        return 128 + stop.signum
     finally:
         for w in (trainer, spare):
             if w is not None and w.proc.poll() is None:

@@ -256,6 +256,12 @@ def demo(
     type=int,
     help="Train in N processes under torchrun and kill random workers (default: one process).",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Train as a standby pair and kill the trainer each time a spare is ready; "
+    "report the time each kill cost.",
+)
 def crash_test(
     key_path: Path,
     data_path: Path,
@@ -273,6 +279,7 @@ def crash_test(
     verify: bool,
     workdir: Path | None,
     nproc: int | None,
+    standby: bool,
 ) -> None:
     """Kill `plinius train` with SIGKILL CRASHES times, resume each time, check the result.
 
@@ -286,6 +293,8 @@ def crash_test(
     from ..crypto import MasterKey
 
     if nproc is not None:
+        if standby:
+            raise click.UsageError("--standby cannot run under torchrun (--nproc); drop one")
         _check_nproc_options(nproc, batch_size, schedule)
     if schedule != "trace":
         ctx = click.get_current_context()
@@ -299,6 +308,11 @@ def crash_test(
             raise click.UsageError(
                 f"{flags} {'needs' if len(stray) == 1 else 'need'} --schedule trace"
             )
+    if standby and schedule == "trace":
+        raise click.UsageError(
+            "--standby cannot follow a price trace: a preempted instance takes its spare "
+            "with it; use --schedule random"
+        )
     if not math.isfinite(bid):
         raise click.BadParameter(f"{bid} is not a finite price", param_hint="--bid")
     # The campaign appends to these files in --workdir, and writes MIRROR.reference.
@@ -342,20 +356,23 @@ def crash_test(
     if nproc is not None:
         _crash_test_nproc(nproc, base, key, mirror_path, ref, wd, crashes, seed, steps, verify, env)
         return
-    result = run_campaign(
-        [*base, "--mirror", str(mirror_path)],
-        events_path=wd / "events.jsonl",
-        log_path=wd / "train.log",
-        crashes=crashes,
-        seed=seed,
-        trace=trace,
-        bid=bid,
-        time_scale=time_scale,
-        env=env,
-        on_run=on_run,
-        total_steps=steps,
-    )
-    click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
+    if standby:
+        _standby_campaign(base, mirror_path, wd, crashes, seed, env)
+    else:
+        result = run_campaign(
+            [*base, "--mirror", str(mirror_path)],
+            events_path=wd / "events.jsonl",
+            log_path=wd / "train.log",
+            crashes=crashes,
+            seed=seed,
+            trace=trace,
+            bid=bid,
+            time_scale=time_scale,
+            env=env,
+            on_run=on_run,
+            total_steps=steps,
+        )
+        click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
     if verify:
         try:
             run_campaign(
@@ -446,3 +463,33 @@ def _crash_test_nproc(
         f"bit-for-bit identical to an uninterrupted {nproc}-process run "
         "(every process's mirror): yes"
     )
+
+
+def _standby_campaign(
+    base: list[str], mirror: Path, wd: Path, crashes: int, seed: int, env: dict[str, str]
+) -> None:
+    """``crash-test --standby``: kill a standby pair's trainer; print what each kill cost."""
+    from ..bench.standby import lost_times, run_standby_campaign, summary
+
+    camp = run_standby_campaign(
+        [*base, "--mirror", str(mirror)],
+        events_path=wd / "events.jsonl",
+        log_path=wd / "train.log",
+        plan=["trainer"] * crashes,
+        seed=seed,
+        env=env,
+        on_kill=lambda k: click.echo(f"killed the trainer (pid {k.pid}) after step {k.step}"),
+    )
+    lost = lost_times(camp)
+    s = summary([x["lost"] for x in lost])
+    d = summary([x["detect"] for x in lost])
+    click.echo(
+        f"{len(camp.kills)} crashes taken over by a warm spare, job finished: True; logs in {wd}"
+    )
+    if lost:
+        click.echo(
+            f"time lost to a SIGKILL (kill to the end of the next step, less one step of "
+            f"{lost[0]['step'] * 1e3:.1f} ms): median {s['median'] * 1e3:.0f} ms, worst "
+            f"{s['worst'] * 1e3:.0f} ms over {len(lost)} kills; of it the kernel's teardown "
+            f"of the killed process until its death is seen: median {d['median'] * 1e3:.0f} ms"
+        )
