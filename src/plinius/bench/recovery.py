@@ -181,6 +181,7 @@ def run_standby_recovery(
                 events_path=cold_ev,
                 log_path=log,
                 crashes=cfg.standby_cold_kills,
+                startup_kill_fraction=0.0,  # every kill while training, as the standby's
                 env=env,
                 total_steps=steps,
                 on_run=lambda r: advance(f"cold run {r.index + 1}"),
