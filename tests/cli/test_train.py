@@ -94,7 +94,8 @@ def test_demo_core_path_small(tmp_path: Path) -> None:
     )
     assert rep.crashes == 2
     assert rep.identical, rep.differences
-    assert len(rep.lost_cold_ms) == 2 and not rep.lost_standby_ms
+    # A kill in start-up may be followed by another before any step: not every kill is timed.
+    assert 1 <= len(rep.lost_cold_ms) <= 2 and not rep.lost_standby_ms
     assert rep.losses_identical
     assert rep.plot is not None and Path(rep.plot).stat().st_size > 1000
     assert rep.mirror_save_ms > 0 and rep.ssd_save_ms > 0
