@@ -209,7 +209,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius.mirror", "plinius.dcp"),
     ("plinius.dist",),
     ("plinius.train",),
-    ("plinius.job",),
+    ("plinius.job", "plinius.standby"),
     ("plinius.integrations",),
     ("plinius.bench",),
     ("plinius.cli", "plinius.__main__"),

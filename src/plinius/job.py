@@ -79,7 +79,8 @@ def process_age_s() -> float | None:
 class EventLog:
     """Progress events as JSON lines, each flushed at once so a SIGKILL loses at most one.
 
-    Each line is ``{"event": NAME, "t": UNIX_TIME, **fields}``. ``plinius train``
+    Each line is ``{"event": NAME, "t": UNIX_TIME, "pid": PID, **fields}`` (the
+    writing process's id). ``plinius train``
     writes ``start``, ``resumed``, ``step`` and ``done`` events; crash campaigns
     (:func:`plinius.bench.crashtest.read_events`) read them back. A log made with
     ``path=None`` accepts events and writes nothing.
@@ -108,7 +109,10 @@ class EventLog:
         """
         if self._f is None:
             return
-        self._f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
+        # The pid tells apart the processes of a standby pair writing one file.
+        self._f.write(
+            json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n"
+        )
         self._f.flush()
 
     def close(self) -> None:

@@ -89,15 +89,31 @@ def test_demo_core_path_small(tmp_path: Path) -> None:
     from plinius.bench.demo import DemoConfig, run_demo
 
     rep = run_demo(
-        DemoConfig(workdir=tmp_path, steps=40, crashes=2, timing_repeats=1), log=lambda s: None
+        DemoConfig(workdir=tmp_path, steps=40, crashes=2, timing_repeats=1, standby=False),
+        log=lambda s: None,
     )
     assert rep.crashes == 2
     assert rep.identical, rep.differences
+    # A kill in start-up may be followed by another before any step: not every kill is timed.
+    assert 1 <= len(rep.lost_cold_ms) <= 2 and not rep.lost_standby_ms
     assert rep.losses_identical
     assert rep.plot is not None and Path(rep.plot).stat().st_size > 1000
     assert rep.mirror_save_ms > 0 and rep.ssd_save_ms > 0
     assert 0.0 <= rep.accuracy_clean <= 1.0
     assert (tmp_path / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_with_the_standby_times_both_recoveries(tmp_path: Path) -> None:
+    from plinius.bench.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(workdir=tmp_path, steps=1500, crashes=1, timing_repeats=1, reference_mb=0)
+    rep = run_demo(cfg, log=lambda s: None)
+    assert rep.standby and rep.crashes == 1
+    assert rep.identical, rep.differences
+    assert len(rep.lost_standby_ms) == 1 and len(rep.lost_cold_ms) == 1
+    assert rep.resumes[1]["start_to_first_step_s"] is None  # a spare, not a new process
+    assert rep.plot is not None
 
 
 def test_train_with_file_counter_refuses_a_deleted_mirror(job: dict[str, Path]) -> None:
@@ -124,7 +140,7 @@ def test_demo_without_matplotlib_skips_only_the_png(
     # still succeeds, says how to get the loss curve, and draws nothing.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     r = run_cli("demo", "--workdir", str(tmp_path), "--pm-dir", str(shm_dir), "--crashes", "1",
-         "--steps", "20", "--batch-size", "32")  # fmt: skip
+         "--steps", "20", "--batch-size", "32", "--cold")  # fmt: skip
     assert r.exit_code == 0, r.output
     note = "loss curve skipped: matplotlib is not installed (pip install 'plinius[plots]')"
     assert note in r.output.splitlines()

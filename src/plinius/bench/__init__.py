@@ -157,10 +157,13 @@ def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any
                 results["sealed"] = run_sealed(cfg, key, pm, bars)
                 section_s["sealed"] = time.perf_counter() - t0
             if "recovery" in cfg.sections:
-                from .recovery import run_recovery
+                from .recovery import run_recovery, run_standby_recovery
 
                 t0 = time.perf_counter()
                 results["recovery"] = run_recovery(cfg, key, key_path, pm, disk, bars)
+                results["recovery"]["standby"] = run_standby_recovery(
+                    cfg, key, key_path, pm, disk, bars
+                )
                 section_s["recovery"] = time.perf_counter() - t0
             if "memory" in cfg.sections:
                 from .memory import run_memory

@@ -130,6 +130,10 @@ class BenchConfig:
     recovery_steps: int = 40
     recovery_batch: int = 4
     recovery_window_s: tuple[float, float] = (0.3, 1.0)
+    # the time a SIGKILL costs: standby pair vs cold restart (the 10 MB reference CNN)
+    standby_model: str = "cnn-10mb"
+    standby_kills: int = 20
+    standby_cold_kills: int = 20
     # peak memory (one child process)
     memory_mb: float = 100.0
     # mirroring under DDP (torchrun jobs of these many processes; global batch)
@@ -172,6 +176,8 @@ class BenchConfig:
             # ran 20 steps in less (no resume to time).
             cfg.recovery_steps = 40
             cfg.recovery_batch = 8
+            cfg.standby_kills = 3
+            cfg.standby_cold_kills = 1
             cfg.memory_mb = 10.0
             # One torchrun job of 2 processes: its start-up (the interpreters, torch) is
             # most of the section's time.

@@ -72,6 +72,8 @@ class RunRecord:
     first_step_after_start_s: float | None = None
     steps: list[StepLoss] = field(default_factory=list)  # as computed, in order
     last_saved: int | None = None  # the last step whose save was started
+    killed_at: float | None = None  # time.time() of the SIGKILL
+    first_step_at: float | None = None  # time.time() of the run's first step event
 
 
 def describe_run(run: RunRecord, previous: RunRecord | None = None) -> str:
@@ -380,10 +382,12 @@ def run_campaign(
                         if wait_for_step(proc, events_path, offset, timeout=wait_s) is not None:
                             kill_at = time.monotonic() + rng.uniform(*window_s)
                 killed = False
+                killed_at = None
                 if kill_at is not None:
                     while proc.poll() is None and time.monotonic() < kill_at:
                         time.sleep(0.002)
                     if proc.poll() is None:
+                        killed_at = time.time()
                         proc.send_signal(signal.SIGKILL)
                         killed = True
                 try:
@@ -399,6 +403,7 @@ def run_campaign(
                     proc.wait()
             evs, _ = read_events(events_path, offset)
             rec = record_run(len(runs), evs, started, killed, kill_at, code)
+            rec.killed_at = killed_at
             if rec.first_step_after_start_s is not None:
                 # Learn how long start-up and restore take from any run that got
                 # that far, so start-up kills land inside them.
@@ -454,6 +459,8 @@ def record_run(
             rec.steps.append(StepLoss(int(e["step"]), float(e["loss"])))
             if e.get("saved"):
                 rec.last_saved = int(e["step"])
+            if rec.first_step_at is None:
+                rec.first_step_at = float(e["t"])
             if rec.first_step_after_start_s is None and t_start is not None:
                 rec.first_step_after_start_s = e["t"] - t_start
     return rec

@@ -26,9 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .crashtest import CampaignResult, RunRecord, describe_run, mirror_differences, run_campaign
+from .crashtest import (
+    CampaignResult,
+    RunRecord,
+    describe_run,
+    mirror_differences,
+    read_events,
+    run_campaign,
+)
 from .multiproc import check_nproc, run_torchrun_campaign, set_differences
 from .report import PLOTS_MISSING, plots_available
+from .standby import as_runs, cold_lost_times, lost_times, run_standby_campaign, step_time
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models import ModelSpec
@@ -60,12 +68,17 @@ class DemoConfig:
             MB (0: skip).
         nproc: Train in this many processes under torchrun, killing random
             workers (``None``: one process, no torchrun).
+        standby: Run the crashed job as a standby pair (``plinius train
+            --standby``: each kill is taken over by a warm spare), and time a
+            cold restart beside it on a short job of its own; ``False``:
+            restart the crashed job cold after each kill.
+        cold_crashes: With ``standby``, the kills of the cold-restart job.
     """
 
     workdir: Path | None = None
     pm_dir: Path | None = None
-    crashes: int = 4
-    steps: int = 240
+    crashes: int = 2
+    steps: int = 1000
     model: str = "cnn-tiny"
     batch_size: int = 64
     seed: int = 0
@@ -75,6 +88,8 @@ class DemoConfig:
     plot: bool = True
     reference_mb: float = 10.0
     nproc: int | None = None
+    standby: bool = True
+    cold_crashes: int = 1
 
 
 @dataclass
@@ -107,6 +122,9 @@ class DemoReport:
     plot: str | None
     wall_s: float
     notes: list[str] = field(default_factory=list)
+    standby: bool = False
+    lost_standby_ms: list[float] = field(default_factory=list)
+    lost_cold_ms: list[float] = field(default_factory=list)
 
 
 def _seal_digits(pm_dir: Path, key: Any) -> tuple[Path, Path]:
@@ -330,6 +348,52 @@ def _plot(path: Path, crashed: CampaignResult, clean: CampaignResult, steps: int
     plt.close(fig)
 
 
+def _crashed_runs(
+    cfg: DemoConfig, base: list[str], mirror: Path, workdir: Path, env: dict[str, str]
+) -> tuple[CampaignResult, list[float], list[float]]:
+    """The crashed job's runs, and the seconds each kill cost with the standby and cold."""
+    if not cfg.standby:
+        crashed = run_campaign(
+            [*base, "--mirror", str(mirror)],
+            events_path=workdir / "crashed.events.jsonl",
+            log_path=workdir / "crashed.log",
+            crashes=cfg.crashes,
+            seed=cfg.seed,
+            env=env,
+            total_steps=cfg.steps,
+        )
+        evs, _ = read_events(workdir / "crashed.events.jsonl")
+        return crashed, [], cold_lost_times(crashed, step_time(evs) or 0.0)
+    camp = run_standby_campaign(
+        [*base, "--mirror", str(mirror)],
+        events_path=workdir / "crashed.events.jsonl",
+        log_path=workdir / "crashed.log",
+        plan=["trainer"] * cfg.crashes,
+        seed=cfg.seed,
+        env=env,
+        allow_fewer=True,  # a job shorter than the spares' preparation: fewer kills
+    )
+    lost = [x["lost"] for x in lost_times(camp)]
+    cold: list[float] = []
+    if cfg.cold_crashes:
+        # A short job of its own: only the restart is timed.
+        steps = ["--steps", str(min(cfg.steps, 60))]
+        cold_mirror = mirror.with_name("cold.plm")
+        res = run_campaign(
+            [*base, *steps, "--mirror", str(cold_mirror)],
+            events_path=workdir / "cold.events.jsonl",
+            log_path=workdir / "cold.log",
+            crashes=cfg.cold_crashes,
+            seed=cfg.seed,
+            env=env,
+            total_steps=min(cfg.steps, 60),
+        )
+        cold_mirror.unlink(missing_ok=True)
+        evs, _ = read_events(workdir / "cold.events.jsonl")
+        cold = cold_lost_times(res, step_time(evs) or 0.0)
+    return as_runs(camp), lost, cold
+
+
 def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
     """Run the whole demonstration (see the module docstring) and report what it measured.
 
@@ -389,21 +453,28 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             seen.append(r)
             log(f"  {line}{rec}")
 
-        campaign: Any = (
-            run_campaign if cfg.nproc is None else partial(run_torchrun_campaign, nproc=cfg.nproc)
-        )
         procs = "" if cfg.nproc is None else f" in {cfg.nproc} processes under torchrun"
-        log(f"training {cfg.model} for {cfg.steps} steps{procs} with {cfg.crashes} SIGKILLs ...")
-        crashed = campaign(
-            [*base, "--mirror", str(crash_mirror)],
-            events_path=workdir / "crashed.events.jsonl",
-            log_path=workdir / "crashed.log",
-            crashes=cfg.crashes,
-            seed=cfg.seed,
-            env=env,
-            on_run=on_run,
-            total_steps=cfg.steps,
-        )
+        how = " (a standby pair)" if cfg.standby and cfg.nproc is None else ""
+        log(f"training {cfg.model} for {cfg.steps} steps{procs} with {cfg.crashes} SIGKILLs{how}")
+        campaign: Any = run_campaign
+        lost_standby: list[float] = []
+        lost_cold: list[float] = []
+        if cfg.nproc is not None:  # torchrun restarts its ranks itself: no standby
+            campaign = partial(run_torchrun_campaign, nproc=cfg.nproc)
+            crashed = campaign(
+                [*base, "--mirror", str(crash_mirror)],
+                events_path=workdir / "crashed.events.jsonl",
+                log_path=workdir / "crashed.log",
+                crashes=cfg.crashes,
+                seed=cfg.seed,
+                env=env,
+                on_run=on_run,
+                total_steps=cfg.steps,
+            )
+        else:
+            crashed, lost_standby, lost_cold = _crashed_runs(cfg, base, crash_mirror, workdir, env)
+            for r in crashed.runs:
+                on_run(r)
         log("training the same job without interruption ...")
         clean = campaign(
             [*base, "--mirror", str(clean_mirror)],
@@ -469,6 +540,9 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> DemoReport:
             reference=ref_timing,
             plot=str(plot_path) if plot_path else None,
             wall_s=time.perf_counter() - t_begin,
+            standby=cfg.standby,
+            lost_standby_ms=[x * 1e3 for x in lost_standby],
+            lost_cold_ms=[x * 1e3 for x in lost_cold],
             notes=[
                 f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
                 f"torch threads {cfg.threads}"

@@ -431,6 +431,36 @@ def _recovery(md: list[str], r: dict[str, Any]) -> None:
             + f" | {_ms(med['total'])} |"
         )
     md.append("")
+    if "standby" in r:
+        _standby(md, r["standby"])
+
+
+def _standby(md: list[str], s: dict[str, Any]) -> None:
+    """The time a SIGKILL costs: standby pair, cold restart, encrypted disk checkpoint."""
+
+    def row(name: str, v: dict[str, float]) -> str:
+        return f"| {name} | {v['n']:.0f} | {_ms(v['median'])} | {_ms(v['worst'])} |"
+
+    mem = s.get("spare_memory") or {}
+    md += [
+        f"Time lost to a SIGKILL, `{s['model']}` at batch {s['batch']} (one step "
+        f"{_ms(s['step_s'])} ms): from the kill to the end of the first step after it, "
+        "less one step, in ms:",
+        "",
+        "| recovery | kills | median | worst |",
+        "|---|---:|---:|---:|",
+        row("warm standby (`plinius train --standby`)", s["standby_s"]),
+        row("  of it: the kill until its death is seen", s["standby_detect_s"]),
+        row("cold restart (`plinius train` again)", s["cold_s"]),
+        row("encrypted disk checkpoint restart (estimate)", s["checkpoint_s"]),
+        "",
+        f"The checkpoint row is the cold restart with its mirror restore "
+        f"({_ms(s['mirror_restore_s'])} ms) replaced by the load of an encrypted disk "
+        f"checkpoint of the same state ({_ms(s['checkpoint_load_s'])} ms). The spare costs "
+        f"{mem.get('rss', 0) / 1e6:.0f} MB resident, {mem.get('private', 0) / 1e6:.0f} MB "
+        "of it its own.",
+        "",
+    ]
 
 
 def _memory(md: list[str], m: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ tune_openmp()
 import click  # noqa: E402
 
 from ..errors import PliniusError  # noqa: E402
+from ..standby import exit_code  # noqa: E402
 
 # Modules that define commands; each has a ``register(group)`` function.
 _COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", "bench"]
@@ -92,7 +93,8 @@ def _fail(msg: str, code: int, exc: BaseException) -> None:
     if by is not None and str(by) != os.environ.get("RANK", "0"):
         sys.exit(code)
     click.echo(msg.replace("\n", " "), err=True)
-    sys.exit(code)
+    # A standby pair's trainer tells its supervisor whether a restart can fix this.
+    sys.exit(exit_code(exc, code))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,7 +13,9 @@ from ..counters import Counter
 from ..crypto import MasterKey
 from ..errors import ConfigError, PliniusError
 from ..job import EventLog
-from ..mirror import DurableCopy, restore_durable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..mirror import DurableCopy
 
 __all__ = ["DEFAULT_EVERY", "durable_owns", "durable_path", "open_durable"]
 
@@ -75,6 +78,8 @@ def open_durable(
     """
     if copy_path is None:
         return None, lambda: None
+    from ..mirror import DurableCopy, restore_durable  # torch: only once a job runs
+
     failed: list[PliniusError] = []
     durable = DurableCopy(
         copy_path.parent,

@@ -26,6 +26,16 @@ def _speedup(baseline_ms: float, plinius_ms: float) -> str:
     return f"{r:.1f}x faster" if r >= 1 else f"{1 / r:.1f}x slower"
 
 
+def _lost(ms: list[float]) -> str:
+    """Median and worst of the times lost to kills (kill to the end of the next step, less one)."""
+    import statistics
+
+    def fmt(x: float) -> str:
+        return f"{x:.0f} ms" if x < 1000 else f"{x / 1e3:.2f} s"
+
+    return f"median {fmt(statistics.median(ms))}, worst {fmt(max(ms))} ({len(ms)} kills)"
+
+
 def _yes(ok: bool) -> str:
     return "[green]yes[/green]" if ok else "[bold red]NO[/bold red]"
 
@@ -41,13 +51,24 @@ def _yes(ok: bool) -> str:
 )
 @click.option(
     "--crashes",
-    default=4,
+    default=2,
     show_default=True,
     type=click.IntRange(min=0, max=50),
     help="SIGKILLs during the crashed run.",
 )
 @click.option(
-    "--steps", default=240, show_default=True, type=click.IntRange(min=10), help="Steps of the job."
+    "--steps",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=10),
+    help="Steps of the job (with the standby: enough for a spare to get ready before each kill).",
+)
+@click.option(
+    "--standby/--cold",
+    default=True,
+    show_default=True,
+    help="Crash a standby pair (a warm spare takes over; a cold restart is timed beside it), "
+    "or restart cold after each kill.",
 )
 @click.option("--model", default="cnn-tiny", show_default=True, help="Built-in model or .cfg path.")
 @click.option(
@@ -69,6 +90,7 @@ def demo(
     batch_size: int,
     seed: int,
     nproc: int | None,
+    standby: bool,
 ) -> None:
     """Train with random SIGKILLs, resume each time, and prove the result is exact.
 
@@ -100,6 +122,7 @@ def demo(
         batch_size=batch_size,
         seed=seed,
         nproc=nproc,
+        standby=standby and nproc is None,
     )
     # markup=False: the lines are plain text ("pip install 'plinius[plots]'" included).
     rep = run_demo(cfg, log=lambda s: console.print(s, markup=False))
@@ -107,11 +130,20 @@ def demo(
     t.add_row("crashes (SIGKILL)", str(rep.crashes))
     for r in rep.resumes:
         if r["resumed_from"] is not None:
+            start = r["start_to_first_step_s"]
             t.add_row(
                 f"  resume of run {r['run']}",
-                f"after step {r['resumed_from']}: restore {r['restore_ms']:.1f} ms, "
-                f"process start to first step {r['start_to_first_step_s'] or float('nan'):.2f} s",
+                f"after step {r['resumed_from']}: "
+                + (
+                    f"restore {r['restore_ms']:.1f} ms, process start to first step {start:.2f} s"
+                    if start is not None
+                    else f"a warm spare took over, restored {r['restore_ms']:.1f} ms after the kill"
+                ),
             )
+    if rep.lost_standby_ms:
+        t.add_row("time lost to a SIGKILL: standby", _lost(rep.lost_standby_ms))
+    if rep.lost_cold_ms:
+        t.add_row("time lost to a SIGKILL: cold restart", _lost(rep.lost_cold_ms))
     t.add_row("persistent memory", rep.pm_kind)
     t.add_row("state size", f"{rep.state_bytes / 1e6:.2f} MB")
     t.add_row(
@@ -224,6 +256,12 @@ def demo(
     type=int,
     help="Train in N processes under torchrun and kill random workers (default: one process).",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Train as a standby pair and kill the trainer each time a spare is ready; "
+    "report the time each kill cost.",
+)
 def crash_test(
     key_path: Path,
     data_path: Path,
@@ -241,6 +279,7 @@ def crash_test(
     verify: bool,
     workdir: Path | None,
     nproc: int | None,
+    standby: bool,
 ) -> None:
     """Kill `plinius train` with SIGKILL CRASHES times, resume each time, check the result.
 
@@ -254,6 +293,8 @@ def crash_test(
     from ..crypto import MasterKey
 
     if nproc is not None:
+        if standby:
+            raise click.UsageError("--standby cannot run under torchrun (--nproc); drop one")
         _check_nproc_options(nproc, batch_size, schedule)
     if schedule != "trace":
         ctx = click.get_current_context()
@@ -267,6 +308,11 @@ def crash_test(
             raise click.UsageError(
                 f"{flags} {'needs' if len(stray) == 1 else 'need'} --schedule trace"
             )
+    if standby and schedule == "trace":
+        raise click.UsageError(
+            "--standby cannot follow a price trace: a preempted instance takes its spare "
+            "with it; use --schedule random"
+        )
     if not math.isfinite(bid):
         raise click.BadParameter(f"{bid} is not a finite price", param_hint="--bid")
     # The campaign appends to these files in --workdir, and writes MIRROR.reference.
@@ -310,20 +356,23 @@ def crash_test(
     if nproc is not None:
         _crash_test_nproc(nproc, base, key, mirror_path, ref, wd, crashes, seed, steps, verify, env)
         return
-    result = run_campaign(
-        [*base, "--mirror", str(mirror_path)],
-        events_path=wd / "events.jsonl",
-        log_path=wd / "train.log",
-        crashes=crashes,
-        seed=seed,
-        trace=trace,
-        bid=bid,
-        time_scale=time_scale,
-        env=env,
-        on_run=on_run,
-        total_steps=steps,
-    )
-    click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
+    if standby:
+        _standby_campaign(base, mirror_path, wd, crashes, seed, env)
+    else:
+        result = run_campaign(
+            [*base, "--mirror", str(mirror_path)],
+            events_path=wd / "events.jsonl",
+            log_path=wd / "train.log",
+            crashes=crashes,
+            seed=seed,
+            trace=trace,
+            bid=bid,
+            time_scale=time_scale,
+            env=env,
+            on_run=on_run,
+            total_steps=steps,
+        )
+        click.echo(f"{result.crashes} crashes, job finished: {result.finished}; logs in {wd}")
     if verify:
         try:
             run_campaign(
@@ -414,3 +463,33 @@ def _crash_test_nproc(
         f"bit-for-bit identical to an uninterrupted {nproc}-process run "
         "(every process's mirror): yes"
     )
+
+
+def _standby_campaign(
+    base: list[str], mirror: Path, wd: Path, crashes: int, seed: int, env: dict[str, str]
+) -> None:
+    """``crash-test --standby``: kill a standby pair's trainer; print what each kill cost."""
+    from ..bench.standby import lost_times, run_standby_campaign, summary
+
+    camp = run_standby_campaign(
+        [*base, "--mirror", str(mirror)],
+        events_path=wd / "events.jsonl",
+        log_path=wd / "train.log",
+        plan=["trainer"] * crashes,
+        seed=seed,
+        env=env,
+        on_kill=lambda k: click.echo(f"killed the trainer (pid {k.pid}) after step {k.step}"),
+    )
+    lost = lost_times(camp)
+    s = summary([x["lost"] for x in lost])
+    d = summary([x["detect"] for x in lost])
+    click.echo(
+        f"{len(camp.kills)} crashes taken over by a warm spare, job finished: True; logs in {wd}"
+    )
+    if lost:
+        click.echo(
+            f"time lost to a SIGKILL (kill to the end of the next step, less one step of "
+            f"{lost[0]['step'] * 1e3:.1f} ms): median {s['median'] * 1e3:.0f} ms, worst "
+            f"{s['worst'] * 1e3:.0f} ms over {len(lost)} kills; of it the kernel's teardown "
+            f"of the killed process until its death is seen: median {d['median'] * 1e3:.0f} ms"
+        )

@@ -22,11 +22,13 @@ from ..job import (
     model_settings,
     process_age_s,
 )
+from ..standby import Turn, refuse_torchrun
 from ._durable import durable_owns, durable_path, open_durable
 from ._freshness import READ_COUNTER_HELP, counter_option, open_for_reading, train_note
 from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
+from ._standby import is_worker, report_takeover, supervise_train, take_turn
 from ._torchrun import torchrun_job
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
@@ -306,6 +308,11 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Fine-tune: start a new job from this mirror's model weights (read-only).",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="Keep a warm spare process that takes over within milliseconds if training dies.",
+)
 def train(
     key_path: Path | None,
     key_server: str | None,
@@ -334,6 +341,7 @@ def train(
     events_path: Path | None,
     progress: bool | None,
     init_from: Path | None,
+    standby: bool,
 ) -> None:
     """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
 
@@ -352,6 +360,8 @@ def train(
         if stray:
             verb = "needs" if len(stray) == 1 else "need"
             raise click.UsageError(f"{' and '.join(stray)} {verb} --counter")
+    if standby:
+        refuse_torchrun()  # torchrun restarts its ranks itself
     # Under torchrun: several processes, one mirror set (cli/_torchrun.py).
     job = torchrun_job()
     if job is not None:
@@ -378,6 +388,8 @@ def train(
         | {"--init-from": init_from},
         {"--durable-dir": (durable_dir, durable_owns(mirror_path))},
     )
+    if standby and not is_worker():  # the supervisor: no torch, no key
+        supervise_train(click.get_current_context(), events_path)
     age = process_age_s()
     t_start = time.perf_counter()
     events = EventLog(events_path if job is None or job.speaks else None)
@@ -406,6 +418,8 @@ def train(
         optimizer = spec.make_optimizer(lr)
         scheduler = spec.make_scheduler(optimizer, steps)
         t_build = time.perf_counter() - t0
+        # A spare waits here, prepared, until the trainer dies.
+        turn = take_turn(mirror_path, spec, ds, bs) if standby else None
         counter, every = make_counter(
             counter_spec, key, key_server, key_server_pubkey, job_id or mirror_path.name
         )
@@ -443,6 +457,8 @@ def train(
 
             def on_step(ev: Any) -> None:
                 events.write("step", step=ev.step, loss=ev.loss, saved=ev.saved)
+                if turn is not None:
+                    turn.stepped()
                 update(ev)
                 report_durable()
 
@@ -465,7 +481,17 @@ def train(
                     callback=on_step,
                     on_replan=lambda said: _report_replan(events, said, speaks),
                     on_resume=lambda r, s: _report_resume(
-                        events, r, s, steps, t_key, t_build, t_open, age, t_start - _T_ENTRY, speaks
+                        events,
+                        r,
+                        s,
+                        steps,
+                        t_key,
+                        t_build,
+                        t_open,
+                        age,
+                        t_start - _T_ENTRY,
+                        speaks,
+                        turn,
                     ),
                     # A resume with another model or learning rate is refused.
                     job_info={
@@ -536,6 +562,7 @@ def _report_resume(
     age: float | None,
     imports_s: float,
     speaks: bool = True,
+    turn: Turn | None = None,
 ) -> None:
     if not speaks:
         pass
@@ -555,6 +582,7 @@ def _report_resume(
         imports_s=imports_s,
         process_age_at_start_s=age,
     )
+    report_takeover(turn, events, resumed)
 
 
 @click.command()
