@@ -91,7 +91,7 @@ def describe_run(run: RunRecord, previous: RunRecord | None = None) -> str:
         E.g. ``run 2: resumed after step 137, the last committed step (step 138
         was not yet committed and is redone), reached step 200, finished``.
     """
-    if run.resumed_from is None and run.recovery_s is None and run.killed:
+    if run.resumed_from is None and run.recovery_s is None and run.killed and not run.steps:
         where = "killed during start-up, before its restore"
     elif run.resumed_from is None:
         where = "new job"
