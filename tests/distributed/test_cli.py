@@ -122,4 +122,3 @@ def test_rm_removes_the_set(trained: dict[str, Any]) -> None:
     res = run_cli("rm", copy)
     assert res.exit_code == 0, res.output
     assert not copy.exists()
-

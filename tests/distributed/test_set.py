@@ -141,3 +141,21 @@ def test_single_process_train_on_a_set_is_refused(shm_dir: Path) -> None:
     )  # fmt: skip
     assert_one_line_error(res, "mirror set of a multi-process job", "torchrun")
     assert {p.name: p.read_bytes() for p in where.iterdir()} == before
+
+
+def test_ls_lists_a_set_with_its_globally_committed_step(shm_dir: Path, key: MasterKey) -> None:
+    import json
+
+    key_path = shm_dir / "k.key"
+    key.save(key_path)
+    where = shm_dir / "job.plm"
+    _write_set(where, key, [1, 2, 3])
+    with Mirror(member_path(where, 0), key, keep_previous=True) as m:
+        m.save(_state(4, 0, "j1"), step=4)  # one process a save ahead
+    (shm_dir / "plain-dir").mkdir()  # a directory that is no set is skipped
+    res = run_cli("ls", shm_dir, "--key", key_path, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    (row,) = [r for r in doc["files"] if r["name"] == "job.plm"]
+    assert row["kind"] == "mirror-set" and row["step"] == 3 and row["authenticated"]
+    assert "plain-dir" in doc["skipped"]

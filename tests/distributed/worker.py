@@ -54,7 +54,12 @@ class Records(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(16, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+        nn.Linear(16, 64),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(64, 64),
+        nn.ReLU(),
+        nn.Linear(64, 4),
     )
 
 

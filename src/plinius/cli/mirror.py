@@ -387,8 +387,9 @@ def set_lines(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _ls_row(path: Path, kind: FileKind, key: MasterKey | None) -> dict[str, Any]:
-    """One file of ``plinius ls``: what can be read of it (an ``error`` when nothing more)."""
+def _ls_row(path: Path, kind: str, key: MasterKey | None) -> dict[str, Any]:
+    """One file of ``plinius ls`` (or a mirror set): what can be read of it (an ``error`` when
+    nothing more)."""
     row: dict[str, Any] = {
         "name": path.name,
         "path": str(path),
@@ -405,6 +406,9 @@ def _ls_row(path: Path, kind: FileKind, key: MasterKey | None) -> dict[str, Any]
         "error": None,
     }
     try:
+        if kind == "mirror-set":
+            _ls_set(row, path, key)
+            return row
         st = path.stat()
         row.update(size=st.st_size, modified_at=st.st_mtime)
         if kind == "mirror":
@@ -436,6 +440,32 @@ def _ls_row(path: Path, kind: FileKind, key: MasterKey | None) -> dict[str, Any]
     except OSError as exc:
         row["error"] = str(storage_error(exc, f"cannot read {path}"))
     return row
+
+
+def _ls_set(row: dict[str, Any], path: Path, key: MasterKey | None) -> None:
+    """A mirror set's row: its files' total size, local-0's generation, the global step."""
+    from ..dist import SetView, member_files
+    from ..mirror import describe_file
+
+    files = member_files(path)
+    stats = [f.stat() for _, f in files]
+    row.update(
+        size=sum(st.st_size for st in stats),
+        modified_at=max(st.st_mtime for st in stats),
+        generation=describe_file(files[0][1]).generation,
+    )
+    if key is not None:
+        with SetView(path, key) as view:
+            info = view.info()
+            job = job_of(view)
+        row.update(
+            generation=info.generation,
+            step=info.step,
+            model=job["model"],
+            total_steps=job["total_steps"],
+            dataset_id=job["dataset_id"],
+            authenticated=True,
+        )
 
 
 def _ls_detail(row: dict[str, Any]) -> str:
@@ -507,6 +537,8 @@ def ls(directory: Path, key_path: Path | None, as_json: bool) -> None:
             continue
         if kind in ("mirror", "dataset"):
             rows.append(_ls_row(path, kind, key))
+        elif e.is_dir(follow_symlinks=False) and any(path.glob("local-*.plm")):
+            rows.append(_ls_row(path, "mirror-set", key))  # a torchrun job's mirror set
         else:
             skipped.append(e.name)
     if as_json:
@@ -523,8 +555,11 @@ def ls(directory: Path, key_path: Path | None, as_json: bool) -> None:
         for line in _ls_table(rows):
             click.echo(line.rstrip())
     mirrors = sum(r["kind"] == "mirror" for r in rows)
+    sets = sum(r["kind"] == "mirror-set" for r in rows)
     datasets = sum(r["kind"] == "dataset" for r in rows)
     summary = f"{directory}: {mirrors} mirror(s), {datasets} sealed dataset(s)"
+    if sets:
+        summary += f", {sets} mirror set(s)"
     if skipped:
         summary += f"; {len(skipped)} other file(s) skipped"
     click.echo(summary)
