@@ -1,6 +1,7 @@
 """A user's own torchrun script: DDP, a mirror set and ``plinius.fit``; the tests run it.
 
-    torchrun --standalone --nproc-per-node=N tests/distributed/worker.py --mirror DIR --key K --out OUT
+    torchrun --standalone --nproc-per-node=N tests/distributed/worker.py \
+        --mirror DIR --key K --out OUT
 
 Rank 0 writes the job's result to ``OUT`` as JSON: every step's loss and a hash
 of the final model and optimizer state of every process (gathered). Test hooks
