@@ -202,6 +202,7 @@ LAYERS: list[tuple[str, ...]] = [
         "plinius._runtime",
         "plinius._lazy",
         "plinius.limits",
+        "plinius._workers",
     ),
     ("plinius._fsutil", "plinius.crypto", "plinius.pmem"),
     ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),

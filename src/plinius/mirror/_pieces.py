@@ -1,4 +1,4 @@
-"""Tensors to sealed AES-GCM pieces and back, and the threads that run the pieces.
+"""Tensors to sealed AES-GCM pieces and back.
 
 A tensor is sealed in pieces of at most ``chunk_bytes`` (one AES-GCM call is
 capped at 2**31 - 1 bytes; smaller pieces also let two threads share a big
@@ -6,23 +6,21 @@ tensor). Piece ``c`` of tensor ``i`` in generation ``g`` has nonce
 ``counter_nonce(i, 2 + c)`` under the save's own key, and AAD
 ``aad(purpose, region id, g)`` + ``aad(i, name, kind, dtype, shape, nbytes,
 pieces)`` + ``aad(c)``; its tag follows its ciphertext in the slot.
-:class:`Pieces` builds (and caches) those per region; :class:`Runner` deals the
-pieces' jobs to the threads, largest first, each to the less loaded thread.
+:class:`Pieces` builds (and caches) those per region; ``plinius._workers``'
+:class:`Runner` (re-exported here) deals the pieces' jobs to the threads.
 """
 
 from __future__ import annotations
 
 import functools
 import hmac
-import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._workers import PARALLEL_MIN_BYTES, THREADS, Job, Runner, split_jobs
 from ..crypto import TAG_SIZE, Aead, aad, counter_nonce
 from ..errors import IntegrityError
 from ..pmem import RegionLike
@@ -44,9 +42,6 @@ __all__ = [
     "tag_ends",
 ]
 
-# Knobs. Saves and restores above PARALLEL_MIN_BYTES use THREADS threads.
-THREADS = min(2, os.cpu_count() or 1)
-PARALLEL_MIN_BYTES = 8 << 20
 # Persist ranges closer than this are persisted as one (fewer msync calls).
 _MERGE_GAP = 4096
 
@@ -218,76 +213,6 @@ def decrypt_job(
             stop.set()
 
     return run
-
-
-# ---------------------------------------------------------------- threads
-@dataclass
-class Job:
-    """One piece's work: its size in bytes (to share the load) and what runs it."""
-
-    nbytes: int
-    run: Callable[[], None]
-
-
-def run_all(jobs: list[Job]) -> None:
-    """Run ``jobs`` in order on this thread."""
-    for j in jobs:
-        j.run()
-
-
-def split_jobs(jobs: list[Job], n: int) -> list[list[Job]]:
-    """``n`` groups of nearly equal bytes: each job, largest first, to the least loaded group."""
-    groups: list[list[Job]] = [[] for _ in range(n)]
-    loads = [0] * n
-    for j in sorted(jobs, key=lambda j: -j.nbytes):
-        g = loads.index(min(loads))
-        groups[g].append(j)
-        loads[g] += j.nbytes
-    return [g for g in groups if g]
-
-
-class Runner:
-    """Runs jobs on up to ``threads`` threads, the caller's among them.
-
-    Args:
-        threads: how many threads (at least 1); the pool of the others is
-            started on first use.
-    """
-
-    __slots__ = ("_pool", "threads")
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    def run(self, jobs: list[Job]) -> None:
-        """Run ``jobs``, split by bytes; re-raise the first error once all have stopped."""
-        total = sum(j.nbytes for j in jobs)
-        if self.threads == 1 or total < PARALLEL_MIN_BYTES or len(jobs) < 2:
-            for j in jobs:
-                j.run()
-            return
-        groups = split_jobs(jobs, self.threads)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="plinius-aead")
-        futures = [self._pool.submit(run_all, g) for g in groups[1:]]
-        err: BaseException | None = None
-        try:
-            run_all(groups[0])
-        except BaseException as exc:
-            err = exc
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as exc:
-                err = err or exc
-        if err is not None:
-            raise err
-
-    def shutdown(self) -> None:
-        """Stop the pool's threads (waiting for them)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
 
 
 def persist_ranges(region: RegionLike, ranges: list[tuple[int, int]]) -> None:
