@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import PliniusError, storage_error
 
-__all__ = ["create_secret_file", "fsync_dir", "temp_prefix", "write_atomic"]
+__all__ = ["create_secret_file", "drop_cached", "fsync_dir", "temp_prefix", "write_atomic"]
 
 # Room a temporary name needs beside the final name's prefix: "." + "." + 8
 # random characters (mkstemp's, or token_hex(4)) + ".tmp".
@@ -39,6 +39,25 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def drop_cached(path: str | os.PathLike[str]) -> None:
+    """Drop the page cache of a file already synced (its bytes on disk stay as they are).
+
+    A file about to be superseded: freeing its cached pages just before its
+    successor is written lets the kernel reuse them at once, as a truncating
+    rewrite would (measured: writing a new 300 MB file beside a cached old one
+    took 2-4x as long on the development VM). Best effort: errors and systems
+    without ``posix_fadvise`` are ignored.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def temp_prefix(path: Path) -> str:

@@ -331,8 +331,10 @@ class PliniusWriter(StorageWriter):
         found = _read_committed(self._path, self._key, None)
         self._previous = None if found is None else found[1]
         self._ckpt_id = os.urandom(16)
+        old = () if found is None else found[1].files
         return [
-            replace(p, storage_data=fmt.FileSpec(self._ckpt_id, i)) for i, p in enumerate(plans)
+            replace(p, storage_data=fmt.FileSpec(self._ckpt_id, i, old))
+            for i, p in enumerate(plans)
         ]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:

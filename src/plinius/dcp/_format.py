@@ -82,10 +82,15 @@ MAX_METADATA_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class FileSpec:
-    """What the coordinator hands each rank in its plan: the checkpoint id and its file."""
+    """What the coordinator hands each rank in its plan: the checkpoint id and its file.
+
+    ``superseded`` names the data files of the committed checkpoint this save
+    replaces (not on disk: plans only travel between ranks).
+    """
 
     ckpt_id: bytes
     file_index: int
+    superseded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

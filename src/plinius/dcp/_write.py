@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.planner import SavePlanner, WriteItem
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .._fsutil import fsync_dir
+from .._fsutil import drop_cached, fsync_dir
 from .._workers import Job, Runner
 from ..crypto import TAG_SIZE, Aead, counter_nonce
 from ..errors import storage_error
@@ -186,6 +186,10 @@ def write_file(
         counter_nonce(0, spec.file_index), b"", fmt.data_header_aad(header, name)
     )
     results: list[WriteResult] = []
+    # The committed files stay on disk until the commit; only their cached
+    # pages go (see drop_cached: the new file's writes then run at rewrite speed).
+    for old in spec.superseded:
+        drop_cached(directory / old)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:

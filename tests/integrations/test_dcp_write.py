@@ -1,4 +1,4 @@
-"""plinius.dcp's writer on several threads: the same bytes as in series, and failures clean up."""
+"""plinius.dcp's write path: threads change no byte, failures clean up, superseded files' cache."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+import plinius._fsutil
 import plinius._workers
 import plinius.dcp
 from plinius.crypto import MasterKey
@@ -123,3 +124,25 @@ def test_a_failed_write_removes_its_file_and_keeps_the_checkpoint(
     assert len(calls) == 3
     assert {f.name: f.read_bytes() for f in d.iterdir()} == before
     assert (d / METADATA_NAME).exists()
+
+
+def test_a_save_drops_the_cache_of_the_files_it_supersedes_and_nothing_else(
+    tmp_path: Path, key: MasterKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped: list[Path] = []
+    monkeypatch.setattr(_write, "drop_cached", dropped.append)
+    d = tmp_path / "c"
+    plinius.dcp.save(_state(1), d, key, no_dist=True)
+    assert dropped == []  # nothing committed yet
+    (first,) = d.glob("*.pdcp")
+    plinius.dcp.save(_state(2), d, key, no_dist=True)
+    assert dropped == [first]
+    assert not first.exists()  # removed after the commit, as before
+
+
+def test_drop_cached_keeps_the_bytes_and_ignores_a_missing_file(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100_000)
+    plinius._fsutil.drop_cached(f)
+    assert f.read_bytes() == b"x" * 100_000
+    plinius._fsutil.drop_cached(tmp_path / "missing")  # best effort: no error
