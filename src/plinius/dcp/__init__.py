@@ -54,7 +54,6 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from .._fsutil import fsync_dir, write_atomic
-from .._workers import THREADS
 from ..counters import Counter
 from ..crypto import TAG_SIZE, Aead, MasterKey, aad, counter_nonce
 from ..errors import (
@@ -266,10 +265,13 @@ class PliniusWriter(StorageWriter):
             advanced after each commit; a :class:`PliniusReader` given it then
             refuses a rolled-back directory.
         thread_count: threads per rank that encrypt and write its data file,
-            as in DCP's ``FileSystemWriter``: 1 encrypts and writes in series;
-            2 (the default on two or more cores) encrypts the next batch while
-            the previous one is written; more encrypt several batches ahead.
-            The file's bytes are the same whatever the count.
+            as in DCP's ``FileSystemWriter``: 1 (the default) encrypts and
+            writes in series; 2 encrypts the next batch while the previous one
+            is written; more encrypt several batches ahead. The file's bytes
+            are the same whatever the count. AES-GCM (several GB/s a core with
+            AES-NI) is rarely what a save waits for: more threads pay only
+            with idle cores and a disk faster than one core's AES-GCM
+            (docs/BENCHMARKS.md).
 
     Raises (from ``dcp.save``, wrapped by DCP in ``CheckpointException``; use
     :func:`save` or :func:`plinius_errors` to get them as they are):
@@ -286,14 +288,12 @@ class PliniusWriter(StorageWriter):
         key: MasterKey,
         *,
         counter: Counter | None = None,
-        thread_count: int | None = None,
+        thread_count: int = 1,
     ) -> None:
         super().__init__()
         self._path = Path(path)
         self._key = _check_key(key)
         self._counter = counter
-        if thread_count is None:
-            thread_count = THREADS
         if isinstance(thread_count, bool) or not isinstance(thread_count, int) or thread_count < 1:
             raise ConfigError(f"thread_count must be a positive integer, not {thread_count!r}")
         self._threads = thread_count

@@ -5,7 +5,9 @@ of about :data:`BATCH_BYTES` (a bigger piece is a batch of its own). Round by
 round, one thread writes the batches sealed in the previous round while the
 others seal the next ones into reusable buffers: AES-GCM and ``os.write`` both
 release the GIL, so on a disk slower than AES-GCM the encryption hides behind
-the writes. With one thread the rounds run in series. The bytes are those of
+the writes. With one thread (the default: on the shared 2-core development
+machine a second thread's hand-offs cost more than the encryption they hide)
+the rounds run in series. The bytes are those of
 docs/FORMAT.md whatever the thread count: only the order of work changes.
 """
 
