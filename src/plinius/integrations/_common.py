@@ -1,4 +1,9 @@
-"""What the framework integrations share: a dict as a Stateful, deferred RNG, the job check."""
+"""What the framework integrations share: a dict as a Stateful, deferred RNG, the job check.
+
+A framework's mirrored state is :func:`job_state`: the job (checked on resume),
+the model (restored in place, strictly), the framework's checkpoint dict (a
+:class:`DictState`) and the global random generators (a :class:`DeferredRNG`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from ..errors import StateMismatchError
 from ..mirror import Mirror
 from ..rng import RNGState
 
-__all__ = ["DeferredRNG", "DictState", "check_job", "restore_dict"]
+__all__ = ["DeferredRNG", "DictState", "check_job", "job_state", "restore_dict", "resume_job"]
 
 
 class DictState:
@@ -110,3 +115,44 @@ def restore_dict(
     state = {**state, holder_name: holder, holder_name + "_keys": keys}
     step = mirror.restore(state)
     return step, holder.loaded
+
+
+def job_state(
+    job: dict[str, Any], model: Any, holder_name: str, ckpt: dict[str, Any], rng: DeferredRNG
+) -> dict[str, Any]:
+    """The state a framework integration saves: job, model, checkpoint dict, RNG.
+
+    The dict's top-level keys are saved as a plain value too (``holder_name +
+    "_keys"``), so :func:`restore_dict` can build the template.
+    """
+    return {
+        "job": job,
+        "model": model,
+        holder_name: DictState(lambda: ckpt),
+        holder_name + "_keys": list(ckpt),
+        "rng": rng,
+    }
+
+
+def resume_job(
+    mirror: Mirror,
+    job: dict[str, Any],
+    model: Any,
+    holder_name: str,
+    rng: DeferredRNG,
+    where: str | os.PathLike[str],
+) -> tuple[int | None, dict[str, Any] | None]:
+    """Restore what :func:`job_state` saved: the model in place, the RNG deferred.
+
+    Returns:
+        The saved step and the checkpoint dict; ``(None, None)`` if the mirror
+        holds nothing yet.
+
+    Raises:
+        StateMismatchError: another job's mirror, or the model's parameters
+            changed (raised before anything is written).
+    """
+    if mirror.info().generation == 0:
+        return None, None
+    check_job(mirror, job, where)
+    return restore_dict(mirror, {"job": job, "model": model, "rng": rng}, holder_name)

@@ -44,7 +44,7 @@ from ..counters import Counter
 from ..crypto import MasterKey
 from ..errors import ConfigError, FormatError, StorageError
 from ..mirror import Mirror
-from ._common import DeferredRNG, DictState, check_job, restore_dict
+from ._common import DeferredRNG, DictState, job_state, restore_dict, resume_job
 
 __all__ = ["PliniusCheckpointIO", "PliniusMirrorCallback", "ResumableBatches"]
 
@@ -110,11 +110,8 @@ class PliniusMirrorCallback(pl.Callback):
             return
         self._mirror = Mirror(self.path, self._key, counter=self._counter)
         try:
-            if self._mirror.info().generation == 0:
-                return
-            check_job(self._mirror, _job(pl_module, self._name), self.path)
-            target = {"job": _job(pl_module, self._name), "model": pl_module, "rng": self._rng}
-            step, ckpt = restore_dict(self._mirror, target, _HOLDER)
+            job = _job(pl_module, self._name)
+            step, ckpt = resume_job(self._mirror, job, pl_module, _HOLDER, self._rng, self.path)
             if ckpt is None:
                 return
             # The module was restored in place (strictly: same keys, shapes, dtypes);
@@ -165,13 +162,7 @@ class PliniusMirrorCallback(pl.Callback):
     def _state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         ckpt = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         ckpt.pop("state_dict", None)  # saved once, as the module itself
-        return {
-            "job": _job(pl_module, self._name),
-            "model": pl_module,
-            _HOLDER: DictState(lambda: ckpt),
-            _HOLDER + "_keys": list(ckpt),
-            "rng": self._rng,
-        }
+        return job_state(_job(pl_module, self._name), pl_module, _HOLDER, ckpt, self._rng)
 
 
 class ResumableBatches:
