@@ -36,8 +36,8 @@ $(STAMP): pyproject.toml constraints.txt | sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# constraints.txt pins the CPU build of torch so no CUDA build is ever pulled.
 	# The 'tpm' extra builds against libtss2: install it only where sysdeps could.
-	if pkg-config --exists tss2-esys 2>/dev/null; then extras=dev,plots,lightning,tpm; \
-	else extras=dev,plots,lightning; echo "libtss2 not found: installing without the 'tpm' extra"; fi; \
+	if pkg-config --exists tss2-esys 2>/dev/null; then extras=dev,plots,lightning,hf,tpm; \
+	else extras=dev,plots,lightning,hf; echo "libtss2 not found: installing without the 'tpm' extra"; fi; \
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$$extras]"
 	touch $(STAMP)
 

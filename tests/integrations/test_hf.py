@@ -1,4 +1,4 @@
-"""Hugging Face Trainer: SIGKILLed runs resume bit for bit; bad input stops train() with the plinius error.
+"""Hugging Face Trainer: SIGKILLed runs resume bit for bit; bad input stops train() with an error.
 
 The runs are ``examples/hf_mirror.py`` (so the example is tested too): in child
 processes for the crash test, in this process for the other cases. A tiny GPT-2
@@ -125,11 +125,12 @@ def _crash_at(step: int) -> Any:
     return CrashAt()
 
 
-@pytest.mark.parametrize(("every", "accum", "crash"), [(3, 2, 23), (1, 1, 32)])
+@pytest.mark.slow
+@pytest.mark.parametrize(("every", "accum", "crash"), [(3, 2, 23), (1, 1, 33)])
 def test_every_k_steps_with_accumulation_resumes_equal(
     shm_dir: Path, key_file: Path, every: int, accum: int, crash: int
 ) -> None:
-    """K > 1 with gradient accumulation, and a crash just at an epoch's end (step 32)."""
+    """K > 1 with gradient accumulation, and a resume at an epoch's start (step 32)."""
     ex = _example()
     key = MasterKey.load(key_file)
     results = []
@@ -158,7 +159,14 @@ def test_bad_input_stops_train_with_the_plinius_error_and_overwrites_nothing(
 ) -> None:
     ex = _example()
     mirror = shm_dir / "job.plm"
-    assert ex.main(["--key", str(key_file), "--mirror", str(mirror), "--epochs", "1"]) == 0
+    argv = ["--key", str(key_file), "--mirror", str(mirror), "--epochs", "1"]
+    assert ex.main(argv) == 0
+    resumed, first = _final(capsys.readouterr().out)
+    assert resumed == "None"
+    # A rerun of the finished job trains no further and reports the same run.
+    assert ex.main(argv) == 0
+    resumed, again = _final(capsys.readouterr().out)
+    assert resumed == "32" and again == first
     before = mirror.read_bytes()
     other = tmp_path / "other.key"
     MasterKey.generate().save(other)

@@ -48,7 +48,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import compare_trainer_and_checkpoint_args
@@ -72,7 +71,7 @@ class _FromMirror(str):
     """
 
 
-def _job(model: torch.nn.Module, name: str | None) -> dict[str, Any]:
+def _job(model: Any, name: str | None) -> dict[str, Any]:
     cls = type(model)
     return {"framework": "hf", "module": f"{cls.__module__}.{cls.__qualname__}", "name": name or ""}
 
@@ -197,8 +196,9 @@ class PliniusMirrorCallback(TrainerCallback):  # type: ignore[misc]
         self.committed_step = state.global_step
 
 
-def _checkpoint(t: Trainer, finished: bool) -> dict[str, Any]:
+def _checkpoint(trainer: Trainer, finished: bool) -> dict[str, Any]:
     """What the Trainer's own checkpoint holds besides the weights and RNG, as one dict."""
+    t: Any = trainer
     states: dict[str, list[Any]] = {}
     for cb in [*t.callback_handler.callbacks, t.control]:
         if isinstance(cb, ExportableState):
@@ -291,7 +291,7 @@ class PliniusTrainerMixin:
         loaded = self._plinius()._loaded
         assert loaded is not None
         t.state = TrainerState(**loaded["trainer_state"])
-        compare_trainer_and_checkpoint_args(t.args, t.state)
+        compare_trainer_and_checkpoint_args(t.args, t.state)  # type: ignore[no-untyped-call]
         t._load_callback_state()
         epochs_trained = t.state.global_step // num_update_steps_per_epoch
         steps_in_epoch = 0
