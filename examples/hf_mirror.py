@@ -23,6 +23,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
 from plinius.crypto import MasterKey
@@ -113,6 +114,7 @@ def summary(trainer: PliniusTrainer, training_loss: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    transformers.logging.set_verbosity_error()  # the plinius error is the one line on stderr
     with tempfile.TemporaryDirectory() as tmp:
         try:
             trainer = make_trainer(args, MasterKey.load(args.key), args.output_dir or tmp)
