@@ -24,7 +24,7 @@ pytest.importorskip("transformers", reason="the 'hf' extra is not installed")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from plinius.crypto import MasterKey
-from plinius.errors import ConfigError, PliniusError
+from plinius.errors import ConfigError, PliniusError, StateMismatchError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_mirror.py"
 STEPS = 96  # 3 epochs of 32 optimizer steps
@@ -182,6 +182,14 @@ def test_bad_input_stops_train_with_the_plinius_error_and_overwrites_nothing(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
         assert mirror.read_bytes() == before
+
+    # An explicit checkpoint wins over the mirror, but another job's mirror is still refused.
+    ex.transformers.logging.set_verbosity_error()
+    args = ex.parse(["--key", str(key_file), "--mirror", str(mirror), "--job", "someone-else"])
+    t = ex.make_trainer(args, MasterKey.load(key_file), str(tmp_path / "out"))
+    with pytest.raises(StateMismatchError, match="another job"):
+        t.train(resume_from_checkpoint=str(tmp_path / "no-such-checkpoint"))
+    assert mirror.read_bytes() == before
 
 
 def test_the_callback_without_the_resuming_trainer_is_refused(

@@ -56,7 +56,7 @@ from ..counters import Counter
 from ..crypto import MasterKey
 from ..errors import ConfigError
 from ..mirror import Mirror
-from ._common import DeferredRNG, job_state, resume_job
+from ._common import DeferredRNG, check_job, job_state, resume_job
 
 __all__ = ["PliniusMirrorCallback", "PliniusTrainer", "PliniusTrainerMixin"]
 
@@ -128,10 +128,14 @@ class PliniusMirrorCallback(TrainerCallback):  # type: ignore[misc]
 
     def _open(self, trainer: Trainer) -> None:
         self._trainer = trainer
-        self._mirror = Mirror(self.path, self._key, counter=self._counter)
         self._pending = False
         self._loaded = None
         self.resumed_step = None
+        self._mirror = Mirror(self.path, self._key, counter=self._counter)
+        # Checked now, not only on resume: a run given an explicit checkpoint
+        # must not overwrite another job's mirror either.
+        if self._mirror.info().generation > 0:
+            check_job(self._mirror, _job(trainer.model, self._name), self.path)
 
     def _restore(self, trainer: Trainer) -> bool:
         """Restore the model in place and keep the rest for the load hooks; whether resuming."""
@@ -255,8 +259,8 @@ class PliniusTrainerMixin:
                 "FSDP or several processes yet)"
             )
         cb = self._plinius()
-        cb._open(t)
         try:
+            cb._open(t)
             return super().train(*args, **kwargs)  # type: ignore[misc]
         finally:
             cb._close()
