@@ -295,6 +295,9 @@ class PliniusTrainerMixin:
         loaded = self._plinius()._loaded
         assert loaded is not None
         t.state = TrainerState(**loaded["trainer_state"])
+        best = t.state.best_model_checkpoint
+        if best is not None and not os.path.isdir(best):
+            t.state.best_model_checkpoint = None  # as the Trainer does: that checkpoint is gone
         compare_trainer_and_checkpoint_args(t.args, t.state)  # type: ignore[no-untyped-call]
         t._load_callback_state()
         epochs_trained = t.state.global_step // num_update_steps_per_epoch
