@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import plinius.dcp
+import plinius.dist
 from plinius.crypto import MasterKey
 from plinius.errors import PliniusError
 
@@ -64,4 +65,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ends the process at once: gloo's teardown at interpreter exit can abort it.
+    plinius.dist.finish(main())

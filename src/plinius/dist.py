@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ __all__ = [
     "SetView",
     "StepGate",
     "describe_set",
+    "finish",
     "init",
     "member_files",
     "member_path",
@@ -145,6 +147,25 @@ def init(backend: str | None = None) -> Place:
         store = PrefixStore(f"plinius/restart-{place.restart}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return place
+
+
+def finish(code: int = 0) -> NoReturn:
+    """Leave the job's process group and end this process at once, with ``code``.
+
+    Call it last, once every file is closed. Gloo keeps C++ worker threads whose
+    teardown during the interpreter's own exit can abort a finished process
+    ("terminate called without an active exception", SIGABRT; pytorch PR 179291),
+    and torchrun then counts a worker that did all its work as failed. So the
+    group is destroyed, the output flushed, and the interpreter's teardown skipped.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
 
 
 def ordered_allreduce_hook(group: Any, bucket: Any) -> torch.futures.Future[Tensor]:

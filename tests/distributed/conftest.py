@@ -94,12 +94,13 @@ def kill_campaign(
     pids: Path,
     seed: int,
     timeout: float = 400,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], int]:
     """Run a torchrun job and SIGKILL a random worker ``kills`` times at random moments.
 
     Each worker writes its pid to ``pids/<local rank>.pid`` once its first step
     of an incarnation is done; a kill waits until every worker of the new
-    incarnation is there, then a random 0.05-1 s (steps and saves alike).
+    incarnation is there, then a random 0.05-0.6 s (steps and saves alike).
 
     Returns:
         The finished run and the number of kills made.
@@ -111,7 +112,7 @@ def kill_campaign(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_env({"WORKER_PIDS": str(pids)}),
+        env=_env({"WORKER_PIDS": str(pids), **(env or {})}),
         start_new_session=True,
     )
     made = 0
@@ -129,7 +130,7 @@ def kill_campaign(
             if len(now) < nproc or len(fresh) < nproc:
                 time.sleep(0.02)
                 continue
-            time.sleep(rng.uniform(0.05, 1.0))
+            time.sleep(rng.uniform(0.05, 0.6))
             victim = rng.choice(fresh)
             if proc.poll() is None and _alive(victim):
                 os.kill(victim, signal.SIGKILL)

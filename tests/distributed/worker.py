@@ -11,6 +11,8 @@ of the final model and optimizer state of every process (gathered). Test hooks
 * ``WORKER_DIE_AFTER_COMMIT=K:R``: rank R kills itself (SIGKILL) once it has
   committed step K.
   Both fire only in the first incarnation (``TORCHELASTIC_RESTART_COUNT`` 0).
+* ``WORKER_STEP_SLEEP=S``: every step sleeps S seconds after it is done (a
+  slower job, for kills that must land mid-run).
 * ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
   once its first step of this incarnation is done (training is under way).
 """
@@ -94,6 +96,7 @@ def hooks(mirrors: pdist.MirrorSet) -> Any:
         m._save_locked = stalled  # type: ignore[method-assign]
     die_step, die_rank = (int(v) for v in die.split(":")) if die else (0, -1)
     pids = os.environ.get("WORKER_PIDS")
+    nap = float(os.environ.get("WORKER_STEP_SLEEP", "0"))
     told = []
 
     def callback(ev: plinius.StepEvent) -> None:
@@ -103,6 +106,8 @@ def hooks(mirrors: pdist.MirrorSet) -> Any:
         if first and ev.step == die_step and rank == die_rank:
             mirrors.mirror.info()  # joins the pending save: step K is committed here
             os.kill(os.getpid(), signal.SIGKILL)
+        if nap:
+            time.sleep(nap)
 
     return callback
 
@@ -143,8 +148,7 @@ def main() -> int:
     if place.rank == 0:
         out = {"losses": res.losses, "digests": digests, "resumed_from": res.resumed_from}
         Path(args.out).write_text(json.dumps(out))
-    dist.destroy_process_group()
-    return 0
+    pdist.finish(0)
 
 
 if __name__ == "__main__":

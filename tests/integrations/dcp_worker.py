@@ -22,6 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import plinius.dcp
+import plinius.dist
 from plinius.crypto import MasterKey
 
 
@@ -93,4 +94,5 @@ def _equal(a, b) -> bool:  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ends the process at once: gloo's teardown at interpreter exit can abort it.
+    plinius.dist.finish(main())

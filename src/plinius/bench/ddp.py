@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     import torch
-    import torch.distributed as dist
 
-    from ..dist import init
+    from ..dist import finish, init
 
     torch.set_num_threads(args.threads)
     place = init()
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     gate = _gate_times(args.gate_iters)
     if place.rank == 0:
         Path(args.out).write_text(json.dumps({"step_s": steps, "gate_s": gate}))
-    dist.destroy_process_group()
+    finish(0)  # ends the worker (gloo's teardown at exit may abort it)
 
 
 def _run_world(

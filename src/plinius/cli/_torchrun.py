@@ -89,11 +89,10 @@ class TorchrunJob:
         return open_mirror_set(path, key)
 
     def finish(self) -> None:
-        """Leave the process group."""
-        import torch.distributed as dist
+        """Leave the process group and end this worker at once (:func:`plinius.dist.finish`)."""
+        from ..dist import finish
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        finish(0)
 
 
 def _said_once(exc: ConfigError) -> ConfigError:

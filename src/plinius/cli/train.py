@@ -516,15 +516,14 @@ def train(
         save_wait_s=result.save_wait_s,
     )
     events.close()
-    if job is not None:
-        job.finish()
-        if not job.speaks:
-            return
     procs = f", {job.world_size} processes" if job is not None else ""
-    click.echo(
-        f"done: {result.final_step} steps of {spec.name} (batch {bs}{procs}, {classes} classes), "
-        f"final loss {result.losses[-1]:.4f}; key from {key_source}"
-    )
+    if job is None or job.speaks:
+        click.echo(
+            f"done: {result.final_step} steps of {spec.name} (batch {bs}{procs}, "
+            f"{classes} classes), final loss {result.losses[-1]:.4f}; key from {key_source}"
+        )
+    if job is not None:
+        job.finish()  # ends the process: nothing may follow
 
 
 def _init_from(
