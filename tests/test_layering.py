@@ -207,7 +207,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plinius._fsutil", "plinius.crypto", "plinius.pmem"),
     ("plinius.testing", "plinius.rng", "plinius.tee", "plinius.darknet"),
     ("plinius.counters", "plinius.data", "plinius.models"),
-    ("plinius.mirror", "plinius.dcp"),
+    ("plinius.mirror", "plinius.dcp", "plinius.replica"),
     ("plinius.dist",),
     ("plinius.train",),
     ("plinius.job", "plinius.standby"),

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 from .crypto import MasterKey
 from .errors import ConfigError, IntegrityError, PliniusError, RollbackError
 from .mirror import Mirror, MirrorInfo, TensorInfo
+from .replica import BLOB_OVERHEAD, UniquePart, open_sealed, seal
 
 __all__ = [
     "MirrorSet",
@@ -271,25 +274,109 @@ class MirrorSet:
             world size, this process's local rank and node).
         step: the newest step every process holds (``None``: a new job), to
             which this process's mirror was brought.
+        replicas: 1 when every process keeps the sealed replicas of every
+            process's own part (see :mod:`plinius.replica`), else 0.
+        seed: a read-only copy of a surviving process's mirror at ``step``
+            when this process's machine lost its mirrors (``None`` otherwise):
+            :meth:`restore` reads it, :meth:`settle` saves this process's own
+            mirror from it.
     """
 
     def __init__(
-        self, mirror: Mirror, path: Path, place: Place, identity: dict[str, Any], step: int | None
+        self,
+        mirror: Mirror,
+        path: Path,
+        place: Place,
+        identity: dict[str, Any],
+        step: int | None,
+        *,
+        key: MasterKey | None = None,
+        replicas: int = 0,
+        seed: Mirror | None = None,
+        seed_path: Path | None = None,
     ) -> None:
         self.mirror = mirror
         self.path = path
         self.place = place
         self.identity = identity
         self.step = step
+        self.replicas = replicas
+        self.seed = seed
+        self._seed_path = seed_path
+        self._key = key
+        self._part: UniquePart | None = None
+
+    @property
+    def reader(self) -> Mirror:
+        """The mirror a restore reads: the seed after a machine loss, else this process's own."""
+        return self.seed if self.seed is not None else self.mirror
+
+    def attach(self, module: nn.Module) -> tuple[int, int]:
+        """Learn the model whose buffers the replicas carry; return the replicas' shape.
+
+        Returns:
+            ``(world size, bytes per replica blob)``: the shape of the
+            ``replicas`` tensor in the mirrored state.
+        """
+        self._part = UniquePart(module)
+        return (self.place.world_size, self._part.size + BLOB_OVERHEAD)
+
+    def seal_own(self, step: int) -> bytes:
+        """This process's own part, now, sealed as its replica at ``step``."""
+        assert self._part is not None and self._key is not None, "attach() first"
+        job = str(self.identity["job"])
+        return seal(self._key, job, dist.get_rank(), step, self._part.layout, self._part.pack())
+
+    def restore(self, state: dict[str, Any]) -> int | None:
+        """Restore ``state`` at the set's step; then this rank's own part from its replica.
+
+        The replica overlaid is the one of the rank this process has now (torchrun
+        may give a machine another rank after a restart), so every process takes
+        on the generators and buffers of the rank whose share of the data it trains.
+
+        Raises:
+            IntegrityError: a file, or the replica, fails authentication.
+        """
+        got = self.reader.restore(state)
+        if got is None or not self.replicas:
+            return got
+        assert self._part is not None and self._key is not None, "attach() first"
+        rank = dist.get_rank()
+        blob = bytes(state["replicas"][rank].numpy().tobytes())
+        where = self._seed_path or member_path(self.path, self.place.local_rank)
+        label = f"the replica of rank {rank} kept in {where} (step {got})"
+        plain = open_sealed(
+            self._key, str(self.identity["job"]), rank, got, self._part.layout, blob, label
+        )
+        self._part.unpack(plain)
+        return got
+
+    def settle(self, state: dict[str, Any]) -> None:
+        """After a restore from a seed: save this process's own mirror at the step, at once."""
+        if self.seed is None:
+            return
+        assert self.step is not None
+        self.mirror.save(state, step=self.step)
+        self._drop_seed()
+
+    def _drop_seed(self) -> None:
+        if self.seed is not None:
+            self.seed.close()
+            self.seed = None
+        if self._seed_path is not None:
+            self._seed_path.unlink(missing_ok=True)
+            self._seed_path = None
 
     def close(self) -> None:
         """Close this process's mirror (waiting for a pending save)."""
+        self._drop_seed()
         self.mirror.close()
 
     def __enter__(self) -> MirrorSet:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._drop_seed()
         self.mirror.__exit__(*exc)
 
     def __repr__(self) -> str:
@@ -306,6 +393,10 @@ class StepGate:
     reuse the slots of the step before. :meth:`start` runs the gather in the
     background (while the optimizer steps); :meth:`finish` waits for it.
 
+    With replicas, a step that will be saved carries each process's sealed
+    replica blob too (all of the same size): after :meth:`finish`, ``blobs``
+    holds every process's, in rank order, for the save to keep.
+
     Attributes:
         module: the model inside DDP (what is mirrored).
         rank: this process's rank.
@@ -316,9 +407,11 @@ class StepGate:
         self.module = module
         self.rank = rank
         self.world_size = world_size
-        self._mine = torch.zeros(2, dtype=torch.float64)
-        self._parts = [torch.zeros(2, dtype=torch.float64) for _ in range(world_size)]
+        self._mine = torch.zeros(16, dtype=torch.uint8)
+        self._parts = [torch.zeros(16, dtype=torch.uint8) for _ in range(world_size)]
         self._work: Any = None
+        self.blobs: Tensor | None = None
+        self.bytes_sent = 0  # this process's bytes put into the gathers (bench)
 
     @classmethod
     def for_job(cls, model: nn.Module, mirror: object, batch_size: int) -> StepGate | None:
@@ -354,10 +447,22 @@ class StepGate:
         assert isinstance(module, nn.Module)
         return cls(module, dist.get_rank(), world)
 
-    def start(self, loss: float, committed: int) -> None:
-        """Start gathering this step's loss and this process's last committed step."""
-        self._mine[0] = loss
-        self._mine[1] = float(committed)
+    def start(self, loss: float, committed: int, blob: bytes | None = None) -> None:
+        """Start gathering this step's loss, this process's last committed step (and replica).
+
+        Args:
+            blob: this process's sealed replica, on a step every process will
+                save (each knows which: the same ``mirror_every``); ``None`` else.
+        """
+        size = 16 + (len(blob) if blob is not None else 0)
+        if self._mine.numel() != size:
+            self._mine = torch.empty(size, dtype=torch.uint8)
+            self._parts = [torch.empty(size, dtype=torch.uint8) for _ in range(self.world_size)]
+        head = struct.pack("<dq", loss, committed)
+        self._mine[:16] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        if blob is not None:
+            self._mine[16:] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        self.bytes_sent += size
         self._work = dist.all_gather(self._parts, self._mine, async_op=True)
 
     def finish(self, committed: int) -> float:
@@ -370,8 +475,9 @@ class StepGate:
         self._work.wait()
         self._work = None
         total = 0.0
+        self.blobs = torch.stack([p[16:] for p in self._parts]) if self._mine.numel() > 16 else None
         for r, part in enumerate(self._parts):
-            loss, theirs = part.tolist()
+            loss, theirs = struct.unpack("<dq", part[:16].numpy().tobytes())
             total += loss  # in rank order: the same sum on every process
             if int(theirs) < committed:
                 raise IntegrityError(
@@ -480,27 +586,37 @@ def open_mirror_set(
     key: MasterKey,
     *,
     threads: int | None = None,
+    replicas: int = 0,
 ) -> MirrorSet:
     """Open this process's mirror of the set at ``base``; agree with the others where to resume.
 
-    Every process of the job calls it (it runs two small collectives). Each
+    Every process of the job calls it (it runs a few small collectives). Each
     checks its own file; all exchange what they hold; every file is checked
     against the others (one job, one world size, each file in its place, none
     missing, none further behind than a crash leaves it); the processes ahead
     of the newest common step go back to it. Only then is a missing file of a
     new set created.
 
+    Each machine keeps its own directory at ``base`` (its persistent memory)
+    with the files of its processes. With ``replicas=1`` every saved step also
+    keeps every process's sealed replica (:mod:`plinius.replica`): a machine
+    whose directory comes back empty (the machine was lost and replaced) is
+    seeded from a surviving process's mirror at the agreed step, sent over the
+    process group, and its processes take their own part from their replicas.
+
     Args:
-        base: the set's directory (``--mirror``); created if missing.
+        base: the set's directory (``--mirror``) on this machine; created if missing.
         key: the master key.
         threads: encryption threads per process.
+        replicas: 1 to keep the replicas (needed for a set across machines), 0 not to.
 
     Returns:
         This process's :class:`MirrorSet`; ``step`` is where the job resumes.
 
     Raises:
         ConfigError: not under an initialised process group; ``base`` is a
-            single-process mirror file; another number of processes wrote the set.
+            single-process mirror file; another number of processes wrote the
+            set; several machines without replicas.
         IntegrityError, RollbackError: the set's files disagree (see :func:`agree`),
             or a file fails authentication.
     """
@@ -511,6 +627,8 @@ def open_mirror_set(
     place = Place.from_env()
     if place is None:
         raise ConfigError("a mirror set needs torchrun's environment (LOCAL_RANK, WORLD_SIZE)")
+    if replicas not in (0, 1):
+        raise ConfigError(f"replicas must be 0 or 1, not {replicas!r}")
     where = Path(base)
     if where.exists() and not where.is_dir():
         raise ConfigError(
@@ -520,7 +638,15 @@ def open_mirror_set(
     path = member_path(where, place.local_rank)
     mine: Mirror | None = None
     error: PliniusError | None = None
-    report: dict[str, Any] = {"local_rank": place.local_rank, "generation": -1, "held": ()}
+    report: dict[str, Any] = {
+        "local_rank": place.local_rank,
+        "generation": -1,
+        "held": (),
+        "path": str(path),
+        # A machine is its host and its directory (two agents on one host
+        # standing for two machines keep two directories).
+        "machine": f"{socket.gethostname()}:{os.path.realpath(where)}",
+    }
     try:
         if path.exists():
             mine = Mirror(path, key, threads=threads, keep_previous=True)
@@ -540,6 +666,8 @@ def open_mirror_set(
     report["error"] = None if error is None else (type(error).__name__, str(error))
     reports: list[dict[str, Any]] = [{} for _ in range(place.world_size)]
     dist.all_gather_object(reports, report)
+    seed: Mirror | None = None
+    seed_path: Path | None = None
     try:
         # Every process raises the first error any of them saw (so none waits
         # alone), marked with the rank that saw it: that one reports it.
@@ -548,7 +676,7 @@ def open_mirror_set(
             raise _peer_error(seen["rank"], *seen["error"]) from error
         members = [
             SetMember(
-                member_path(where, r["local_rank"]),
+                Path(r["path"]),
                 r["local_rank"],
                 r["generation"],
                 tuple(r["held"]),
@@ -556,9 +684,9 @@ def open_mirror_set(
             )
             for r in reports
         ]
-        members = _this_machine(members, place)
+        machine = [str(r["machine"]) for r in reports]
         try:
-            step = agree(members, place.world_size, where)
+            step, lost = _agree_machines(members, machine, place.world_size, where, replicas)
         except PliniusError as exc:
             # Every process finds the same from the same reports: rank 0 says it.
             exc.reported_by = 0  # type: ignore[attr-defined]
@@ -569,12 +697,23 @@ def open_mirror_set(
             box = [os.urandom(8).hex() if place.rank == 0 else None]
             dist.broadcast_object_list(box, src=0)
             job = box[0]
+        i_am_lost = place.rank in lost
         if mine is None:
             where.mkdir(parents=True, exist_ok=True)
             mine = Mirror(path, key, threads=threads, keep_previous=True)
-        elif mine.held_steps()[0] != step:
+        elif not i_am_lost and mine.held_steps()[0] != step:
             mine.go_back()  # ahead of the others: the newest common step is the previous one
+        if lost and step is not None:
+            donor = min(r for r in range(place.world_size) if r not in lost)
+            seed_path = where / f".seed-local-{place.local_rank}.plm"
+            seed = _share_seed(mine, key, step, donor, seed_path if i_am_lost else None)
+            if seed is None:
+                seed_path = None
     except BaseException:
+        if seed is not None:
+            seed.close()
+        if seed_path is not None:
+            seed_path.unlink(missing_ok=True)
         if mine is not None:
             mine.close()
         raise
@@ -582,9 +721,93 @@ def open_mirror_set(
         "job": job,
         "world_size": place.world_size,
         "local_rank": place.local_rank,
+        "local_world_size": place.local_world_size,
         "node": place.node,
+        "replicas": replicas,
     }
-    return MirrorSet(mine, where, place, identity, step)
+    return MirrorSet(
+        mine,
+        where,
+        place,
+        identity,
+        step,
+        key=key,
+        replicas=replicas,
+        seed=seed,
+        seed_path=seed_path,
+    )
+
+
+def _agree_machines(
+    members: list[SetMember], machine: list[str], world_size: int, where: Path, replicas: int
+) -> tuple[int | None, set[int]]:
+    """The step to resume from and the ranks whose machine lost its mirrors.
+
+    A machine is *lost* when none of its processes holds a saved step (its
+    directory came back empty, or a seed was interrupted before its first save)
+    while another machine's do. With replicas every survivor holds what the
+    lost ones need; without, a lost machine is a missing file (:func:`agree`).
+    """
+    machines = sorted(set(machine))
+    if len(machines) > 1 and not replicas:
+        raise ConfigError(
+            f"this job's mirror set spans {len(machines)} machines: open it with replicas "
+            "(plinius train --replicas 1, or open_mirror_set(..., replicas=1)) so that a "
+            "machine's loss loses nothing"
+        )
+    saved = [s for s in members if s.identity is not None]
+    if saved and any(not (s.identity or {}).get("replicas") for s in saved) and replicas:
+        replicas = 0  # written without replicas: nothing to seed a lost machine from
+    lost_machines = {
+        m
+        for m in machines
+        if all(s.identity is None for s, k in zip(members, machine, strict=True) if k == m)
+    }
+    if not saved or not replicas or len(lost_machines) in (0, len(machines)):
+        return agree(members, world_size, where), set()
+    lost = {r for r, k in enumerate(machine) if k in lost_machines}
+    survivors = [s for r, s in enumerate(members) if r not in lost]
+    return agree(survivors, world_size, where), lost
+
+
+def _share_seed(
+    mine: Mirror, key: MasterKey, step: int, donor: int, out: Path | None
+) -> Mirror | None:
+    """Send the donor's committed mirror (at ``step``) to every process; open it where ``out``.
+
+    The bytes are the donor's file as it is (ciphertext: a memcpy, no
+    decryption); the receiver writes them to ``out`` and opens that read-only,
+    which authenticates it under the master key.
+    """
+    head = torch.zeros(2, dtype=torch.int64)
+    body: Tensor
+    if dist.get_rank() == donor:
+        copy = mine.copy_committed()
+        if copy.step != step:
+            raise IntegrityError(
+                f"the surviving process rank {donor} holds step {copy.step}, not the agreed "
+                f"step {step}; restart the job"
+            )
+        head[0], head[1] = copy.nbytes, copy.file_size
+        dist.broadcast(head, src=donor)
+        body = torch.from_numpy(copy.buffer[: copy.nbytes])
+    else:
+        dist.broadcast(head, src=donor)
+        body = torch.empty(int(head[0]), dtype=torch.uint8)
+    dist.broadcast(body, src=donor)
+    if out is None:
+        return None
+    with open(out, "wb") as f:
+        f.write(body.numpy().tobytes())
+        f.truncate(int(head[1]))
+    seed = Mirror(out, key, readonly=True)
+    if seed.held_steps()[0] != step:
+        seed.close()
+        raise IntegrityError(
+            f"the mirror received from rank {donor} holds step {seed.held_steps()[0]}, not "
+            f"the agreed step {step}; restart the job"
+        )
+    return seed
 
 
 def _peer_error(rank: int, kind: str, message: str) -> PliniusError:
@@ -597,17 +820,6 @@ def _peer_error(rank: int, kind: str, message: str) -> PliniusError:
     exc = cls(message)
     exc.reported_by = rank  # type: ignore[attr-defined]
     return exc
-
-
-def _this_machine(members: list[SetMember], place: Place) -> list[SetMember]:
-    """The members of this machine's directory (one set directory per machine)."""
-    # With one machine every process is here; several machines (each its own
-    # directory) are the machine-loss issue's: each checks its own files.
-    if place.local_world_size == place.world_size:
-        return sorted(members, key=lambda s: s.local_rank)
-    raise ConfigError(
-        "a mirror set across several machines is not supported yet; run on one machine"
-    )
 
 
 def _extra_members(where: Path, local_world_size: int) -> list[str]:
@@ -662,14 +874,18 @@ def describe_set(
     members: list[SetMember] = []
     by_rank = dict(files)
     world = None
+    here = None
     for rank, p in files:
         with Mirror(p, key, readonly=True) as reader:
             s = _describe(p, rank, reader)
         members.append(s)
         if s.identity is not None:
             world = s.identity.get("world_size")
+            # A machine's directory of a set across machines holds its own processes' files.
+            here = s.identity.get("local_world_size", world)
     world = world if isinstance(world, int) else len(files)
-    for rank in range(world):
+    here = here if isinstance(here, int) else world
+    for rank in range(here):
         if rank not in by_rank:
             members.append(SetMember(member_path(where, rank), rank, -1, (), None))
     members.sort(key=lambda s: s.local_rank)

@@ -488,6 +488,12 @@ def fit(
         dataset_id=dataset_id,
         job=job,
     )
+    replicas = members is not None and gate is not None and members.replicas > 0
+    if replicas:
+        assert members is not None and gate is not None
+        # Every process's sealed replica of its own part (RNG, buffers), kept
+        # with each saved step: what a lost machine's processes resume from.
+        state["replicas"] = torch.zeros(members.attach(gate.module), dtype=torch.uint8)
     if extra_state:
         overlap = set(extra_state) & set(state)
         if overlap:
@@ -505,15 +511,16 @@ def fit(
         t0 = time.perf_counter()
         # Another total than the mirror's job: restore into a state of the saved
         # length, then continue with the new one (below).
-        replanned_from = _saved_job_length(own, total)
+        reader = members.reader if members is not None else own
+        replanned_from = _saved_job_length(reader, total)
         plan: dict[str, Any] | None = None
         if replanned_from is not None:
             plan = schedule_plan(scheduler)
             state["losses"] = torch.full((replanned_from,), math.nan, dtype=torch.float64)
         try:
-            restored = own.restore(state)
+            restored = members.restore(state) if members is not None else own.restore(state)
         except StateMismatchError as exc:
-            other = _other_model(own, job)
+            other = _other_model(reader, job)
             if other is not None:
                 raise StateMismatchError(other) from exc
             raise StateMismatchError(
@@ -560,6 +567,9 @@ def fit(
             state["job"] = job
             if members is not None:
                 state["dist"] = dict(members.identity)
+                # A process seeded from a survivor (its machine was lost) has
+                # its own mirror hold the step at once.
+                members.settle(state)
             start = restored
             resumed_from = restored
     if start > total:
@@ -601,10 +611,15 @@ def fit(
                 committed = pending.step
                 pending = None
             loss_value = float(loss.detach())
+            done = step + 1
+            commit = own is not None and (done % mirror_every == 0 or done == total)
             if gate is not None:
-                # Every process tells its loss and last commit; the gather runs
-                # while this process steps its optimizer.
-                gate.start(loss_value, committed)
+                # Every process tells its loss and last commit (and, on a step
+                # it saves, its sealed replica: the generators and buffers do
+                # not change in optimizer.step); the gather runs while this
+                # process steps its optimizer.
+                blob = members.seal_own(done) if replicas and commit else None  # type: ignore[union-attr]
+                gate.start(loss_value, committed, blob)
             _check_step_rates(optimizer, step + 1)
             optimizer.step()
             if gate is not None:
@@ -612,6 +627,8 @@ def fit(
                 # every process committed what this one did: only then may the
                 # save below reuse the slots of the step before.
                 loss_value = gate.finish(committed)
+                if replicas and commit:
+                    state["replicas"].copy_(gate.blobs)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(loss_value)  # it steps on a metric: the training loss
             elif scheduler is not None:
@@ -619,8 +636,6 @@ def fit(
             # Only now is the batch really consumed: record it in the sampler.
             sampler.advance(len(batch[0]))
             losses[step] = loss_value
-            done = step + 1
-            commit = own is not None and (done % mirror_every == 0 or done == total)
             if commit:
                 assert own is not None
                 if async_save and done < total:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,12 +36,30 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
 def _stop(proc: subprocess.Popen[str]) -> None:
-    """Kill the whole process group (agent and workers) and reap the agent."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Kill the agent's process group and its workers' (torchrun starts each worker in a
+    session of its own), then reap the agent; the workers, orphaned, are reaped by init."""
+    workers = _children(proc.pid) if proc.poll() is None else []
+    for group in [proc.pid, *workers]:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
 
 
@@ -140,3 +159,78 @@ def kill_campaign(
     finally:
         _stop(proc)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), made
+
+
+# ------------------------------------------------------------ two agents: two machines
+def free_port() -> int:
+    """A TCP port free now on 127.0.0.1 (for a rendezvous endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def agent_cmd(port: int, run_id: str, host: bool, restarts: int = 3) -> list[str]:
+    """One torchrun agent of a 2-machine job (1 process each) with a c10d rendezvous.
+
+    ``host``: this agent hosts the rendezvous store. Said explicitly: both agents
+    run on this host, and a second agent left to guess would start a second
+    store on the same port (SO_REUSEPORT) and split the rendezvous in two.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        f"--rdzv-id={run_id}",
+        f"--max-restarts={restarts}",
+        "--monitor-interval=0.1",
+        f"--rdzv-conf=is_host={int(host)}",
+    ]
+
+
+def start_agent(
+    args: Sequence[str | os.PathLike[str]],
+    *,
+    port: int,
+    run_id: str,
+    log: Path,
+    host: bool,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[str]:
+    """Start one agent (and its worker) in its own process group, its output to ``log``.
+
+    Stop it with :func:`stop` (or :func:`finish`): its whole group is killed and reaped.
+    """
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            agent_cmd(port, run_id, host) + [os.fspath(a) for a in args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=_env(env),
+            start_new_session=True,
+            text=True,
+        )
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL an agent's whole process group (its workers too) and reap it."""
+    _stop(proc)
+
+
+def finish(procs: Sequence[subprocess.Popen[str]], timeout: float) -> list[int | None]:
+    """Wait for every agent (up to ``timeout`` in all), then kill what is left; the codes."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            _stop(p)
+    return [p.returncode for p in procs]

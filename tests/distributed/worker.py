@@ -11,6 +11,9 @@ of the final model and optimizer state of every process (gathered). Test hooks
 * ``WORKER_DIE_AFTER_COMMIT=K:R``: rank R kills itself (SIGKILL) once it has
   committed step K.
   Both fire only in the first incarnation (``TORCHELASTIC_RESTART_COUNT`` 0).
+* ``WORKER_WIPE_ON_DIE=1``: the process that dies (above) first deletes its
+  machine's mirror directory (``--machine-per-process``: its own): the machine
+  and its persistent memory are lost.
 * ``WORKER_STEP_SLEEP=S``: every step sleeps S seconds after it is done (a
   slower job, for kills that must land mid-run).
 * ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -105,6 +109,8 @@ def hooks(mirrors: pdist.MirrorSet) -> Any:
             told.append(True)
         if first and ev.step == die_step and rank == die_rank:
             mirrors.mirror.info()  # joins the pending save: step K is committed here
+            if os.environ.get("WORKER_WIPE_ON_DIE"):
+                shutil.rmtree(mirrors.path)
             os.kill(os.getpid(), signal.SIGKILL)
         if nap:
             time.sleep(nap)
@@ -121,6 +127,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=24)
     ap.add_argument("--sync", action="store_true", help="synchronous saves")
     ap.add_argument("--ordered", choices=["auto", "yes", "no"], default="auto")
+    ap.add_argument("--replicas", type=int, default=0)
+    ap.add_argument(
+        "--machine-per-process",
+        action="store_true",
+        help="each process keeps its own mirror directory (stands for its own machine)",
+    )
     args = ap.parse_args()
     place = pdist.init()
     key = MasterKey.load(args.key)
@@ -129,7 +141,10 @@ def main() -> int:
     ddp = pdist.wrap_ddp(net, ordered=ordered)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
-    with pdist.open_mirror_set(args.mirror, key) as mirrors:
+    where = Path(args.mirror)
+    if args.machine_per_process:
+        where = where / f"machine-{place.local_rank}"
+    with pdist.open_mirror_set(where, key, replicas=args.replicas) as mirrors:
         res = plinius.fit(
             ddp,
             opt,
