@@ -78,7 +78,7 @@ class DemoConfig:
     workdir: Path | None = None
     pm_dir: Path | None = None
     crashes: int = 2
-    steps: int = 1000
+    steps: int = 2500
     model: str = "cnn-tiny"
     batch_size: int = 64
     seed: int = 0

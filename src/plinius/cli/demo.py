@@ -58,7 +58,7 @@ def _yes(ok: bool) -> str:
 )
 @click.option(
     "--steps",
-    default=1000,
+    default=2500,
     show_default=True,
     type=click.IntRange(min=10),
     help="Steps of the job (with the standby: enough for a spare to get ready before each kill).",
