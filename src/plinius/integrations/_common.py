@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from ..errors import StateMismatchError
+from ..counters import Counter
+from ..crypto import MasterKey
+from ..errors import ConfigError, StateMismatchError
 from ..mirror import Mirror
 from ..rng import RNGState
 
-__all__ = ["DeferredRNG", "DictState", "check_job", "job_state", "restore_dict", "resume_job"]
+__all__ = [
+    "DeferredRNG",
+    "DictState",
+    "MirrorSettings",
+    "check_job",
+    "job_state",
+    "restore_dict",
+    "resume_job",
+]
 
 
 class DictState:
@@ -75,6 +86,36 @@ class DeferredRNG:
         self._rng.load_state_dict(self._pending)
         self._pending = None
         return True
+
+
+class MirrorSettings:
+    """What every framework's mirror callback is given, checked once (Lightning's, HF's)."""
+
+    def _configure(
+        self,
+        path: str | os.PathLike[str],
+        key: MasterKey,
+        every_n_steps: int,
+        job: str | None,
+        counter: Counter | None,
+    ) -> None:
+        """Check and keep the callback's settings.
+
+        Raises:
+            ConfigError: ``every_n_steps`` is not a positive integer, or ``key``
+                is not a :class:`~plinius.crypto.MasterKey`.
+        """
+        if type(every_n_steps) is not int or every_n_steps < 1:
+            raise ConfigError("every_n_steps must be a positive integer")
+        if not isinstance(key, MasterKey):
+            raise ConfigError("key must be a plinius MasterKey (MasterKey.load(path))")
+        self.path = Path(path)
+        self._key = key
+        self._every = every_n_steps
+        self._name = job
+        self._counter = counter
+        self._mirror: Mirror | None = None
+        self._rng = DeferredRNG()
 
 
 def check_job(mirror: Mirror, job: dict[str, Any], where: str | os.PathLike[str]) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
@@ -56,7 +55,7 @@ from ..counters import Counter
 from ..crypto import MasterKey
 from ..errors import ConfigError
 from ..mirror import Mirror
-from ._common import DeferredRNG, check_job, job_state, resume_job
+from ._common import MirrorSettings, check_job, job_state, resume_job
 
 __all__ = ["PliniusMirrorCallback", "PliniusTrainer", "PliniusTrainerMixin"]
 
@@ -76,7 +75,7 @@ def _job(model: Any, name: str | None) -> dict[str, Any]:
     return {"framework": "hf", "module": f"{cls.__module__}.{cls.__qualname__}", "name": name or ""}
 
 
-class PliniusMirrorCallback(TrainerCallback):  # type: ignore[misc]
+class PliniusMirrorCallback(MirrorSettings, TrainerCallback):  # type: ignore[misc]
     """Mirror the ``Trainer``'s state after every ``every_n_steps`` optimizer steps.
 
     Use it with :class:`PliniusTrainer` (or a Trainer class with
@@ -105,18 +104,8 @@ class PliniusMirrorCallback(TrainerCallback):  # type: ignore[misc]
         job: str | None = None,
         counter: Counter | None = None,
     ) -> None:
-        if type(every_n_steps) is not int or every_n_steps < 1:
-            raise ConfigError("every_n_steps must be a positive integer")
-        if not isinstance(key, MasterKey):
-            raise ConfigError("key must be a plinius MasterKey (MasterKey.load(path))")
-        self.path = Path(path)
-        self._key = key
-        self._every = every_n_steps
-        self._name = job
-        self._counter = counter
-        self._mirror: Mirror | None = None
+        self._configure(path, key, every_n_steps, job, counter)
         self._trainer: Trainer | None = None
-        self._rng = DeferredRNG()
         self._pending = False
         self._loaded: dict[str, Any] | None = None
         self.resumed_step: int | None = None

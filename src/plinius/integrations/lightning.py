@@ -44,7 +44,7 @@ from ..counters import Counter
 from ..crypto import MasterKey
 from ..errors import ConfigError, FormatError, StorageError
 from ..mirror import Mirror
-from ._common import DeferredRNG, DictState, job_state, restore_dict, resume_job
+from ._common import DictState, MirrorSettings, job_state, restore_dict, resume_job
 
 __all__ = ["PliniusCheckpointIO", "PliniusMirrorCallback", "ResumableBatches"]
 
@@ -60,7 +60,7 @@ def _job(pl_module: pl.LightningModule, name: str | None) -> dict[str, Any]:
     }
 
 
-class PliniusMirrorCallback(pl.Callback):
+class PliniusMirrorCallback(MirrorSettings, pl.Callback):
     """Mirror Lightning's training state after every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -86,17 +86,7 @@ class PliniusMirrorCallback(pl.Callback):
         job: str | None = None,
         counter: Counter | None = None,
     ) -> None:
-        if type(every_n_steps) is not int or every_n_steps < 1:
-            raise ConfigError("every_n_steps must be a positive integer")
-        if not isinstance(key, MasterKey):
-            raise ConfigError("key must be a plinius MasterKey (MasterKey.load(path))")
-        self.path = Path(path)
-        self._key = key
-        self._every = every_n_steps
-        self._name = job
-        self._counter = counter
-        self._mirror: Mirror | None = None
-        self._rng = DeferredRNG()
+        self._configure(path, key, every_n_steps, job, counter)
         self.resumed_step: int | None = None
 
     # The mirror is this callback's state; Lightning's checkpoints need none of it.
