@@ -418,16 +418,7 @@ def _ls_row(path: Path, kind: str, key: MasterKey | None) -> dict[str, Any]:
             if key is not None:
                 # Read-only, under the shared lock: a running job's file says "in use".
                 with Mirror(path, key, readonly=True) as m:
-                    info = m.info()
-                    job = job_of(m)
-                row.update(
-                    generation=info.generation,
-                    step=info.step,
-                    model=job["model"],
-                    total_steps=job["total_steps"],
-                    dataset_id=job["dataset_id"],
-                    authenticated=True,
-                )
+                    _ls_read(row, m)
         else:
             from ..data import describe_dataset
 
@@ -456,16 +447,20 @@ def _ls_set(row: dict[str, Any], path: Path, key: MasterKey | None) -> None:
     )
     if key is not None:
         with SetView(path, key) as view:
-            info = view.info()
-            job = job_of(view)
-        row.update(
-            generation=info.generation,
-            step=info.step,
-            model=job["model"],
-            total_steps=job["total_steps"],
-            dataset_id=job["dataset_id"],
-            authenticated=True,
-        )
+            _ls_read(row, view)
+
+
+def _ls_read(row: dict[str, Any], m: Mirror | SetView) -> None:
+    """What the key shows of a mirror (or a set) in its ``ls`` row: step and job."""
+    info, job = m.info(), job_of(m)
+    row.update(
+        generation=info.generation,
+        step=info.step,
+        model=job["model"],
+        total_steps=job["total_steps"],
+        dataset_id=job["dataset_id"],
+        authenticated=True,
+    )
 
 
 def _ls_detail(row: dict[str, Any]) -> str:
