@@ -128,7 +128,9 @@ def init(backend: str | None = None) -> Place:
     Idempotent: a group already initialised is kept.
 
     Raises:
-        ConfigError: the process was not started by torchrun.
+        ConfigError: the process was not started by torchrun; or the job spans
+            several machines whose agents share their store with the workers
+            (start them with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
     """
     place = Place.from_env()
     if place is None:
@@ -139,15 +141,33 @@ def init(backend: str | None = None) -> Place:
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # torchrun's agent shares its TCP store with the workers, and keeps it
-        # across restarts: a restarted group would read the dead incarnation's
-        # addresses from it and fail to connect (pytorch issues 135712, 167288).
-        # A key prefix per restart keeps each incarnation's keys apart.
         from torch.distributed import PrefixStore  # type: ignore[attr-defined]
         from torch.distributed.rendezvous import rendezvous
 
+        shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        machines = place.world_size // place.local_world_size
+        if shared and machines > 1:
+            # torch 2.13's agents, sharing their store, never let a machine that
+            # replaces a lost one (or joins) complete the rendezvous: the rank-0
+            # agent publishes the store's address in the first round only. And
+            # the per-restart prefix below would differ between machines whose
+            # agents restarted a different number of times: a hang, not an error.
+            exc = ConfigError(
+                f"this job spans {machines} machines and torchrun shares its agents' store "
+                "with the workers, with which a machine that replaces a lost one never "
+                "joins: start every torchrun agent with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+            )
+            exc.reported_by = 0  # type: ignore[attr-defined]
+            raise exc
         store, rank, world = next(rendezvous("env://"))
-        store = PrefixStore(f"plinius/restart-{place.restart}/", store)
+        if shared:
+            # The shared store outlives a restart: a restarted group would read
+            # the dead incarnation's addresses from it and fail to connect
+            # (pytorch issues 135712, 167288). A key prefix per restart keeps each
+            # incarnation's keys apart (on one machine every worker restarts
+            # together, so all agree on the count). Unshared, every rendezvous
+            # round starts a fresh store on rank 0: nothing stale to avoid.
+            store = PrefixStore(f"plinius/restart-{place.restart}/", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return place
 

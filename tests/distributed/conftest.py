@@ -172,26 +172,39 @@ def free_port() -> int:
         return port
 
 
-def agent_cmd(port: int, run_id: str, host: bool, restarts: int = 3) -> list[str]:
-    """One torchrun agent of a 2-machine job (1 process each) with a c10d rendezvous.
+def agent_cmd(
+    port: int, run_id: str, host: bool, restarts: int = 3, nnodes: str = "2"
+) -> list[str]:
+    """One torchrun agent of a job of ``nnodes`` machines (1 process each), c10d rendezvous.
 
-    ``host``: this agent hosts the rendezvous store. Said explicitly: both agents
-    run on this host, and a second agent left to guess would start a second
-    store on the same port (SO_REUSEPORT) and split the rendezvous in two.
+    ``host``: this agent hosts the rendezvous store (the machine at the
+    endpoint, which must survive). Said explicitly: both agents run on this
+    host, and a second agent left to guess would start a second store on the
+    same port (SO_REUSEPORT) and split the rendezvous in two. A dead agent is
+    noticed after 2 missed 1-s heartbeats (torch's default: 3 of 5 s).
     """
+    conf = f"is_host={int(host)},keep_alive_interval=1,keep_alive_max_attempt=2"
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nnodes=2",
+        f"--nnodes={nnodes}",
         "--nproc-per-node=1",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{port}",
         f"--rdzv-id={run_id}",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.1",
-        f"--rdzv-conf=is_host={int(host)}",
+        f"--rdzv-conf={conf}",
     ]
+
+
+# torch 2.13's agents share their rendezvous store with the workers by default,
+# and then an agent that joins a running job never completes the rendezvous:
+# the surviving rank-0 agent publishes MASTER_ADDR only in the first round
+# (dynamic_rendezvous.next_rendezvous keeps its _bootstrap_store_info) while
+# the newcomer waits for it. Opting out rebuilds it every round.
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def start_agent(
@@ -202,6 +215,7 @@ def start_agent(
     log: Path,
     host: bool,
     env: dict[str, str] | None = None,
+    nnodes: str = "2",
 ) -> subprocess.Popen[str]:
     """Start one agent (and its worker) in its own process group, its output to ``log``.
 
@@ -209,10 +223,10 @@ def start_agent(
     """
     with open(log, "ab") as f:
         return subprocess.Popen(
-            agent_cmd(port, run_id, host) + [os.fspath(a) for a in args],
+            agent_cmd(port, run_id, host, nnodes=nnodes) + [os.fspath(a) for a in args],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=_env(env),
+            env=_env({**AGENT_ENV, **(env or {})}),
             start_new_session=True,
             text=True,
         )

@@ -8,15 +8,18 @@ other's save of step 15 is stalled; torchrun restarts the group. The lost
 step (14) from the survivor's mirror and the lost process's sealed replica,
 and end bit-for-bit equal to an uninterrupted run.
 
-(Two torchrun agents with a c10d rendezvous, one per machine, are the issue's
-setting; a replaced agent rejoining the rendezvous hangs in torch's c10d
-rendezvous here, so the suite runs one agent with two directories.)
+The issue's own setting is tested too: two torchrun agents with a c10d
+rendezvous on 127.0.0.1, one per machine, each with its own mirror directory;
+one agent is SIGKILLed with its worker mid-run, its directory deleted, and a
+new agent started with an empty one.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import pytest
 
 from plinius.crypto import MasterKey
 
-from .conftest import result, run, worker_args
+from .conftest import finish, free_port, result, run, start_agent, stop, worker_args
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +68,34 @@ def test_a_lost_machine_resumes_from_the_replicas_bit_identical(scratch: Path) -
     assert len(set(got["digests"])) == 1
 
 
+@pytest.mark.parametrize("who", ["receiver", "donor"])
+def test_a_peer_dying_while_the_lost_machine_is_seeded(scratch: Path, who: str) -> None:
+    """The lost machine's process (or the survivor sending it the mirror) is killed
+    in the middle of the transfer: the next restart seeds it again, from scratch,
+    and the job still ends bit-for-bit as the uninterrupted run."""
+    d = scratch
+    more = ("--steps", "40", "--replicas", "1", "--machine-per-process")
+    ref = run(worker_args(d / "ref", d / "k.key", d / "ref.json", *more), nproc=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    res = run(
+        worker_args(d / "loss", d / "k.key", d / "loss.json", *more),
+        nproc=2,
+        restarts=3,
+        env={
+            "WORKER_DIE_AFTER_COMMIT": "15:1",
+            "WORKER_WIPE_ON_DIE": "1",
+            "WORKER_DIE_SEEDING": who,
+        },
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "dies while seeding" in res.stdout + res.stderr  # the hook fired
+    got, want = result(d / "loss.json"), result(d / "ref.json")
+    assert got["resumed_from"] in (14, 15)  # 15 unless the survivor died mid-save of it
+    assert sorted(p.name for p in (d / "loss" / "machine-1").iterdir()) == ["local-1.plm"]
+    assert got["losses"] == want["losses"]
+    assert got["digests"] == want["digests"]
+
+
 def test_a_lost_machine_without_replicas_is_refused(scratch: Path) -> None:
     d = scratch
     more = ("--steps", "40", "--machine-per-process")
@@ -76,3 +107,54 @@ def test_a_lost_machine_without_replicas_is_refused(scratch: Path) -> None:
     )
     assert res.returncode != 0
     assert "spans 2 machines: open it with replicas" in res.stderr
+
+
+def _wait_for(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_two_agents_one_lost_with_its_mirror_resumes_bit_identical(scratch: Path) -> None:
+    """Two agents (two machines): agent B is killed with its worker mid-run and its
+    mirror directory deleted; a new agent B starts empty. The job resumes where it
+    was globally committed (from A's mirror and B's replica, kept by A) and ends
+    bit-for-bit as the uninterrupted run."""
+    d = scratch
+    more = ("--steps", "60", "--replicas", "1")
+    ref = run(worker_args(d / "ref", d / "k.key", d / "ref.json", *more), nproc=2)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    port, rid = free_port(), "nodeloss"
+    for p in ("pids-a", "pids-b", "pids-b2"):
+        (d / p).mkdir()
+    slow = {"WORKER_STEP_SLEEP": "0.05"}
+    out = d / "loss.json"
+
+    def agent(name: str, host: bool, pids: str) -> subprocess.Popen[str]:
+        args = worker_args(d / name, d / "k.key", out, *more)
+        env = {**slow, "WORKER_PIDS": str(d / pids)}
+        return start_agent(args, port=port, run_id=rid, log=d / f"{name}.log", host=host, env=env)
+
+    a = agent("A", True, "pids-a")
+    procs = [a]
+    try:
+        procs.append(agent("B", False, "pids-b"))
+        _wait_for(d / "pids-b" / "0.pid", 120)
+        time.sleep(1.0)  # a few steps committed, training under way
+        assert procs[1].poll() is None
+        stop(procs[1])  # the machine is lost: agent and worker, SIGKILL
+        shutil.rmtree(d / "B")  # and its persistent memory with it
+        procs.append(agent("B", False, "pids-b2"))
+        codes = finish(procs[::2], timeout=240)
+    finally:
+        for p in procs:
+            stop(p)
+    logs = (d / "A.log").read_text()[-3000:] + (d / "B.log").read_text()[-3000:]
+    assert codes == [0, 0], logs
+    got, want = result(out), result(d / "ref.json")
+    assert got["resumed_from"] is not None and got["resumed_from"] > 0, logs
+    assert got["losses"] == want["losses"]
+    assert got["digests"] == want["digests"]
+    # the new machine holds its own mirror again, and no seed is left behind
+    assert sorted(p.name for p in (d / "B").iterdir()) == ["local-0.plm"]

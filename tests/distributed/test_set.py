@@ -159,3 +159,28 @@ def test_ls_lists_a_set_with_its_globally_committed_step(shm_dir: Path, key: Mas
     (row,) = [r for r in doc["files"] if r["name"] == "job.plm"]
     assert row["kind"] == "mirror-set" and row["step"] == 3 and row["authenticated"]
     assert "plain-dir" in doc["skipped"]
+
+
+def test_several_machines_sharing_the_agents_store_are_refused_before_joining(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the agents' store shared, a replacement machine would hang forever in
+    torch's rendezvous: init says what to set instead, before any connection."""
+    from plinius import dist as pdist
+
+    env = {
+        "LOCAL_RANK": "0",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "1",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "9",  # nothing listens: a connection attempt would fail, not hang
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") as err:
+        pdist.init("gloo")
+    assert getattr(err.value, "reported_by", None) == 0  # said once, by rank 0
+    assert not torch.distributed.is_initialized()

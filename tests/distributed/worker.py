@@ -14,6 +14,9 @@ of the final model and optimizer state of every process (gathered). Test hooks
 * ``WORKER_WIPE_ON_DIE=1``: the process that dies (above) first deletes its
   machine's mirror directory (``--machine-per-process``: its own): the machine
   and its persistent memory are lost.
+* ``WORKER_DIE_SEEDING=receiver|donor``: in the second incarnation, the
+  process receiving a lost machine's mirror (or the one sending it) is killed
+  (SIGKILL) in the middle of the transfer (at the body's broadcast).
 * ``WORKER_STEP_SLEEP=S``: every step sleeps S seconds after it is done (a
   slower job, for kills that must land mid-run).
 * ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
@@ -118,6 +121,35 @@ def hooks(mirrors: pdist.MirrorSet) -> Any:
     return callback
 
 
+def die_while_seeding(who: str) -> None:
+    """Install the ``WORKER_DIE_SEEDING`` hook (second incarnation only)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "1":
+        return
+    inner_share, inner_broadcast = pdist._share_seed, dist.broadcast
+    role: list[str] = []
+
+    def share(mine: Any, key: Any, step: int, donor: int, out: Any) -> Any:
+        role.append("donor" if dist.get_rank() == donor else "receiver" if out else "other")
+        try:
+            return inner_share(mine, key, step, donor, out)
+        finally:
+            role.clear()
+
+    def broadcast(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # The body is the transfer's second broadcast (after the 2-number head).
+        if role == [who] and tensor.numel() > 2:
+            print(f"rank {dist.get_rank()} ({who}) dies while seeding", flush=True)
+            if who == "receiver":
+                work = inner_broadcast(tensor, *args, async_op=True, **kwargs)
+                time.sleep(0.01)  # the transfer is under way
+                del work
+            os.kill(os.getpid(), signal.SIGKILL)
+        return inner_broadcast(tensor, *args, **kwargs)
+
+    pdist._share_seed = share  # type: ignore[assignment]
+    dist.broadcast = broadcast  # type: ignore[assignment]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mirror", required=True)
@@ -135,6 +167,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     place = pdist.init()
+    if os.environ.get("WORKER_DIE_SEEDING"):
+        die_while_seeding(os.environ["WORKER_DIE_SEEDING"])
     key = MasterKey.load(args.key)
     net = model()
     ordered = {"auto": None, "yes": True, "no": False}[args.ordered]
