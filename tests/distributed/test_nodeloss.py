@@ -43,29 +43,30 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_a_lost_machine_resumes_from_the_replicas_bit_identical(scratch: Path) -> None:
-    d = scratch
-    more = ("--steps", "40", "--replicas", "1", "--machine-per-process")
-    ref = run(worker_args(d / "ref", d / "k.key", d / "ref.json", *more), nproc=2)
+MACHINE_PER_PROCESS = ("--steps", "40", "--replicas", "1", "--machine-per-process")
+
+
+def _lose_machine_1(d: Path, env: dict[str, str], restarts: int) -> dict[str, object]:
+    """Run the job with ``env``'s hooks (process 1 dies with its directory) and an
+    uninterrupted reference; check both end alike; the interrupted run's result."""
+    ref = run(worker_args(d / "ref", d / "k.key", d / "ref.json", *MACHINE_PER_PROCESS), nproc=2)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    res = run(
-        worker_args(d / "loss", d / "k.key", d / "loss.json", *more),
-        nproc=2,
-        restarts=2,
-        env={
-            "WORKER_SLOW_SAVE": "15",
-            "WORKER_DIE_AFTER_COMMIT": "15:1",
-            "WORKER_WIPE_ON_DIE": "1",
-        },
-    )
+    env = {"WORKER_DIE_AFTER_COMMIT": "15:1", "WORKER_WIPE_ON_DIE": "1", **env}
+    args = worker_args(d / "loss", d / "k.key", d / "loss.json", *MACHINE_PER_PROCESS)
+    res = run(args, nproc=2, restarts=restarts, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     got, want = result(d / "loss.json"), result(d / "ref.json")
-    assert got["resumed_from"] == 14
     # the lost machine holds its own mirror again, and no seed is left behind
     assert sorted(p.name for p in (d / "loss" / "machine-1").iterdir()) == ["local-1.plm"]
     assert got["losses"] == want["losses"]
     assert got["digests"] == want["digests"]
     assert len(set(got["digests"])) == 1
+    return {**got, "output": res.stdout + res.stderr}
+
+
+def test_a_lost_machine_resumes_from_the_replicas_bit_identical(scratch: Path) -> None:
+    got = _lose_machine_1(scratch, {"WORKER_SLOW_SAVE": "15"}, restarts=2)
+    assert got["resumed_from"] == 14
 
 
 @pytest.mark.parametrize("who", ["receiver", "donor"])
@@ -73,27 +74,9 @@ def test_a_peer_dying_while_the_lost_machine_is_seeded(scratch: Path, who: str) 
     """The lost machine's process (or the survivor sending it the mirror) is killed
     in the middle of the transfer: the next restart seeds it again, from scratch,
     and the job still ends bit-for-bit as the uninterrupted run."""
-    d = scratch
-    more = ("--steps", "40", "--replicas", "1", "--machine-per-process")
-    ref = run(worker_args(d / "ref", d / "k.key", d / "ref.json", *more), nproc=2)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    res = run(
-        worker_args(d / "loss", d / "k.key", d / "loss.json", *more),
-        nproc=2,
-        restarts=3,
-        env={
-            "WORKER_DIE_AFTER_COMMIT": "15:1",
-            "WORKER_WIPE_ON_DIE": "1",
-            "WORKER_DIE_SEEDING": who,
-        },
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "dies while seeding" in res.stdout + res.stderr  # the hook fired
-    got, want = result(d / "loss.json"), result(d / "ref.json")
+    got = _lose_machine_1(scratch, {"WORKER_DIE_SEEDING": who}, restarts=3)
+    assert "dies while seeding" in str(got["output"])  # the hook fired
     assert got["resumed_from"] in (14, 15)  # 15 unless the survivor died mid-save of it
-    assert sorted(p.name for p in (d / "loss" / "machine-1").iterdir()) == ["local-1.plm"]
-    assert got["losses"] == want["losses"]
-    assert got["digests"] == want["digests"]
 
 
 def test_a_lost_machine_without_replicas_is_refused(scratch: Path) -> None:
