@@ -821,11 +821,12 @@ def _share_seed(
         f.write(body.numpy().tobytes())
         f.truncate(int(head[1]))
     seed = Mirror(out, key, readonly=True)
-    if seed.held_steps()[0] != step:
+    got = seed.held_steps()[0]
+    if got != step:  # an older (or newer) file of the donor's, replayed: authentic, not fresh
         seed.close()
         raise IntegrityError(
-            f"the mirror received from rank {donor} holds step {seed.held_steps()[0]}, not "
-            f"the agreed step {step}; restart the job"
+            f"the mirror received from rank {donor} holds step {got}, not the agreed step "
+            f"{step}: it was replaced on the way; restart the job"
         )
     return seed
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from plinius.crypto import MasterKey
+from plinius.mirror import Mirror
 
 from .conftest import finish, free_port, result, run, start_agent, stop, worker_args
 
@@ -77,6 +78,28 @@ def test_a_peer_dying_while_the_lost_machine_is_seeded(scratch: Path, who: str) 
     got = _lose_machine_1(scratch, {"WORKER_DIE_SEEDING": who}, restarts=3)
     assert "dies while seeding" in str(got["output"])  # the hook fired
     assert got["resumed_from"] in (14, 15)  # 15 unless the survivor died mid-save of it
+
+
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [("flip", "fails authentication"), ("replay", "holds step 10, not the agreed step")],
+)
+def test_a_seed_tampered_with_on_the_wire_is_refused(scratch: Path, how: str, said: str) -> None:
+    """The survivor's mirror, sent to the lost machine, is changed on the way: a byte
+    flipped, or replaced by the survivor's own older file (step 10). The lost process
+    refuses it (IntegrityError), no bytes of it are kept, and the survivor's mirror
+    still holds the agreed step."""
+    d = scratch
+    env = {"WORKER_DIE_AFTER_COMMIT": "15:1", "WORKER_WIPE_ON_DIE": "1", "WORKER_TAMPER_SEED": how}
+    args = worker_args(d / "loss", d / "k.key", d / "loss.json", *MACHINE_PER_PROCESS)
+    res = run(args, nproc=2, restarts=1, env=env)
+    assert res.returncode != 0
+    assert said in res.stderr and "IntegrityError" in res.stderr, res.stderr[-3000:]
+    lost = d / "loss" / "machine-1"
+    assert not list(lost.glob(".seed-*"))  # the refused bytes are not kept
+    key = MasterKey.load(d / "k.key")
+    with Mirror(d / "loss" / "machine-0" / "local-0.plm", key, readonly=True) as survivor:
+        assert survivor.held_steps()[0] in (14, 15)
 
 
 def test_a_lost_machine_without_replicas_is_refused(scratch: Path) -> None:

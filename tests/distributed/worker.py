@@ -17,6 +17,9 @@ of the final model and optimizer state of every process (gathered). Test hooks
 * ``WORKER_DIE_SEEDING=receiver|donor``: in the second incarnation, the
   process receiving a lost machine's mirror (or the one sending it) is killed
   (SIGKILL) in the middle of the transfer (at the body's broadcast).
+* ``WORKER_TAMPER_SEED=flip|replay``: in the second incarnation, an attacker
+  on the wire changes the mirror the survivor sends the lost machine: one
+  byte flipped, or the survivor's mirror as it was at step 10 (copied then).
 * ``WORKER_STEP_SLEEP=S``: every step sleeps S seconds after it is done (a
   slower job, for kills that must land mid-run).
 * ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
@@ -85,7 +88,7 @@ def digest(module: nn.Module, optimizer: torch.optim.Optimizer) -> str:
     return h.hexdigest()
 
 
-def hooks(mirrors: pdist.MirrorSet) -> Any:
+def hooks(mirrors: pdist.MirrorSet, out: Path) -> Any:
     """The test hooks' step callback (and the slow save, installed here)."""
     first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     slow = int(os.environ.get("WORKER_SLOW_SAVE", "0"))
@@ -110,6 +113,11 @@ def hooks(mirrors: pdist.MirrorSet) -> Any:
         if pids and not told:
             Path(pids, f"{mirrors.place.local_rank}.pid").write_text(str(os.getpid()))
             told.append(True)
+        if first and ev.step == 10 and rank == 0 and os.environ.get("WORKER_TAMPER_SEED"):
+            mirrors.mirror.info()  # step 10 committed: the attacker copies the file now
+            copy = mirrors.mirror.copy_committed()
+            old = bytes(copy.buffer[: copy.nbytes]).ljust(copy.file_size, b"\0")
+            out.with_suffix(".step10").write_bytes(old)
         if first and ev.step == die_step and rank == die_rank:
             mirrors.mirror.info()  # joins the pending save: step K is committed here
             if os.environ.get("WORKER_WIPE_ON_DIE"):
@@ -150,6 +158,26 @@ def die_while_seeding(who: str) -> None:
     dist.broadcast = broadcast  # type: ignore[assignment]
 
 
+def tamper_seed(how: str, old: Path) -> None:
+    """Install the ``WORKER_TAMPER_SEED`` hook (second incarnation only)."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "1":
+        return
+    inner = dist.broadcast
+
+    def broadcast(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        work = inner(tensor, *args, **kwargs)
+        received = dist.get_rank() != kwargs["src"]
+        if received and tensor.dtype == torch.uint8 and tensor.numel() > 1024:  # the body
+            if how == "flip":
+                tensor[tensor.numel() // 3] ^= 1
+            else:
+                replayed = torch.frombuffer(bytearray(old.read_bytes()), dtype=torch.uint8)
+                tensor.copy_(replayed[: tensor.numel()])
+        return work
+
+    dist.broadcast = broadcast  # type: ignore[assignment]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mirror", required=True)
@@ -167,6 +195,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     place = pdist.init()
+    if os.environ.get("WORKER_TAMPER_SEED"):
+        tamper_seed(os.environ["WORKER_TAMPER_SEED"], Path(args.out).with_suffix(".step10"))
     if os.environ.get("WORKER_DIE_SEEDING"):
         die_while_seeding(os.environ["WORKER_DIE_SEEDING"])
     key = MasterKey.load(args.key)
@@ -190,7 +220,7 @@ def main() -> int:
             mirror=mirrors,
             scheduler=sched,
             async_save=not args.sync,
-            callback=hooks(mirrors),
+            callback=hooks(mirrors, Path(args.out)),
         )
     digests: list[Any] = [None] * place.world_size
     dist.all_gather_object(digests, digest(net, opt))
