@@ -27,6 +27,7 @@ is refused, naming the file; nothing is overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -300,6 +301,11 @@ class MirrorSet:
             when this process's machine lost its mirrors (``None`` otherwise):
             :meth:`restore` reads it, :meth:`settle` saves this process's own
             mirror from it.
+        resized: the job resumes ``step`` in another world than wrote it (or
+            with processes seeded without replicas; ``open_mirror_set(...,
+            elastic=True)``): :meth:`restore` re-seeds the generators.
+        stale: files of this machine's local ranks the job no longer has,
+            removed by :meth:`drop_stale` once the new world committed a step.
     """
 
     def __init__(
@@ -314,6 +320,8 @@ class MirrorSet:
         replicas: int = 0,
         seed: Mirror | None = None,
         seed_path: Path | None = None,
+        resized: bool = False,
+        stale: list[Path] | None = None,
     ) -> None:
         self.mirror = mirror
         self.path = path
@@ -325,6 +333,8 @@ class MirrorSet:
         self._seed_path = seed_path
         self._key = key
         self._part: UniquePart | None = None
+        self.resized = resized
+        self.stale = list(stale or [])
 
     @property
     def reader(self) -> Mirror:
@@ -357,6 +367,8 @@ class MirrorSet:
         Raises:
             IntegrityError: a file, or the replica, fails authentication.
         """
+        if self.resized:
+            return self._restore_resized(state)
         got = self.reader.restore(state)
         if got is None or not self.replicas:
             return got
@@ -370,6 +382,32 @@ class MirrorSet:
         )
         self._part.unpack(plain)
         return got
+
+    def _restore_resized(self, state: dict[str, Any]) -> int | None:
+        """Restore a step written by another world; re-seed this process's generators.
+
+        The saved ``replicas`` (if any) are of the old world's ranks: restored
+        into a scratch tensor of their shape and left there, ``state`` keeps its own.
+        """
+        saved = [t for t in self.reader.committed_tensors() if t.name == "replicas"]
+        mine = state.pop("replicas", None)
+        if saved:
+            state["replicas"] = torch.zeros(saved[0].shape, dtype=torch.uint8)
+        try:
+            got = self.reader.restore(state)
+        finally:
+            state.pop("replicas", None)
+            if mine is not None:
+                state["replicas"] = mine
+        if got is not None:
+            _reseed(str(self.identity["job"]), got, self.place.rank, self.place.world_size)
+        return got
+
+    def drop_stale(self) -> None:
+        """Remove the files of local ranks the job no longer has (after the new world's commit)."""
+        for p in self.stale:
+            p.unlink(missing_ok=True)
+        self.stale = []
 
     def settle(self, state: dict[str, Any]) -> None:
         """After a restore from a seed: save this process's own mirror at the step, at once."""
@@ -530,7 +568,9 @@ def _order(step: int | None) -> int:
     return -1 if step is None else step
 
 
-def agree(members: list[SetMember], world_size: int, where: Path) -> int | None:
+def agree(
+    members: list[SetMember], world_size: int, where: Path, *, elastic: bool = False
+) -> int | None:
     """The newest step every member holds; refuse a set that no crash can produce.
 
     Args:
@@ -538,6 +578,9 @@ def agree(members: list[SetMember], world_size: int, where: Path) -> int | None:
             for a missing file).
         world_size: the number of processes now.
         where: the set's directory (for messages).
+        elastic: the job may have another number of processes than wrote the
+            set: the world size is not checked, and only the files that hold a
+            saved step count (the others' processes are seeded from them).
 
     Returns:
         The step to resume from (``None``: nothing to resume).
@@ -551,11 +594,11 @@ def agree(members: list[SetMember], world_size: int, where: Path) -> int | None:
     saved = [s for s in members if s.identity is not None]
     for s in saved:
         ident = s.identity or {}
-        if ident.get("world_size") != world_size:
+        if ident.get("world_size") != world_size and not elastic:
             raise ConfigError(
                 f"the mirror set {where} was written by {ident.get('world_size')} processes, "
-                f"this job has {world_size}: run with that many processes (changing it needs "
-                "re-sharding the state, which is not supported yet), or use a new --mirror"
+                f"this job has {world_size}: run with that many processes, let the job change "
+                "size (open_mirror_set(..., elastic=True)), or use a new --mirror"
             )
         if ident.get("local_rank") != s.local_rank:
             raise IntegrityError(
@@ -573,14 +616,14 @@ def agree(members: list[SetMember], world_size: int, where: Path) -> int | None:
                 "or start a new job with a new --mirror"
             )
     missing = [s for s in members if s.generation < 0]
-    if missing and saved:
+    if missing and saved and not elastic:
         states = "; ".join(f"{s.path.name}: {_held_text(s.held)}" for s in members)
         raise RollbackError(
             f"{', '.join(str(s.path) for s in missing)} of the mirror set {where} is missing "
             f"while others hold saved steps ({states}); put the file back, or start a new job "
             "with a new --mirror (plinius rm the set)"
         )
-    present = [s for s in members if s.generation >= 0]
+    present = saved if elastic else [s for s in members if s.generation >= 0]
     if not present:
         return None
     target = min((s.step for s in present), key=_order)
@@ -607,6 +650,7 @@ def open_mirror_set(
     *,
     threads: int | None = None,
     replicas: int = 0,
+    elastic: bool = False,
 ) -> MirrorSet:
     """Open this process's mirror of the set at ``base``; agree with the others where to resume.
 
@@ -624,11 +668,29 @@ def open_mirror_set(
     seeded from a surviving process's mirror at the agreed step, sent over the
     process group, and its processes take their own part from their replicas.
 
+    With ``elastic=True`` the job may go on with another number of processes
+    than wrote the set (torchrun ``--nnodes=MIN:MAX`` after a machine's loss
+    or arrival). The step is the newest one every process that holds a saved
+    step holds (those ahead go back to it); files of local ranks this machine
+    no longer has are ignored, and removed once the new world committed a step
+    (:meth:`MirrorSet.drop_stale`); processes with nothing saved (a machine
+    that joined, or lost its directory) are seeded from the lowest-rank
+    survivor's mirror. The model, optimizer, scheduler and sampler (a global
+    sample cursor) are restored from that step; what only one process held
+    cannot be mapped onto another world, so :meth:`MirrorSet.restore` re-seeds
+    every process's random generators from ``(job, step, rank, world size)``
+    and each process keeps the module buffers of the mirror it restored (its
+    own, or the donor's). The change is recorded in the set's identity
+    (``world_changes``). The same happens in a world of the same size when a
+    process has nothing saved and replicas cannot restore it exactly.
+
     Args:
         base: the set's directory (``--mirror``) on this machine; created if missing.
         key: the master key.
         threads: encryption threads per process.
-        replicas: 1 to keep the replicas (needed for a set across machines), 0 not to.
+        replicas: 1 to keep the replicas (needed for a set across machines unless
+            ``elastic``), 0 not to.
+        elastic: accept another number of processes than wrote the set (above).
 
     Returns:
         This process's :class:`MirrorSet`; ``step`` is where the job resumes.
@@ -636,7 +698,8 @@ def open_mirror_set(
     Raises:
         ConfigError: not under an initialised process group; ``base`` is a
             single-process mirror file; another number of processes wrote the
-            set; several machines without replicas.
+            set (without ``elastic``); several machines without replicas (nor
+            ``elastic``).
         IntegrityError, RollbackError: the set's files disagree (see :func:`agree`),
             or a file fails authentication.
     """
@@ -658,6 +721,7 @@ def open_mirror_set(
     path = member_path(where, place.local_rank)
     mine: Mirror | None = None
     error: PliniusError | None = None
+    stale: list[Path] = []
     report: dict[str, Any] = {
         "local_rank": place.local_rank,
         "generation": -1,
@@ -674,6 +738,8 @@ def open_mirror_set(
             report.update(generation=d.generation, held=d.held, identity=d.identity)
         if place.local_rank == 0 and where.is_dir():
             extra = _extra_members(where, place.local_world_size)
+            if elastic:
+                stale, extra = [where / name for name in extra], []
             if extra:
                 raise ConfigError(
                     f"the mirror set {where} has files of more processes than this job's "
@@ -706,7 +772,9 @@ def open_mirror_set(
         ]
         machine = [str(r["machine"]) for r in reports]
         try:
-            step, lost = _agree_machines(members, machine, place.world_size, where, replicas)
+            step, lost, resized = _agree_machines(
+                members, machine, place.world_size, where, replicas, elastic
+            )
         except PliniusError as exc:
             # Every process finds the same from the same reports: rank 0 says it.
             exc.reported_by = 0  # type: ignore[attr-defined]
@@ -723,8 +791,8 @@ def open_mirror_set(
             mine = Mirror(path, key, threads=threads, keep_previous=True)
         elif not i_am_lost and mine.held_steps()[0] != step:
             mine.go_back()  # ahead of the others: the newest common step is the previous one
+        donor = min((r for r in range(place.world_size) if r not in lost), default=0)
         if lost and step is not None:
-            donor = min(r for r in range(place.world_size) if r not in lost)
             seed_path = where / f".seed-local-{place.local_rank}.plm"
             seed = _share_seed(mine, key, step, donor, seed_path if i_am_lost else None)
             if seed is None:
@@ -737,6 +805,11 @@ def open_mirror_set(
         if mine is not None:
             mine.close()
         raise
+    changes = _world_changes(members[donor].identity, step)
+    if resized and step is not None:
+        before = (members[donor].identity or {}).get("world_size")
+        if before != place.world_size:
+            changes.append([step, before, place.world_size])
     identity = {
         "job": job,
         "world_size": place.world_size,
@@ -744,6 +817,7 @@ def open_mirror_set(
         "local_world_size": place.local_world_size,
         "node": place.node,
         "replicas": replicas,
+        "world_changes": changes,
     }
     return MirrorSet(
         mine,
@@ -755,27 +829,72 @@ def open_mirror_set(
         replicas=replicas,
         seed=seed,
         seed_path=seed_path,
+        resized=resized and step is not None,
+        stale=stale,
     )
 
 
+def _reseed(job: str, step: int, rank: int, world_size: int) -> None:
+    """Seed this process's global generators from ``(job, step, rank, world size)``.
+
+    The rule after a world change: the old world's per-process generators
+    cannot be mapped onto the new world's ranks, so every process draws fresh
+    ones, the same for the same job, step and place.
+    """
+    import random
+
+    import numpy as np
+
+    h = hashlib.sha256(f"plinius elastic|{job}|{step}|{rank}|{world_size}".encode())
+    seed = int.from_bytes(h.digest()[:8], "little")
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _world_changes(identity: dict[str, Any] | None, step: int | None) -> list[list[Any]]:
+    """The world changes a saved identity records, up to ``step`` (a copy)."""
+    saved = (identity or {}).get("world_changes") or []
+    return [list(c) for c in saved if step is not None and c[0] <= step]
+
+
 def _agree_machines(
-    members: list[SetMember], machine: list[str], world_size: int, where: Path, replicas: int
-) -> tuple[int | None, set[int]]:
-    """The step to resume from and the ranks whose machine lost its mirrors.
+    members: list[SetMember],
+    machine: list[str],
+    world_size: int,
+    where: Path,
+    replicas: int,
+    elastic: bool = False,
+) -> tuple[int | None, set[int], bool]:
+    """The step to resume from, the ranks to seed from a survivor, and whether the world changed.
 
     A machine is *lost* when none of its processes holds a saved step (its
     directory came back empty, or a seed was interrupted before its first save)
     while another machine's do. With replicas every survivor holds what the
     lost ones need; without, a lost machine is a missing file (:func:`agree`).
+    With ``elastic``, a set written by another number of processes, or one
+    whose processes without a saved step replicas cannot restore exactly, is
+    *resized*: the survivors agree, every process without a saved step is seeded.
     """
     machines = sorted(set(machine))
-    if len(machines) > 1 and not replicas:
+    saved = [s for s in members if s.identity is not None]
+    if elastic and saved:
+        fresh = {r for r, s in enumerate(members) if s.identity is None}
+        whole = {
+            r
+            for r, k in enumerate(machine)
+            if all(members[q].identity is None for q, m in enumerate(machine) if m == k)
+        }
+        exact = replicas and all((s.identity or {}).get("replicas") for s in saved)
+        other = any((s.identity or {}).get("world_size") != world_size for s in saved)
+        if other or (fresh and not (exact and fresh == whole)):
+            return agree(members, world_size, where, elastic=True), fresh, True
+    if len(machines) > 1 and not replicas and not elastic:
         raise ConfigError(
             f"this job's mirror set spans {len(machines)} machines: open it with replicas "
             "(open_mirror_set(..., replicas=1); the CLI has no --replicas yet) so that a "
             "machine's loss loses nothing"
         )
-    saved = [s for s in members if s.identity is not None]
     if saved and any(not (s.identity or {}).get("replicas") for s in saved) and replicas:
         replicas = 0  # written without replicas: nothing to seed a lost machine from
     lost_machines = {
@@ -784,10 +903,10 @@ def _agree_machines(
         if all(s.identity is None for s, k in zip(members, machine, strict=True) if k == m)
     }
     if not saved or not replicas or len(lost_machines) in (0, len(machines)):
-        return agree(members, world_size, where), set()
+        return agree(members, world_size, where), set(), False
     lost = {r for r, k in enumerate(machine) if k in lost_machines}
     survivors = [s for r, s in enumerate(members) if r not in lost]
-    return agree(survivors, world_size, where), lost
+    return agree(survivors, world_size, where), lost, False
 
 
 def _share_seed(

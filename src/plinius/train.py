@@ -462,6 +462,10 @@ def fit(
     members = mirror if isinstance(mirror, MirrorSet) else None
     own: Mirror | None = mirror.mirror if isinstance(mirror, MirrorSet) else mirror
     core = gate.module if gate is not None else model
+    if members is not None and isinstance(model, nn.parallel.DistributedDataParallel):
+        # One process left of a set (an elastic job scaled down): the state is
+        # the inner model's, as in every world of the set.
+        core = model.module
 
     sampler = make_sampler(dataset, seed=seed, shuffle=shuffle)
     losses = torch.full((total,), math.nan, dtype=torch.float64)
@@ -550,6 +554,9 @@ def fit(
                     f"not on {dataset_id}: resume with the job's own dataset"
                 )
             saved = state["job"]
+            if members is not None and members.resized:
+                # An elastic job goes on in another world: the same job all the same.
+                saved = {**saved, "world_size": job["world_size"]}
             # A setting a mirror does not record (written before it was) is not checked.
             now = {k: v for k, v in job.items() if k in saved or k not in _ADDED_SETTINGS}
             if saved != now:
@@ -629,12 +636,17 @@ def fit(
                 loss_value = gate.finish(committed)
                 if replicas and commit:
                     state["replicas"].copy_(gate.blobs)
+            if members is not None and members.stale and committed > start:
+                # Every process committed a step of this world (the gate said
+                # so): the files of the local ranks it no longer has may go.
+                members.drop_stale()
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(loss_value)  # it steps on a metric: the training loss
             elif scheduler is not None:
                 scheduler.step()
-            # Only now is the batch really consumed: record it in the sampler.
-            sampler.advance(len(batch[0]))
+            # Only now is the batch really consumed: record it in the sampler (by
+            # the whole batch: the cursor counts the job's samples, not this process's).
+            sampler.advance(source.last_size)
             losses[step] = loss_value
             if commit:
                 assert own is not None

@@ -172,6 +172,14 @@ def free_port() -> int:
         return port
 
 
+# An elastic job's rendezvous: a dead agent is dropped 4 s after its last
+# keep-alive (torch sends one on each 1 s tick only when the last is older than
+# 1 s, so they come 1 to 2 s apart: 2 s would now and then drop a live agent, and
+# a newcomer then completes a round of its own), and a round closes 3 s after
+# its minimum of agents joined (time for agents started together to join as one).
+ELASTIC_RDZV = "keep_alive_interval=1,keep_alive_max_attempt=4,last_call_timeout=3"
+
+
 def agent_cmd(
     port: int, run_id: str, host: bool, restarts: int = 3, nnodes: str = "2"
 ) -> list[str]:
@@ -182,8 +190,11 @@ def agent_cmd(
     host, and a second agent left to guess would start a second store on the
     same port (SO_REUSEPORT) and split the rendezvous in two. A dead agent is
     noticed after 2 missed 1-s heartbeats (torch's default: 3 of 5 s).
+    ``nnodes``: ``"2"``, or ``"1:2"`` for an elastic job (:data:`ELASTIC_RDZV`).
     """
     conf = f"is_host={int(host)},keep_alive_interval=1,keep_alive_max_attempt=2"
+    if ":" in nnodes:
+        conf = f"is_host={int(host)},{ELASTIC_RDZV}"
     return [
         sys.executable,
         "-m",

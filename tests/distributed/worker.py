@@ -24,6 +24,11 @@ of the final model and optimizer state of every process (gathered). Test hooks
   slower job, for kills that must land mid-run).
 * ``WORKER_PIDS=DIR``: each process writes its pid to ``DIR/<local rank>.pid``
   once its first step of this incarnation is done (training is under way).
+* ``WORKER_TRACE=DIR``: each process appends JSON lines to ``DIR/<pid>.jsonl``,
+  each with its incarnation (a time rank 0 draws at start), rank and world
+  size: on resume the step and a digest of the model and optimizer restored;
+  per step the record indices it fetched; per save the step, the job's loss
+  and the digest. What the elastic tests check a trajectory with.
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ class Records(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, 16, generator=g)
         self.y = torch.randint(0, 4, (n,), generator=g)
+        self.drawn: list[int] = []  # the indices fetched since the trace last took them
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.drawn.append(int(i))
         return self.x[i], self.y[i]
 
 
@@ -86,6 +93,53 @@ def digest(module: nn.Module, optimizer: torch.optim.Optimizer) -> str:
             h.update(f"{k}.{name}".encode())
             h.update(torch.as_tensor(v).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+class Trace:
+    """``WORKER_TRACE``: JSON lines of what this process trained (see the module's doc).
+
+    A step's indices are written when its batch is fetched (before the step's
+    gradients are exchanged: a step any process committed was fetched by all),
+    its loss and digest just before its save (a committed step is traced).
+    """
+
+    def __init__(self, data: Records, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        where = os.environ.get("WORKER_TRACE")
+        self.path = Path(where, f"{os.getpid()}.jsonl") if where else None
+        self.data, self.net, self.opt = data, net, opt
+        box = [time.time_ns()]
+        dist.broadcast_object_list(box, src=0)  # one incarnation, one time: rank 0's
+        self.head = {"inc": box[0], "rank": dist.get_rank(), "world": dist.get_world_size()}
+        self.step = 0
+
+    def write(self, **line: Any) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**self.head, **line}) + "\n")
+
+    def watch(self, mirrors: pdist.MirrorSet) -> None:
+        """Trace each save of this process's mirror (the worker reaches inside)."""
+        m = mirrors.mirror
+        inner = m.save
+
+        def save(state: dict[str, Any], *, step: int) -> None:
+            loss = float(state["losses"][step - 1])
+            self.write(saved=step, loss=loss, digest=digest(self.net, self.opt))
+            inner(state, step=step)
+
+        if self.path is not None:
+            m.save = save  # type: ignore[method-assign]
+
+    def resumed(self, step: int | None, _: float) -> None:
+        self.data.drawn.clear()
+        self.step = step or 0
+        self.write(resumed=step, digest=digest(self.net, self.opt))
+
+    def split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, self.data.drawn[:] = list(self.data.drawn), []
+        self.step += 1
+        self.write(step=self.step, idx=idx)
+        return batch[0], batch[-1]
 
 
 def hooks(mirrors: pdist.MirrorSet, out: Path) -> Any:
@@ -188,6 +242,7 @@ def main() -> int:
     ap.add_argument("--sync", action="store_true", help="synchronous saves")
     ap.add_argument("--ordered", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--replicas", type=int, default=0)
+    ap.add_argument("--elastic", action="store_true", help="open the set elastic")
     ap.add_argument(
         "--machine-per-process",
         action="store_true",
@@ -208,12 +263,15 @@ def main() -> int:
     where = Path(args.mirror)
     if args.machine_per_process:
         where = where / f"machine-{place.local_rank}"
-    with pdist.open_mirror_set(where, key, replicas=args.replicas) as mirrors:
+    data = Records()
+    trace = Trace(data, net, opt)
+    with pdist.open_mirror_set(where, key, replicas=args.replicas, elastic=args.elastic) as mirrors:
+        trace.watch(mirrors)
         res = plinius.fit(
             ddp,
             opt,
             loss_fn=nn.functional.cross_entropy,
-            dataset=Records(),
+            dataset=data,
             batch_size=args.batch_size,
             steps=args.steps,
             seed=7,
@@ -221,6 +279,8 @@ def main() -> int:
             scheduler=sched,
             async_save=not args.sync,
             callback=hooks(mirrors, Path(args.out)),
+            on_resume=trace.resumed,
+            split=trace.split,
         )
     digests: list[Any] = [None] * place.world_size
     dist.all_gather_object(digests, digest(net, opt))
