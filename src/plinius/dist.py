@@ -744,7 +744,8 @@ def open_mirror_set(
                 raise ConfigError(
                     f"the mirror set {where} has files of more processes than this job's "
                     f"{place.local_world_size} ({', '.join(extra)}): run with as many processes "
-                    "as wrote it (re-sharding is not supported yet), or use a new --mirror"
+                    "as wrote it, let the job change size (open_mirror_set(..., elastic=True)), "
+                    "or use a new --mirror"
                 )
     except PliniusError as exc:
         error = exc

@@ -19,7 +19,6 @@ world change, and checked here from every process's per-step trace
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -75,8 +74,7 @@ def job() -> Iterator[dict[str, Any]]:
     try:
         yield {"dir": d, "key": key, "reference": reference}
     finally:
-        if not os.environ.get("PLINIUS_KEEP_TEST_DIR"):
-            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def lines(trace: Path) -> list[dict[str, Any]]:
@@ -146,6 +144,11 @@ def steps_in_world(trace: Path, world: int) -> int:
     return max((x["step"] for x in lines(trace) if "step" in x and x["world"] == world), default=0)
 
 
+def last_step(trace: Path, inc: int) -> int:
+    """The newest step the incarnation ``inc`` fetched."""
+    return max(x["step"] for x in lines(trace) if "step" in x and x["inc"] == inc)
+
+
 def check_trajectory(got: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]]) -> None:
     """Every step trained the reference's batch, each record once, in the world of its time."""
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -183,21 +186,25 @@ def check_resume(
     return step
 
 
-def _agents(d: Path, name: str, args: list[str], port: int) -> list[subprocess.Popen[str]]:
-    procs = []
-    for i, host in ((0, True), (1, False)):
-        procs.append(
-            start_agent(
-                [*args[:2], str(d / name / f"machine-{i}"), *args[3:]],
-                port=port,
-                run_id=name,
-                log=d / f"{name}-{i}.log",
-                host=host,
-                nnodes="1:2",
-                env={"WORKER_TRACE": str(d / f"{name}-trace"), "WORKER_STEP_SLEEP": "0.05"},
-            )
-        )
-    return procs
+def _agent(d: Path, name: str, args: list[str], port: int, i: int, nap: str) -> Any:
+    """Agent ``i`` of the job ``name`` (agent 0 hosts the rendezvous), its own directory."""
+    return start_agent(
+        [*args[:2], str(d / name / f"machine-{i}"), *args[3:]],
+        port=port,
+        run_id=name,
+        log=d / f"{name}-{i}.log",
+        host=i == 0,
+        nnodes="1:2",
+        # Steps a little slower (the result is the same), so that the changes
+        # land mid-run however fast the machine is.
+        env={"WORKER_TRACE": str(d / f"{name}-trace"), "WORKER_STEP_SLEEP": nap},
+    )
+
+
+def _agents(
+    d: Path, name: str, args: list[str], port: int, nap: str
+) -> list[subprocess.Popen[str]]:
+    return [_agent(d, name, args, port, i, nap) for i in (0, 1)]
 
 
 def _logs(d: Path, name: str) -> str:
@@ -209,7 +216,7 @@ def test_scale_down_the_survivor_goes_on_alone(job: dict[str, Any]) -> None:
     (d / "down-trace").mkdir()
     args = worker_args(d / "down", job["key"], d / "down.json", *MORE, "--elastic")
     port = free_port()
-    host, other = procs = _agents(d, "down", args, port)
+    host, other = procs = _agents(d, "down", args, port, "0.05")
     try:
         # Both machines train (world 2) for a while; then the non-host one is lost.
         wait_for(lambda: steps_in_world(d / "down-trace", 2) >= 12, 60, procs)
@@ -223,7 +230,7 @@ def test_scale_down_the_survivor_goes_on_alone(job: dict[str, Any]) -> None:
     trained = final_steps(d / "down-trace")
     incs = resumes(d / "down-trace")
     assert [i["world"] for i in incs] == [2, 1], incs
-    step = check_resume(incs[1], ref["steps"], 1, steps_in_world(d / "down-trace", 2))
+    step = check_resume(incs[1], ref["steps"], 1, last_step(d / "down-trace", incs[0]["inc"]))
     assert got["resumed_from"] == step
     assert got["losses"][:step] == ref["losses"][:step]
     assert {trained[s]["world"] for s in range(step + 1, STEPS + 1)} == {1}
@@ -238,26 +245,16 @@ def test_scale_up_a_machine_that_joins_is_taken_in(job: dict[str, Any]) -> None:
     (d / "up-trace").mkdir()
     args = worker_args(d / "up", job["key"], d / "up.json", *MORE, "--elastic")
     port = free_port()
-    procs = _agents(d, "up", args, port)
+    procs = _agents(d, "up", args, port, "0.15")
     host = procs[0]
     try:
         wait_for(lambda: steps_in_world(d / "up-trace", 2) >= 8, 60, procs)
         stop(procs[1])
         last2 = steps_in_world(d / "up-trace", 2)  # the survivor trains no more in world 2
         # The survivor trains alone a while; then a new machine (empty directory) joins.
-        wait_for(lambda: steps_in_world(d / "up-trace", 1) >= last2 + 6, 60, [host])
-        shutil.rmtree(d / "up" / "machine-1")
-        procs.append(
-            start_agent(
-                [*args[:2], str(d / "up" / "machine-2"), *args[3:]],
-                port=port,
-                run_id="up",
-                log=d / "up-2.log",
-                host=False,
-                nnodes="1:2",
-                env={"WORKER_TRACE": str(d / "up-trace"), "WORKER_STEP_SLEEP": "0.05"},
-            )
-        )
+        wait_for(lambda: steps_in_world(d / "up-trace", 1) >= last2 + 3, 60, [host])
+        shutil.rmtree(d / "up" / "machine-1")  # that machine and its memory are gone
+        procs.append(_agent(d, "up", args, port, 2, "0.15"))
         codes = finish([host, procs[2]], timeout=90)
     finally:
         for p in procs:
@@ -267,8 +264,8 @@ def test_scale_up_a_machine_that_joins_is_taken_in(job: dict[str, Any]) -> None:
     trained = final_steps(d / "up-trace")
     incs = resumes(d / "up-trace")
     assert [i["world"] for i in incs] == [2, 1, 2], incs
-    down = check_resume(incs[1], ref["steps"], 1, steps_in_world(d / "up-trace", 2))
-    last1 = steps_in_world(d / "up-trace", 1)
+    down = check_resume(incs[1], ref["steps"], 1, last_step(d / "up-trace", incs[0]["inc"]))
+    last1 = last_step(d / "up-trace", incs[1]["inc"])
     # The world-1 trajectory as the survivor trained it (steps after `down`).
     alone = final_steps(d / "up-trace")
     up = check_resume(incs[2], alone, 2, last1)
@@ -285,9 +282,40 @@ def test_scale_up_a_machine_that_joins_is_taken_in(job: dict[str, Any]) -> None:
 
 def test_without_elastic_another_world_is_refused(job: dict[str, Any]) -> None:
     d = job["dir"]
-    first = run(worker_args(d / "fixed", job["key"], d / "fixed.json", "--steps", "6"), nproc=2)
+    args = worker_args(d / "fixed", job["key"], d / "fixed.json", "--steps", "6")
+    first = run(args, nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run(worker_args(d / "fixed", job["key"], d / "fixed.json", "--steps", "12"), nproc=1)
+    before = {p.name: p.read_bytes() for p in (d / "fixed").iterdir()}
+    again = run([*args[:-1], "12"], nproc=1)
     assert again.returncode != 0
-    assert "written by 2 processes, this job has 1" in again.stderr
-    assert "elastic=True" in again.stderr
+    assert "ConfigError: the mirror set" in again.stderr
+    assert "has files of more processes than this job's 1 (local-1.plm)" in again.stderr
+    assert "open_mirror_set(..., elastic=True)" in again.stderr
+    # nothing was overwritten
+    assert {p.name: p.read_bytes() for p in (d / "fixed").iterdir()} == before
+
+
+def test_elastic_on_one_machine_fewer_processes(job: dict[str, Any]) -> None:
+    # 2 processes, then 1 (torchrun --nproc-per-node changed): the file of the
+    # local rank the machine no longer has is kept until the new world commits.
+    d = job["dir"]
+    args = worker_args(d / "shrink", job["key"], d / "shrink.json", "--steps", "6")
+    first = run([*args, "--sync"], nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (d / "shrink-trace").mkdir()
+    again = run(
+        [*args[:-1], "12", "--sync", "--elastic"],
+        nproc=1,
+        env={"WORKER_TRACE": str(d / "shrink-trace")},
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    got, ref = result(d / "shrink.json"), job["reference"]()
+    assert got["resumed_from"] == 6
+    assert got["losses"][:6] == ref["losses"][:6]
+    (inc,) = resumes(d / "shrink-trace")
+    assert inc["world"] == 1 and inc["resumed"] == 6
+    assert inc["digests"] == ref["steps"][6]["digests"]
+    trained = final_steps(d / "shrink-trace")
+    for step in range(7, 13):
+        assert trained[step]["idx"][0] == [i for r in (0, 1) for i in ref["steps"][step]["idx"][r]]
+    assert sorted(p.name for p in (d / "shrink").iterdir()) == ["local-0.plm"]
