@@ -122,3 +122,32 @@ def test_rm_removes_the_set(trained: dict[str, Any]) -> None:
     res = run_cli("rm", copy)
     assert res.exit_code == 0, res.output
     assert not copy.exists()
+
+
+def test_elastic_goes_on_with_another_number_of_processes(trained: dict[str, Any]) -> None:
+    # --elastic: the 2-process set goes on in 3 processes, from its step 12
+    job = trained["job"]
+    copy = job["dir"] / "w3e.plm"
+    shutil.copytree(job["mirror"], copy)
+    res = _train(job, copy, 3, "--steps", "24", "--elastic")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("resumed after step 12 of 24") == 1
+    assert res.stdout.count("done: 24 steps of mlp (batch 24, 3 processes") == 1
+    res = run_cli("inspect", copy, "--key", job["key"], "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["step"] == 24 and doc["processes"] == 3
+    assert doc["world_changes"] == [[12, 2, 3]]
+    res = run_cli("inspect", copy, "--key", job["key"])
+    assert "world change     2 -> 3 processes, resumed at step 12" in res.stdout
+
+
+def test_elastic_needs_torchrun(trained: dict[str, Any]) -> None:
+    job = trained["job"]
+    res = run_cli(
+        "train", "--key", job["key"], "--data", job["data"], "--mirror", job["dir"] / "e.plm",
+        "--model", "mlp", "--steps", "4", "--elastic",
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "--elastic is for a job under torchrun" in res.output
+    assert not (job["dir"] / "e.plm").exists()

@@ -24,11 +24,13 @@ class TorchrunJob:
     Attributes:
         rank: the global rank (rank 0 speaks for the job).
         world_size: the number of processes.
+        elastic: open the mirror set elastic (``--elastic``).
     """
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.elastic = False
 
     @property
     def speaks(self) -> bool:
@@ -86,7 +88,7 @@ class TorchrunJob:
         """This process's part of the mirror set at ``path``."""
         from ..dist import open_mirror_set
 
-        return open_mirror_set(path, key)
+        return open_mirror_set(path, key, elastic=self.elastic)
 
     def finish(self) -> None:
         """Leave the process group and end this worker at once (:func:`plinius.dist.finish`)."""

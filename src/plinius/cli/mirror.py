@@ -330,6 +330,7 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
         "num_tensors": None,
         "tensor_bytes": None,
         "job": None,
+        "world_changes": None,
     }
     if key_path is None:
         return doc
@@ -353,6 +354,8 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
             num_tensors=info.num_tensors,
             tensor_bytes=info.tensor_bytes,
             job=job,
+            # [step, from, to] for each change of the number of processes (--elastic)
+            world_changes=(view.committed_value("dist") or {}).get("world_changes", []),
         )
     return doc
 
@@ -379,6 +382,8 @@ def set_lines(doc: dict[str, Any]) -> list[str]:
     )
     if doc["job"]["model"] is not None:
         lines.append(f"  job              {job_text(doc['job'])}")
+    for at, old, new in doc.get("world_changes") or []:
+        lines.append(f"  world change     {old} -> {new} processes, resumed at step {at}")
     lines.append(
         f"  verified: the {doc['num_tensors']} tensors ({_size(doc['tensor_bytes'])}) of "
         f"{Path(members[0]['path']).name} at that step authenticate under this key"

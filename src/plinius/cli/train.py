@@ -313,6 +313,12 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     is_flag=True,
     help="Keep a warm spare process that takes over within milliseconds if training dies.",
 )
+@click.option(
+    "--elastic",
+    is_flag=True,
+    help="Under torchrun (--nnodes=MIN:MAX): go on with another number of processes than "
+    "wrote the mirror set (a machine lost or joined).",
+)
 def train(
     key_path: Path | None,
     key_server: str | None,
@@ -342,6 +348,7 @@ def train(
     progress: bool | None,
     init_from: Path | None,
     standby: bool,
+    elastic: bool,
 ) -> None:
     """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
 
@@ -364,7 +371,10 @@ def train(
         refuse_torchrun()  # torchrun restarts its ranks itself
     # Under torchrun: several processes, one mirror set (cli/_torchrun.py).
     job = torchrun_job()
+    if elastic and job is None:
+        raise click.UsageError("--elastic is for a job under torchrun (--nnodes=MIN:MAX)")
     if job is not None:
+        job.elastic = elastic
         job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
         if batch_size is not None:
             job.check_batch(batch_size)
