@@ -390,15 +390,18 @@ class MirrorSet:
         into a scratch tensor of their shape and left there, ``state`` keeps its own.
         """
         saved = [t for t in self.reader.committed_tensors() if t.name == "replicas"]
-        mine = state.pop("replicas", None)
+        mine = state.get("replicas")
         if saved:
             state["replicas"] = torch.zeros(saved[0].shape, dtype=torch.uint8)
+        else:
+            state.pop("replicas", None)
         try:
             got = self.reader.restore(state)
         finally:
-            state.pop("replicas", None)
             if mine is not None:
-                state["replicas"] = mine
+                state["replicas"] = mine  # in its place when the saved state had one too
+            else:
+                state.pop("replicas", None)
         if got is not None:
             _reseed(str(self.identity["job"]), got, self.place.rank, self.place.world_size)
         return got

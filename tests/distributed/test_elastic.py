@@ -295,27 +295,37 @@ def test_without_elastic_another_world_is_refused(job: dict[str, Any]) -> None:
     assert {p.name: p.read_bytes() for p in (d / "fixed").iterdir()} == before
 
 
-def test_elastic_on_one_machine_fewer_processes(job: dict[str, Any]) -> None:
-    # 2 processes, then 1 (torchrun --nproc-per-node changed): the file of the
-    # local rank the machine no longer has is kept until the new world commits.
+@pytest.mark.parametrize(("nproc", "replicas"), [(1, "0"), (3, "1")])
+def test_elastic_on_one_machine_another_number_of_processes(
+    job: dict[str, Any], nproc: int, replicas: str
+) -> None:
+    # 2 processes, then 1 or 3 (torchrun --nproc-per-node changed). With 1, the
+    # file of the local rank the machine no longer has is kept until the new
+    # world commits; with 3 (and replicas: the old world's are dropped), the
+    # new process is seeded from a survivor.
     d = job["dir"]
-    args = worker_args(d / "shrink", job["key"], d / "shrink.json", "--steps", "6")
-    first = run([*args, "--sync"], nproc=2)
+    name = f"resize-{nproc}"
+    args = worker_args(d / name, job["key"], d / f"{name}.json", "--steps", "6")
+    more = ["--sync", "--replicas", replicas]
+    first = run([*args, *more], nproc=2)
     assert first.returncode == 0, first.stderr[-3000:]
-    (d / "shrink-trace").mkdir()
+    (d / f"{name}-trace").mkdir()
     again = run(
-        [*args[:-1], "12", "--sync", "--elastic"],
-        nproc=1,
-        env={"WORKER_TRACE": str(d / "shrink-trace")},
+        [*args[:-1], "12", *more, "--elastic"],
+        nproc=nproc,
+        env={"WORKER_TRACE": str(d / f"{name}-trace")},
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    got, ref = result(d / "shrink.json"), job["reference"]()
+    got, ref = result(d / f"{name}.json"), job["reference"]()
     assert got["resumed_from"] == 6
     assert got["losses"][:6] == ref["losses"][:6]
-    (inc,) = resumes(d / "shrink-trace")
-    assert inc["world"] == 1 and inc["resumed"] == 6
+    (inc,) = resumes(d / f"{name}-trace")
+    assert inc["world"] == nproc and inc["resumed_by"] == {6}
     assert inc["digests"] == ref["steps"][6]["digests"]
-    trained = final_steps(d / "shrink-trace")
+    trained = final_steps(d / f"{name}-trace")
     for step in range(7, 13):
-        assert trained[step]["idx"][0] == [i for r in (0, 1) for i in ref["steps"][step]["idx"][r]]
-    assert sorted(p.name for p in (d / "shrink").iterdir()) == ["local-0.plm"]
+        assert sorted(trained[step]["idx"]) == list(range(nproc))
+        split = [i for r in range(nproc) for i in trained[step]["idx"][r]]
+        assert split == [i for r in (0, 1) for i in ref["steps"][step]["idx"][r]]
+    files = [f"local-{r}.plm" for r in range(nproc)]
+    assert sorted(p.name for p in (d / name).iterdir()) == files
