@@ -107,9 +107,11 @@ class Trace:
         where = os.environ.get("WORKER_TRACE")
         self.path = Path(where, f"{os.getpid()}.jsonl") if where else None
         self.data, self.net, self.opt = data, net, opt
-        box = [time.time_ns()]
-        dist.broadcast_object_list(box, src=0)  # one incarnation, one time: rank 0's
-        self.head = {"inc": box[0], "rank": dist.get_rank(), "world": dist.get_world_size()}
+        self.head: dict[str, Any] = {}
+        if self.path is not None:
+            box = [time.time_ns()]
+            dist.broadcast_object_list(box, src=0)  # one incarnation, one time: rank 0's
+            self.head = {"inc": box[0], "rank": dist.get_rank(), "world": dist.get_world_size()}
         self.step = 0
 
     def write(self, **line: Any) -> None:
