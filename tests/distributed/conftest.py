@@ -189,12 +189,13 @@ def agent_cmd(
     endpoint, which must survive). Said explicitly: both agents run on this
     host, and a second agent left to guess would start a second store on the
     same port (SO_REUSEPORT) and split the rendezvous in two. A dead agent is
-    noticed after 2 missed 1-s heartbeats (torch's default: 3 of 5 s).
+    noticed after 4 s without heartbeats (torch's default: 3 of 5 s; see
+    :data:`ELASTIC_RDZV` for why not 2).
     ``nnodes``: ``"2"``, or ``"1:2"`` for an elastic job (:data:`ELASTIC_RDZV`).
     """
-    conf = f"is_host={int(host)},keep_alive_interval=1,keep_alive_max_attempt=2"
+    conf = f"is_host={int(host)},keep_alive_interval=1,keep_alive_max_attempt=4"
     if ":" in nnodes:
-        conf = f"is_host={int(host)},{ELASTIC_RDZV}"
+        conf = f"is_host={int(host)},{ELASTIC_RDZV}"  # and a round closes soon
     return [
         sys.executable,
         "-m",
