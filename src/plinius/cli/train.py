@@ -29,7 +29,7 @@ from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
 from ._standby import is_worker, report_takeover, supervise_train, take_turn
-from ._torchrun import torchrun_job
+from ._torchrun import check_replicas, torchrun_job
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -313,6 +313,14 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     is_flag=True,
     help="Keep a warm spare process that takes over within milliseconds if training dies.",
 )
+@click.option(
+    "--replicas",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Under torchrun across machines: 1 keeps every process's sealed replica on the "
+    "other machines, so the job survives the loss of a machine; 0 keeps none.",
+)
 def train(
     key_path: Path | None,
     key_server: str | None,
@@ -342,6 +350,7 @@ def train(
     progress: bool | None,
     init_from: Path | None,
     standby: bool,
+    replicas: int,
 ) -> None:
     """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
 
@@ -364,6 +373,7 @@ def train(
         refuse_torchrun()  # torchrun restarts its ranks itself
     # Under torchrun: several processes, one mirror set (cli/_torchrun.py).
     job = torchrun_job()
+    check_replicas(replicas, job)
     if job is not None:
         job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
         if batch_size is not None:
@@ -434,7 +444,7 @@ def train(
             init_from = None
         t0 = time.perf_counter()
         opened: Any = (
-            job.open_mirror(mirror_path, key)
+            job.open_mirror(mirror_path, key, replicas=replicas)
             if job is not None
             else Mirror(
                 mirror_path,
