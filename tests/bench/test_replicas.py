@@ -63,6 +63,7 @@ def test_replicas_section_smallest_configuration(tmp_path: Path, shm_dir: Path) 
     assert gate["none"] == gate["mirror"] == 16
     assert d["replica_bytes_per_step"] == gate["replicas"] - 16 > 5000  # the RNG states at least
     assert 0 < d["replica_bytes_per_step"] < d["mirror_tensor_bytes"]
+    assert d["seal_s"] > 0
     assert d["kills"] == 1 and len(d["losses"]) == 1
     (loss,) = d["losses"]
     assert loss["resumed_from"] >= 3  # the kill came after 3 steps: they were kept

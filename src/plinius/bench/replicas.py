@@ -113,6 +113,7 @@ def _compare_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str)
     try:
         res, module, opt = train(mirrors)
         info = mirrors.mirror.info() if mirrors is not None else None
+        seal = _seal_times(mirrors, res.final_step) if mode == "replicas" else []
     finally:
         if mirrors is not None:
             mirrors.close()
@@ -126,8 +127,19 @@ def _compare_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str)
         "gate_bytes_per_step": res.gate_bytes_sent / max(1, res.steps_run),
         "tensor_bytes": None if info is None else info.tensor_bytes,
         "file_bytes": None if info is None else info.file_bytes,
+        "seal_s": seal,
         "state": (module, opt),
     }
+
+
+def _seal_times(mirrors: Any, step: int, n: int = 100) -> list[float]:
+    """Seconds of sealing this process's replica (pack its own part, encrypt it), ``n`` times."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        mirrors.seal_own(step)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
 def _checkpoint_times(state: tuple[Any, Any], key: MasterKey, path: Path, repeats: int) -> Any:
@@ -168,6 +180,7 @@ def _compare(args: argparse.Namespace, key: MasterKey, rank: int) -> None:
                 "gate_bytes_per_step": median([r["gate_bytes_per_step"] for r in rs]),
                 "tensor_bytes": rs[-1]["tensor_bytes"],
                 "file_bytes": rs[-1]["file_bytes"],
+                "seal_s": [x for r in rs for x in r["seal_s"]],
             }
             for m, rs in runs.items()
         }
@@ -481,6 +494,7 @@ def run_replicas(
         "two_agents_step_s": median(_job_step_s(events)),
         "gate_bytes_per_step": {m: modes[m]["gate_bytes_per_step"] for m in MODES},
         "replica_bytes_per_step": rep_bytes,
+        "seal_s": median(modes["replicas"]["seal_s"]),
         "mirror_tensor_bytes": modes["replicas"]["tensor_bytes"],
         "mirror_file_bytes": modes["replicas"]["file_bytes"],
         "kills": len(killed),
