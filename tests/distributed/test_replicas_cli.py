@@ -102,6 +102,10 @@ def test_a_lost_machine_resumes_from_the_replicas_bit_identical(
     finally:
         codes = finish([a] + ([b2] if b2 is not None else []), 240)
     assert codes == [0, 0], _logs(job, "loss")
+    # The survivor learnt of the loss from a failed collective: said as such, not as a bug.
+    survivor = (d / "loss-A.log").read_text()
+    assert "internal error" not in survivor, survivor[-3000:]
+    assert "error: another process of this torchrun job was lost" in survivor
     events = _events(d / "loss.events")
     resumed = [e["step"] for e in events if e["event"] == "resumed"]
     assert len(resumed) == 2 and resumed[0] is None and resumed[1] >= 40, resumed
