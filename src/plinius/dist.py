@@ -896,7 +896,7 @@ def _agree_machines(
     if len(machines) > 1 and not replicas and not elastic:
         raise ConfigError(
             f"this job's mirror set spans {len(machines)} machines: open it with replicas "
-            "(open_mirror_set(..., replicas=1); the CLI has no --replicas yet) so that a "
+            "(plinius train --replicas 1, or open_mirror_set(..., replicas=1)) so that a "
             "machine's loss loses nothing"
         )
     if saved and any(not (s.identity or {}).get("replicas") for s in saved) and replicas:

@@ -185,6 +185,9 @@ class FitResult:
         step_times_s: The wall time of each step this call ran, save included.
         replanned_from: The total steps the mirror's job had when this call
             changed it (``steps`` raised, say from 150 to 200), else ``None``.
+        gate_bytes_sent: Bytes this process put into the step gate's
+            all-gathers (a multi-process job; 0 otherwise): two numbers a
+            step, and its sealed replica on each saved step with replicas.
     """
 
     losses: list[float]
@@ -196,6 +199,7 @@ class FitResult:
     save_wait_s: float = 0.0
     step_times_s: list[float] = field(default_factory=list)
     replanned_from: int | None = None
+    gate_bytes_sent: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -689,6 +693,7 @@ def fit(
         save_wait_s=save_wait,
         step_times_s=step_times,
         replanned_from=replanned_from,
+        gate_bytes_sent=gate.bytes_sent if gate is not None else 0,
     )
 
 

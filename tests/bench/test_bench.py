@@ -39,7 +39,8 @@ def _tiny(out: Path, pm: Path, disk: Path) -> BenchConfig:
     cfg.memory_mb = 1.0
     cfg.dcp_sizes = (SizeSpec(1.0, "sgd"),)
     cfg.threads = 1
-    cfg.sections = tuple(s for s in cfg.sections if s != "ddp")  # tests/bench/test_multiproc.py
+    # ddp: tests/bench/test_multiproc.py; replicas: tests/bench/test_replicas.py
+    cfg.sections = tuple(s for s in cfg.sections if s not in ("ddp", "replicas"))
     return cfg
 
 

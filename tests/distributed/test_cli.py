@@ -72,6 +72,7 @@ def test_inspect_export_evaluate_read_the_set(trained: dict[str, Any], tmp_path:
     doc = json.loads(res.stdout)
     assert doc["kind"] == "mirror-set" and doc["authenticated"]
     assert doc["step"] == 12 and doc["processes"] == 2
+    assert doc["world_size"] == 2 and doc["replicas"] == 0
     assert [m["held"] for m in doc["members"]] == [[12, 11], [12, 11]]
     res = run_cli("export", job["mirror"], "--key", job["key"], "--out", tmp_path / "m.st")
     assert res.exit_code == 0, res.output

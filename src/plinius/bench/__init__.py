@@ -1,6 +1,6 @@
 """``plinius bench``: the original evaluation reproduced here, side by side with peers.
 
-One process, one run, seven sections (children only where a SIGKILL, a clean
+One process, one run, eight sections (children only where a SIGKILL, a clean
 memory measurement or torchrun needs them):
 
 1. ``latency``: save/restore versus state size, with phases, against an
@@ -17,7 +17,11 @@ memory measurement or torchrun needs them):
    processes) without and with a mirror set, the global commit's all-gather,
    and the ordered all-reduce hook (:mod:`.ddp`);
 7. ``dcp``: ``torch.distributed.checkpoint`` into plinius' encrypted storage
-   against DCP's own ``FileSystemWriter`` (:mod:`.dcp`).
+   against DCP's own ``FileSystemWriter`` (:mod:`.dcp`);
+8. ``replicas``: two torchrun agents standing for two machines: the cost of
+   peer replicas per step, the bytes they send, and the time from a machine's
+   loss to the job's next step against a restart from an encrypted disk
+   checkpoint (:mod:`.replicas`).
 
 Results go to ``results.json``, ``results.md`` and PNG plots (:mod:`.report`).
 Every file created in the PM and disk directories is removed at the end.
@@ -183,6 +187,12 @@ def run_bench(cfg: BenchConfig, *, progress: bool | str = True) -> dict[str, Any
                 t0 = time.perf_counter()
                 results["dcp"] = run_dcp(cfg, key, disk, bars)
                 section_s["dcp"] = time.perf_counter() - t0
+            if "replicas" in cfg.sections:
+                from .replicas import run_replicas
+
+                t0 = time.perf_counter()
+                results["replicas"] = run_replicas(cfg, key, key_path, pm, disk, bars)
+                section_s["replicas"] = time.perf_counter() - t0
     finally:
         shutil.rmtree(pm, ignore_errors=True)
         shutil.rmtree(disk, ignore_errors=True)

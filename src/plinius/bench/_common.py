@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MB = 1_000_000  # SI megabytes, as the original paper's model sizes
-SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp", "dcp")
+SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp", "dcp", "replicas")
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,17 @@ class BenchConfig:
         SizeSpec(100.0, "sgd"),
         SizeSpec(300.0, "adam"),
     )
+    # replicas across two machines (bench/replicas.py): two torchrun agents on this host
+    replicas_model: str = "cnn-10mb"
+    replicas_batch: int = 128
+    replicas_steps: int = 8
+    replicas_rounds: int = 3
+    replicas_kills: int = 3
+    replicas_gap_steps: int = 6  # steps of a new incarnation before the next kill
+    replicas_tail_steps: int = 4  # steps after the last recovery
+    replicas_ckpt_every: tuple[int, ...] = (10, 100, 1000)
+    replicas_ckpt_repeats: int = 3
+    replicas_timeout_s: float = 600.0
     threads: int | None = None
     plots: bool = True
     command: str = "plinius bench"
@@ -186,6 +197,13 @@ class BenchConfig:
             cfg.ddp_worlds = (2,)
             cfg.ddp_gate_iters = 100
             cfg.dcp_sizes = (SizeSpec(5.0, "sgd"), SizeSpec(25.0, "sgd"))
+            # Two torchrun jobs (three agents' start-ups) and a machine loss are most of
+            # the section's time: the least that still times each part once.
+            cfg.replicas_steps = 2
+            cfg.replicas_rounds = 2
+            cfg.replicas_kills = 1
+            cfg.replicas_gap_steps = 3
+            cfg.replicas_tail_steps = 2
         return cfg
 
 

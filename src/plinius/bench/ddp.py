@@ -30,17 +30,15 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..crypto import MasterKey
-from ..errors import PliniusError
 from ._common import BenchConfig, Progress, median
 
-__all__ = ["MODES", "main", "run_ddp"]
+__all__ = ["MODES", "main", "run_ddp", "worker_parser"]
 
 MODES = ("none", "mirror", "ordered")
 
@@ -104,9 +102,9 @@ def _gate_times(iters: int) -> list[float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The worker: run in every process of the torchrun job (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="python -m plinius.bench.ddp")
+def worker_parser(prog: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every benchmark worker under torchrun takes (its orchestrator gives them)."""
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--key", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--pm", required=True)
@@ -114,9 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="cnn-10mb")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--gate-iters", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The worker: run in every process of the torchrun job (see the module docstring)."""
+    p = worker_parser("python -m plinius.bench.ddp", 5)
+    p.add_argument("--gate-iters", type=int, default=200)
     args = p.parse_args(argv)
     import torch
 
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 def _run_world(
     cfg: BenchConfig, key_path: Path, data: Path, pm: Path, disk: Path, world: int
 ) -> dict[str, Any]:
-    from .multiproc import stop_job, torchrun_command
+    from .multiproc import run_to_end, torchrun_command
 
     out = disk / f"ddp-{world}.json"
     log = disk / f"ddp-{world}.log"
@@ -150,24 +154,7 @@ def _run_world(
         "--threads", str(cfg.threads or 1),
     ]  # fmt: skip
     cmd = torchrun_command(world, 0, args, module=__name__)
-    with open(log, "wb") as f:
-        agent = subprocess.Popen(cmd, stdout=f, stderr=f, start_new_session=True)
-        try:
-            code = agent.wait(timeout=cfg.ddp_timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            stop_job(agent)
-    if code != 0 or not out.exists():
-        lines = log.read_text(errors="replace").strip().splitlines()
-        # A worker's own error, not the agent's report of its failure.
-        why = [ln for ln in lines if "Error: " in ln and "ChildFailedError" not in ln]
-        raise PliniusError(
-            f"the DDP benchmark with {world} processes "
-            + ("timed out" if code is None else f"failed (exit {code})")
-            + ": "
-            + (why[-1].strip() if why else " | ".join(lines[-3:]))
-        )
+    run_to_end(cmd, log, cfg.ddp_timeout_s, f"the DDP benchmark with {world} processes", out)
     raw: dict[str, Any] = json.loads(out.read_text())
     out.unlink()
     log.unlink()

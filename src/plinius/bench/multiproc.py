@@ -29,6 +29,8 @@ from .crashtest import CampaignResult, RunRecord, read_events, record_run, wait_
 
 __all__ = [
     "check_nproc",
+    "job_failure",
+    "run_to_end",
     "run_torchrun_campaign",
     "set_differences",
     "stop_job",
@@ -126,6 +128,40 @@ def stop_job(agent: subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             pass
     agent.wait()
+
+
+def job_failure(what: str, logs: Sequence[Path]) -> PliniusError:
+    """A benchmark's torchrun job failed: ``what``, then a worker's own error from ``logs``.
+
+    A worker's error line, not the agent's report of its failure (``ChildFailedError``);
+    else the logs' last lines.
+    """
+    lines = [ln for p in logs if p.exists() for ln in p.read_text(errors="replace").splitlines()]
+    why = [ln for ln in lines if "Error: " in ln and "ChildFailedError" not in ln]
+    return PliniusError(f"{what}: " + (why[-1].strip() if why else " | ".join(lines[-3:])))
+
+
+def run_to_end(
+    cmd: Sequence[str], log: Path, timeout_s: float, what: str, expect: Path | None = None
+) -> None:
+    """Run a torchrun job to its end, its output into ``log``; every process is stopped after.
+
+    Raises:
+        PliniusError: It timed out, failed, or did not write ``expect``
+            (:func:`job_failure`, ``what`` naming the job).
+    """
+    with open(log, "wb") as f:
+        agent = subprocess.Popen(list(cmd), stdout=f, stderr=f, start_new_session=True)
+        try:
+            code = agent.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            stop_job(agent)
+    if code != 0 or (expect is not None and not expect.exists()):
+        raise job_failure(
+            f"{what} " + ("timed out" if code is None else f"failed (exit {code})"), [log]
+        )
 
 
 def _new_group(

@@ -62,12 +62,37 @@ class _Group(click.Group):
         except OSError as exc:
             _fail(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1, exc)
         except Exception as exc:
+            if _peer_lost(exc):
+                _fail(
+                    "error: another process of this torchrun job was lost (its process or "
+                    f"machine died: {str(exc)[:160]}); torchrun restarts the group, which "
+                    "resumes from the mirror set",
+                    1,
+                    exc,
+                )
             _fail(
                 f"internal error: {type(exc).__name__}: {exc} "
                 "(please report it; PLINIUS_DEBUG=1 shows the traceback)",
                 1,
                 exc,
             )
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer process died (torchrun).
+
+    Under ``--replicas 1`` that is how the survivors of a lost machine learn of it:
+    an expected event, not an internal error.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    text = str(exc)
+    gone = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused")
+    return isinstance(exc, dist.DistNetworkError) or (
+        isinstance(exc, RuntimeError) and "gloo" in text and any(g in text for g in gone)
+    )
 
 
 def _closed_pipe() -> NoReturn:

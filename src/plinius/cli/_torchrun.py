@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["TorchrunJob", "torchrun_job"]
+__all__ = ["TorchrunJob", "check_replicas", "torchrun_job"]
 
 
 class TorchrunJob:
@@ -84,17 +84,40 @@ class TorchrunJob:
 
         return wrap_ddp(module)
 
-    def open_mirror(self, path: Path, key: Any) -> Any:
-        """This process's part of the mirror set at ``path``."""
+    def open_mirror(self, path: Path, key: Any, *, replicas: int = 0) -> Any:
+        """This process's part of the mirror set at ``path`` (with ``replicas``: 0 or 1)."""
         from ..dist import open_mirror_set
 
-        return open_mirror_set(path, key, elastic=self.elastic)
+        return open_mirror_set(path, key, replicas=replicas, elastic=self.elastic)
 
     def finish(self) -> None:
         """Leave the process group and end this worker at once (:func:`plinius.dist.finish`)."""
         from ..dist import finish
 
         finish(0)
+
+
+def check_replicas(replicas: int, job: TorchrunJob | None) -> None:
+    """Refuse a ``--replicas`` that is not 0 or 1, or replicas without torchrun (one line).
+
+    Raises:
+        ConfigError: it is refused (under torchrun, said once by rank 0).
+    """
+    why = None
+    if replicas not in (0, 1):
+        why = (
+            f"--replicas {replicas}: give 1 (every process's sealed replica kept on the other "
+            "machines: the job survives the loss of one) or 0 (none)"
+        )
+    elif replicas and job is None:
+        why = (
+            "--replicas 1: nothing to replicate to, this is a single process on one machine; "
+            "start the job with torchrun on several machines (README: Several machines), or "
+            "leave --replicas out"
+        )
+    if why is not None:
+        exc = ConfigError(why)
+        raise exc if job is None else _said_once(exc)
 
 
 def _said_once(exc: ConfigError) -> ConfigError:

@@ -17,7 +17,7 @@ def register(group: click.Group) -> None:
 
 
 # plinius.bench.SECTIONS, repeated so that building the help does not import the bench package.
-_SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp", "dcp")
+_SECTIONS = ("latency", "overhead", "sealed", "recovery", "memory", "ddp", "dcp", "replicas")
 
 
 @click.command()

@@ -331,16 +331,23 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
         "tensor_bytes": None,
         "job": None,
         "world_changes": None,
+        "world_size": None,
+        "replicas": None,
     }
     if key_path is None:
         return doc
     with SetView(path, MasterKey.load(key_path)) as view:
         info = view.verify()
         job = job_of(view)
+        ident = next((m.identity for m in view.members if m.identity is not None), None)
         doc.update(
             authenticated=True,
             step=view.step,
             processes=len(view.members),
+            # The job's processes on every machine (this directory holds this machine's),
+            # and whether every save keeps each process's sealed replica (--replicas).
+            world_size=None if ident is None else ident.get("world_size"),
+            replicas=None if ident is None else int(ident.get("replicas", 0)),
             members=[
                 {
                     "path": str(m.path),
@@ -384,6 +391,22 @@ def set_lines(doc: dict[str, Any]) -> list[str]:
         lines.append(f"  job              {job_text(doc['job'])}")
     for at, old, new in doc.get("world_changes") or []:
         lines.append(f"  world change     {old} -> {new} processes, resumed at step {at}")
+    world = doc["world_size"]
+    if isinstance(world, int) and world != len(members):
+        lines.append(
+            f"  processes        {len(members)} here, {world} in the job (the others' files "
+            "are on their machines)"
+        )
+    if doc["replicas"] is not None:
+        lines.append(
+            "  replicas         "
+            + (
+                "kept: every save holds each process's sealed replica, so the job survives "
+                "the loss of a machine (--replicas 1)"
+                if doc["replicas"]
+                else "none: a machine lost with its directory loses the job (--replicas 0)"
+            )
+        )
     lines.append(
         f"  verified: the {doc['num_tensors']} tensors ({_size(doc['tensor_bytes'])}) of "
         f"{Path(members[0]['path']).name} at that step authenticate under this key"

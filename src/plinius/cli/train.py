@@ -29,7 +29,7 @@ from ._freshness import unchecked_note as _unchecked_note
 from ._json import echo_json, json_option
 from ._paths import check_distinct_paths, job_paths
 from ._standby import is_worker, report_takeover, supervise_train, take_turn
-from ._torchrun import torchrun_job
+from ._torchrun import check_replicas, torchrun_job
 
 _T_ENTRY = time.perf_counter()  # when the CLI module was imported (after the interpreter)
 
@@ -319,6 +319,14 @@ def _with_key_options(f: Callable[..., Any]) -> Callable[..., Any]:
     help="Under torchrun (--nnodes=MIN:MAX): go on with another number of processes than "
     "wrote the mirror set (a machine lost or joined).",
 )
+@click.option(
+    "--replicas",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Under torchrun across machines: 1 keeps every process's sealed replica on the "
+    "other machines, so the job survives the loss of a machine; 0 keeps none.",
+)
 def train(
     key_path: Path | None,
     key_server: str | None,
@@ -349,6 +357,7 @@ def train(
     init_from: Path | None,
     standby: bool,
     elastic: bool,
+    replicas: int,
 ) -> None:
     """Train MODEL on a sealed dataset, mirroring every step; resumes automatically.
 
@@ -373,6 +382,7 @@ def train(
     job = torchrun_job()
     if elastic and job is None:
         raise click.UsageError("--elastic is for a job under torchrun (--nnodes=MIN:MAX)")
+    check_replicas(replicas, job)
     if job is not None:
         job.elastic = elastic
         job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
@@ -444,7 +454,7 @@ def train(
             init_from = None
         t0 = time.perf_counter()
         opened: Any = (
-            job.open_mirror(mirror_path, key)
+            job.open_mirror(mirror_path, key, replicas=replicas)
             if job is not None
             else Mirror(
                 mirror_path,
