@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .counters import Counter
 from .crypto import MasterKey
 from .errors import ConfigError, IntegrityError, PliniusError, RollbackError
-from .mirror import Mirror, MirrorInfo, TensorInfo
+from .mirror import Mirror, MirrorInfo, SetFreshness, TensorInfo
 from .replica import BLOB_OVERHEAD, UniquePart, open_sealed, seal
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "SetMember",
     "SetView",
     "StepGate",
+    "check_set_counter",
     "describe_set",
     "finish",
     "init",
@@ -268,6 +270,8 @@ class SetMember:
             saved; see :meth:`~plinius.mirror.Mirror.held_steps`); empty when missing.
         identity: the set identity its state records (job, world size, place),
             or ``None`` when nothing was saved.
+        counters: the set's freshness-counter value each held step expects,
+            as ``held`` (``None``: written without a counter).
     """
 
     path: Path
@@ -275,6 +279,7 @@ class SetMember:
     generation: int
     held: tuple[int | None, ...]
     identity: dict[str, Any] | None
+    counters: tuple[int | None, ...] = ()
 
     @property
     def step(self) -> int | None:
@@ -557,6 +562,7 @@ def _describe(path: Path, local_rank: int, m: Mirror) -> SetMember:
         m.info().generation,
         tuple(m.held_steps()),
         ident if isinstance(ident, dict) else None,
+        tuple(m.held_counter_values()),
     )
 
 
@@ -654,6 +660,8 @@ def open_mirror_set(
     threads: int | None = None,
     replicas: int = 0,
     elastic: bool = False,
+    counter: Counter | None = None,
+    counter_every: int = 1,
 ) -> MirrorSet:
     """Open this process's mirror of the set at ``base``; agree with the others where to resume.
 
@@ -694,6 +702,12 @@ def open_mirror_set(
         replicas: 1 to keep the replicas (needed for a set across machines unless
             ``elastic``), 0 not to.
         elastic: accept another number of processes than wrote the set (above).
+        counter: the set's trusted freshness counter (:mod:`plinius.counters`),
+            the same on every process: one counter protects the whole set
+            (:func:`check_set_counter`). The process of rank 0 owns it (reads
+            and advances it, once per saved step, off the training's critical
+            path); the others never touch it. ``None``: freshness unprotected.
+        counter_every: advance the counter every this many saves (a TPM wears).
 
     Returns:
         This process's :class:`MirrorSet`; ``step`` is where the job resumes.
@@ -704,7 +718,8 @@ def open_mirror_set(
             set (without ``elastic``); several machines without replicas (nor
             ``elastic``).
         IntegrityError, RollbackError: the set's files disagree (see :func:`agree`),
-            or a file fails authentication.
+            or a file fails authentication; or they are older than the counter
+            allows (:func:`check_set_counter`).
     """
     if not dist.is_initialized():
         raise ConfigError(
@@ -722,6 +737,7 @@ def open_mirror_set(
             "directory): use another --mirror path"
         )
     path = member_path(where, place.local_rank)
+    fresh = _member_freshness(counter, counter_every, place.rank == 0, path)
     mine: Mirror | None = None
     error: PliniusError | None = None
     stale: list[Path] = []
@@ -735,10 +751,13 @@ def open_mirror_set(
         "machine": f"{socket.gethostname()}:{os.path.realpath(where)}",
     }
     try:
+        report.update(_counter_report(counter, place.rank == 0))
         if path.exists():
-            mine = Mirror(path, key, threads=threads, keep_previous=True)
+            mine = Mirror(path, key, threads=threads, keep_previous=True, set_freshness=fresh)
             d = _describe(path, place.local_rank, mine)
-            report.update(generation=d.generation, held=d.held, identity=d.identity)
+            report.update(
+                generation=d.generation, held=d.held, identity=d.identity, counters=d.counters
+            )
         if place.local_rank == 0 and where.is_dir():
             extra = _extra_members(where, place.local_world_size)
             if elastic:
@@ -771,6 +790,7 @@ def open_mirror_set(
                 r["generation"],
                 tuple(r["held"]),
                 r.get("identity"),
+                tuple(r.get("counters", ())),
             )
             for r in reports
         ]
@@ -792,7 +812,7 @@ def open_mirror_set(
         i_am_lost = place.rank in lost
         if mine is None:
             where.mkdir(parents=True, exist_ok=True)
-            mine = Mirror(path, key, threads=threads, keep_previous=True)
+            mine = Mirror(path, key, threads=threads, keep_previous=True, set_freshness=fresh)
         elif not i_am_lost and mine.held_steps()[0] != step:
             mine.go_back()  # ahead of the others: the newest common step is the previous one
         donor = min((r for r in range(place.world_size) if r not in lost), default=0)
@@ -801,6 +821,10 @@ def open_mirror_set(
             seed = _share_seed(mine, key, step, donor, seed_path if i_am_lost else None)
             if seed is None:
                 seed_path = None
+        if any(r.get("uses_counter") for r in reports):
+            _resume_counter(fresh, reports, members, machine, step, where)
+            if fresh is not None and seed is not None:
+                fresh.hold_next()  # settle() saves the agreed step again: the same value
     except BaseException:
         if seed is not None:
             seed.close()
@@ -860,6 +884,192 @@ def _world_changes(identity: dict[str, Any] | None, step: int | None) -> list[li
     """The world changes a saved identity records, up to ``step`` (a copy)."""
     saved = (identity or {}).get("world_changes") or []
     return [list(c) for c in saved if step is not None and c[0] <= step]
+
+
+# ------------------------------------------------------------ the set's freshness counter
+#
+# One trusted counter protects the whole set. Every save of step k records, in
+# each process's manifest, the value x(k) the step expects (the previous save's
+# plus one, every ``counter_every`` saves: the same in every process). The
+# process of rank 0 owns the counter and advances it to x(k) in its save of the
+# next step, before committing that step (SetFreshness.before_commit); the step
+# gate lets that save start only once every process committed k. Hence, after
+# any crash, with s the step the set agrees on:
+#   * counter <= x(s): the counter reaches x(j) only once every process
+#     committed j, and a step every process committed is held by all of them;
+#   * counter >= x(s) - 1: rank 0 holds s, so it committed s, after advancing
+#     the counter to the value of the save before s.
+# A set rolled back (one file or all of them) reads a counter above x(s); a
+# counter below x(s) - 1 is another job's or was reset. The open finishes an
+# interrupted advance (x(s) - 1 -> x(s): every process holds s).
+
+
+def _member_freshness(
+    counter: Counter | None, every: int, owner: bool, path: Path
+) -> SetFreshness | None:
+    """This process's part of the set's counter policy (``None`` without a counter)."""
+    if counter is None:
+        return None
+    if type(every) is not int or every < 1:
+        raise ConfigError(f"counter_every must be a positive integer, not {every!r}")
+    return SetFreshness(counter if owner else None, every, label=str(path))
+
+
+def _counter_report(counter: Counter | None, owner: bool) -> dict[str, Any]:
+    """What this process tells the others about the counter: whether it has one, its value."""
+    return {
+        "uses_counter": counter is not None,
+        "counter": counter.read() if owner and counter is not None else None,
+        "machine_local": bool(getattr(counter, "machine_local", False)),
+    }
+
+
+def _resume_counter(
+    fresh: SetFreshness | None,
+    reports: list[dict[str, Any]],
+    members: list[SetMember],
+    machine: list[str],
+    step: int | None,
+    where: Path,
+) -> None:
+    """Check the set against its counter; the owner finishes an interrupted advance.
+
+    Every process checks the same reports alike (rank 0 says the error); the
+    owner's advance is then broadcast (value or error), so that all resume at
+    the same value or all fail.
+    """
+    try:
+        if not all(r.get("uses_counter") for r in reports):
+            raise ConfigError(
+                "only some processes of the job were given the freshness counter: give the "
+                "same counter to every process (open_mirror_set(..., counter=...))"
+            )
+        if any(r.get("machine_local") for r in reports) and len(set(machine)) > 1:
+            raise ConfigError(
+                "this job spans several machines and its freshness counter is kept in one "
+                "machine (a TPM): the process that owns it may run on another machine after "
+                "a restart; use a counter every machine reaches (--counter keyserver)"
+            )
+        assert fresh is not None
+        value = int(reports[0]["counter"])
+        target = check_set_counter(members, step, value, where)
+    except PliniusError as exc:
+        exc.reported_by = 0  # type: ignore[attr-defined]
+        raise
+    box: list[Any] = [None]
+    mine: PliniusError | None = None
+    if fresh.counter is not None:
+        try:
+            box[0] = _bring_counter(fresh, value, target, step)
+        except PliniusError as exc:
+            mine = exc
+            box[0] = (type(exc).__name__, str(exc))
+    dist.broadcast_object_list(box, src=0)
+    if mine is not None:
+        mine.reported_by = 0  # type: ignore[attr-defined]
+        raise mine
+    if isinstance(box[0], tuple | list):
+        raise _peer_error(0, *box[0])
+    fresh.resume_at(int(box[0]))
+
+
+def _bring_counter(fresh: SetFreshness, value: int, target: int, step: int | None) -> int:
+    """The owner: finish an interrupted advance (or learn a new TPM index's base); the value."""
+    counter = fresh.counter
+    assert counter is not None
+    if step is None and value == 0 and getattr(counter, "first_increment_may_jump", False):
+        # A new set on a counter whose first increment may jump (a TPM index):
+        # learn its base now, as a single mirror does when it is created.
+        base = counter.increment()
+        if base < 1:
+            raise RollbackError(
+                f"the freshness counter read {base} after an increment; it is not monotonic, "
+                "so it cannot protect the mirror set: use another counter"
+            )
+        return base
+    if value == target - 1:
+        # A crash between the last global commit and its advance: every
+        # process holds the step, so the advance is due.
+        fresh.advance_to(target)
+    return target
+
+
+def _recorded(members: list[SetMember], step: int, where: Path) -> int | None:
+    """The counter value every member's save of ``step`` records (``None``: none recorded)."""
+    seen = {
+        (s.counters[s.held.index(step)] if len(s.counters) == len(s.held) else None)
+        for s in members
+        if s.generation >= 0 and step in s.held
+    }
+    if len(seen) > 1:
+        raise IntegrityError(
+            f"the files of the mirror set {where} record different freshness-counter values "
+            f"for step {step} ({', '.join(str(v) for v in sorted(seen, key=_order))}): files "
+            "of different runs were mixed; put back the set's own files"
+        )
+    return seen.pop() if seen else None
+
+
+def check_set_counter(members: list[SetMember], step: int | None, value: int, where: Path) -> int:
+    """Check a set that resumes at ``step`` against its freshness counter at ``value``.
+
+    Accepted: the counter at the value the step's saves record, or one below
+    it (a crash between the last global commit and the counter's advance). A
+    set with nothing saved accepts only a counter never advanced.
+
+    Args:
+        members: every process's file (as :func:`agree` takes them).
+        step: the step the set agrees on (:func:`agree`).
+        value: the counter's value now.
+        where: the set's directory (for messages).
+
+    Returns:
+        The value the set's saves at ``step`` record (0 for a set written
+        without a counter that starts using one now, with the counter at 0).
+
+    Raises:
+        RollbackError: the set (or files of it) is older than the counter says,
+            or the counter is behind it by more than one (another job's, or reset).
+        IntegrityError: the files record different values for the same step.
+    """
+    if step is None:
+        if value > 0:
+            raise RollbackError(
+                f"the mirror set {where} holds no step every process committed, but its "
+                f"freshness counter is at {value}: the set may have been deleted or replaced "
+                "to roll training back. To start a new job on purpose, use a fresh counter "
+                "(for example a new counter file)"
+            )
+        return 0
+    expected = _recorded(members, step, where)
+    if expected is None:
+        if value > 0:
+            raise RollbackError(
+                f"the mirror set {where} (step {step}) was last written without a freshness "
+                f"counter, but the counter is at {value}: it may be a rolled-back copy trained "
+                "on without the counter; put back the newest files, or start a new job on "
+                "purpose with a fresh counter"
+            )
+        return 0
+    if value > expected:
+        stale = [
+            s for s in members if s.counters and s.counters[0] is not None and s.counters[0] < value
+        ]
+        states = "; ".join(f"{s.path.name}: {_held_text(s.held)}" for s in members)
+        named = ", ".join(str(s.path) for s in stale) or f"the mirror set {where}"
+        raise RollbackError(
+            f"{named} of the mirror set {where} {'is' if len(stale) == 1 else 'are'} older "
+            f"than its freshness counter allows ({states}): step {step} expects counter value "
+            f"{expected} but the counter is at {value}: a rollback. Put back the newest files, "
+            "or start a new job on purpose with a fresh counter"
+        )
+    if value < expected - 1:
+        raise RollbackError(
+            f"the mirror set {where} (step {step}) expects freshness counter value {expected} "
+            f"but the counter is only at {value}: the counter was reset or belongs to another "
+            "job; use this job's counter"
+        )
+    return expected
 
 
 def _agree_machines(
@@ -996,13 +1206,15 @@ def member_files(path: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 
 
 def describe_set(
-    path: str | os.PathLike[str], key: MasterKey
+    path: str | os.PathLike[str], key: MasterKey, *, counter: Counter | None = None
 ) -> tuple[list[SetMember], int | None]:
     """Read every file of the mirror set at ``path`` (read-only) and where it would resume.
 
     Args:
         path: the set's directory.
         key: the master key.
+        counter: the set's freshness counter, to refuse a rolled-back set
+            (:func:`check_set_counter`; nothing is advanced); ``None``: not checked.
 
     Returns:
         The members in local-rank order, and the newest globally committed
@@ -1010,7 +1222,9 @@ def describe_set(
 
     Raises:
         FormatError: ``path`` holds no mirror set.
-        IntegrityError, RollbackError, ConfigError: as :func:`agree`.
+        IntegrityError, RollbackError, ConfigError: as :func:`agree`; with
+            ``counter``, RollbackError also for a set older than the counter
+            allows, or one written without a counter.
     """
 
     where = Path(path)
@@ -1033,7 +1247,16 @@ def describe_set(
         if rank not in by_rank:
             members.append(SetMember(member_path(where, rank), rank, -1, (), None))
     members.sort(key=lambda s: s.local_rank)
-    return members, agree(members, world, where)
+    step = agree(members, world, where)
+    if counter is not None:
+        if step is not None and _recorded(members, step, where) is None:
+            raise RollbackError(
+                f"the mirror set {where} was last written without a freshness counter, so "
+                "the counter cannot check it: it may be a rolled-back copy trained on without "
+                "the counter; use the newest copy, or read it without a counter"
+            )
+        check_set_counter(members, step, counter.read(), where)
+    return members, step
 
 
 class SetView:
@@ -1047,13 +1270,16 @@ class SetView:
     Args:
         path: the set's directory.
         key: the master key.
+        counter: the set's freshness counter (checked, never advanced), or ``None``.
 
     Raises:
         as :func:`describe_set`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], key: MasterKey) -> None:
-        self.members, self.step = describe_set(path, key)
+    def __init__(
+        self, path: str | os.PathLike[str], key: MasterKey, *, counter: Counter | None = None
+    ) -> None:
+        self.members, self.step = describe_set(path, key, counter=counter)
         self._m = Mirror(self.members[0].path, key, readonly=True)
 
     def _at(self) -> dict[str, Any]:

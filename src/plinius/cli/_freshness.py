@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import ConfigError, RollbackError
+from ..errors import RollbackError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..counters import Counter
@@ -117,7 +117,7 @@ def open_for_reading(
 ) -> Mirror | SetView:
     """Open the mirror at ``path`` read-only, checked against the counter ``spec`` names.
 
-    A mirror set (a directory) is read at its globally committed step.
+    A mirror set (a directory) is read at its globally committed step, checked as a whole.
 
     Args:
         path: the mirror file.
@@ -137,16 +137,12 @@ def open_for_reading(
     """
     from ..mirror import Mirror
 
+    counter = reading_counter(spec, key, key_server, key_server_pubkey, job_id or path.name)
     if path.is_dir():
         from ..dist import SetView
 
-        if spec is not None:
-            raise ConfigError(
-                f"{path} is a mirror set (a multi-process job), which keeps no freshness counter "
-                "yet; run without --counter"
-            )
-        return SetView(path, key)
-    counter = reading_counter(spec, key, key_server, key_server_pubkey, job_id or path.name)
+        # A set (a multi-process job) is checked against its one counter as a whole.
+        return SetView(path, key, counter=counter)
     m = Mirror(path, key, readonly=True, counter=counter)
     if spec is not None:
         try:

@@ -40,13 +40,14 @@ class TorchrunJob:
     def check_options(
         self,
         *,
-        counter_spec: str | None,
+        counter_interval: float | None,
         durable_dir: Path | None,
         init_from: Path | None,
     ) -> None:
         """Refuse the options a multi-process job does not support yet (one line each)."""
         unsupported = [
-            ("--counter", counter_spec),
+            # The set advances its counter by count only, the same in every process.
+            ("--counter-interval", counter_interval),
             ("--durable-dir", durable_dir),
             ("--init-from", init_from),
         ]
@@ -84,11 +85,21 @@ class TorchrunJob:
 
         return wrap_ddp(module)
 
-    def open_mirror(self, path: Path, key: Any, *, replicas: int = 0) -> Any:
-        """This process's part of the mirror set at ``path`` (with ``replicas``: 0 or 1)."""
+    def open_mirror(
+        self, path: Path, key: Any, *, replicas: int = 0, counter: Any = None, every: int = 1
+    ) -> Any:
+        """This process's part of the mirror set at ``path`` (with ``replicas``: 0 or 1;
+        ``counter``: the set's freshness counter, or None, advanced every ``every`` saves)."""
         from ..dist import open_mirror_set
 
-        return open_mirror_set(path, key, replicas=replicas, elastic=self.elastic)
+        return open_mirror_set(
+            path,
+            key,
+            replicas=replicas,
+            elastic=self.elastic,
+            counter=counter,
+            counter_every=every,
+        )
 
     def finish(self) -> None:
         """Leave the process group and end this worker at once (:func:`plinius.dist.finish`)."""

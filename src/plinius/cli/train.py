@@ -385,7 +385,9 @@ def train(
     check_replicas(replicas, job)
     if job is not None:
         job.elastic = elastic
-        job.check_options(counter_spec=counter_spec, durable_dir=durable_dir, init_from=init_from)
+        job.check_options(
+            counter_interval=counter_interval, durable_dir=durable_dir, init_from=init_from
+        )
         if batch_size is not None:
             job.check_batch(batch_size)
     elif mirror_path.is_dir() and any(mirror_path.glob("local-*.plm")):
@@ -454,7 +456,7 @@ def train(
             init_from = None
         t0 = time.perf_counter()
         opened: Any = (
-            job.open_mirror(mirror_path, key, replicas=replicas)
+            job.open_mirror(mirror_path, key, replicas=replicas, counter=counter, every=every)
             if job is not None
             else Mirror(
                 mirror_path,

@@ -53,6 +53,9 @@ class Counter(Protocol):
     A counter may also set ``first_increment_may_jump = True`` (optional; a TPM
     NV index does) when its first increment can go from 0 to any value: the
     mirror then advances it once when it creates a mirror, to learn that base.
+    A counter kept inside one machine (a TPM) sets ``machine_local = True``
+    (optional): a mirror set across several machines refuses it, since the
+    process that owns the set's counter may run on another machine after a restart.
     """
 
     wears: bool

@@ -142,6 +142,8 @@ class TPMCounter:
     # A new index starts above any value a deleted one had: the mirror learns
     # the base when it creates a mirror (see Mirror._initial_counter).
     first_increment_may_jump = True
+    # It is in this machine: a job across machines cannot reach it from each.
+    machine_local = True
 
     def __init__(
         self,

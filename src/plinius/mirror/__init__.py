@@ -86,7 +86,7 @@ from ._pieces import (
     persist_ranges,
 )
 from ._restore import plan_restore
-from ._rollback import Freshness, counter_bound
+from ._rollback import Freshness, SetFreshness, counter_bound
 
 __all__ = [
     "CHUNK_BYTES",
@@ -99,6 +99,7 @@ __all__ = [
     "MirrorInfo",
     "PendingSave",
     "RNGState",
+    "SetFreshness",
     "TensorInfo",
     "counter_bound",
     "describe_file",
@@ -108,6 +109,7 @@ __all__ = [
 
 # Public names report their public home, not the private module that defines them.
 MirrorHeader.__module__ = counter_bound.__module__ = describe_file.__module__ = __name__
+SetFreshness.__module__ = __name__
 DurableCopy.__module__ = restore_durable.__module__ = __name__
 
 # Knobs. A tensor is sealed in AES-GCM pieces of at most CHUNK_BYTES (one call
@@ -226,6 +228,9 @@ class Mirror:
     next save starts (one process of a multi-process job, whose processes agree
     on the newest step all of them hold: see :mod:`plinius.dist`); the caller
     then saves only once every process has committed the current generation.
+    ``set_freshness``: with ``keep_previous``, the mirror set's counter policy
+    (:class:`SetFreshness`, made by :func:`plinius.dist.open_mirror_set`),
+    instead of ``counter``.
     """
 
     def __init__(
@@ -239,6 +244,7 @@ class Mirror:
         counter_interval_s: float | None = None,
         threads: int | None = None,
         keep_previous: bool = False,
+        set_freshness: SetFreshness | None = None,
     ) -> None:
         if not isinstance(key, MasterKey):
             raise ConfigError("key must be a plinius MasterKey (MasterKey.load(path))")
@@ -251,8 +257,11 @@ class Mirror:
             # counter; the set's freshness is another design (not per process).
             raise ConfigError(
                 "a mirror that keeps its previous generation (one process of a multi-process "
-                "job) cannot use a freshness counter yet; run without a counter"
+                "job) does not check a counter itself: give the counter to the mirror set "
+                "(plinius.dist.open_mirror_set(..., counter=...)), which protects every process"
             )
+        if set_freshness is not None and (counter is not None or not keep_previous):
+            raise ConfigError("set_freshness is for a member of a mirror set (keep_previous)")
         if counter is not None and counter_every is None and counter_interval_s is None:
             raise ConfigError("with a counter, give counter_every or counter_interval_s (or both)")
         wears = counter is not None and getattr(counter, "wears", False)
@@ -276,8 +285,12 @@ class Mirror:
         self._memo = FlattenMemo()  # the state's structure, as the last save saw it
         file = Path(path_or_region) if isinstance(path_or_region, str | os.PathLike) else None
         self._path = file if file is not None else getattr(path_or_region, "path", None)
-        self._fresh = Freshness(
-            counter, counter_every, counter_interval_s, readonly=readonly, label=self._label
+        self._fresh = (
+            set_freshness
+            if set_freshness is not None
+            else Freshness(
+                counter, counter_every, counter_interval_s, readonly=readonly, label=self._label
+            )
         )
         self._region: RegionLike
         self._in_use = 0  # where the committed manifest's extents end
@@ -321,7 +334,7 @@ class Mirror:
             region,
             self._key,
             counter_expected=fresh.initial_value,
-            uses_counter=fresh.counter is not None,
+            uses_counter=fresh.uses_counter,
             counter_every=fresh.every or 0,
             counter_interval_s=float(fresh.interval_s or 0.0),
             chunk_bytes=CHUNK_BYTES,
@@ -388,6 +401,20 @@ class Mirror:
             if prev is not None:
                 held.append(prev.root.step)
             return held
+
+    def held_counter_values(self) -> list[int | None]:
+        """The freshness-counter value each held generation expects, as :meth:`held_steps`.
+
+        ``None`` for a generation written without a counter.
+        """
+        with self._lock:
+            self._join_pending()
+            self._check_open()
+            held = [self._manifest]
+            prev = self._previous()
+            if prev is not None:
+                held.append(prev)
+            return [m.root.counter_expected if m.root.uses_counter else None for m in held]
 
     def go_back(self) -> int | None:
         """Make the previous generation the committed one again; return its step.
@@ -821,10 +848,13 @@ class Mirror:
         grow_to(region, alloc.end)
         self._prefault(alloc.end)
         fresh = self._fresh
+        # A set member's counter owner advances the counter to the previous
+        # save's value here, before this commit (SetFreshness: the ordering).
+        fresh.before_commit()
         counter_expected, advance = fresh.next_value()
         root = fmt.Root(
             generation=gen, step=step, saved_at=time.time(), counter_expected=counter_expected,
-            uses_counter=fresh.counter is not None, counter_every=fresh.every or 0,
+            uses_counter=fresh.uses_counter, counter_every=fresh.every or 0,
             counter_interval_s=float(fresh.interval_s or 0.0), body_off=body_off,
             body_len=0, body_other=body_other, body_cap=body_cap, body_tag=b"",
             num_tensors=len(entries), tensor_bytes=sum(e.nbytes for e in entries),

@@ -15,7 +15,7 @@ from ..counters import Counter
 from ..errors import RollbackError
 from ._format import Root
 
-__all__ = ["Freshness", "counter_bound"]
+__all__ = ["Freshness", "SetFreshness", "counter_bound"]
 
 
 class Freshness:
@@ -58,6 +58,14 @@ class Freshness:
         self.value = 0  # what the committed manifest expects (set on open)
         self.since_advance = 0
         self.last_advance = time.monotonic()
+
+    @property
+    def uses_counter(self) -> bool:
+        """Whether the manifests this policy writes record a counter value."""
+        return self.counter is not None
+
+    def before_commit(self) -> None:
+        """Called once a save's manifest is about to be committed (nothing to do here)."""
 
     def check_new_allowed(self) -> None:
         """Refuse to create a mirror while the counter says one existed.
@@ -198,6 +206,94 @@ class Freshness:
             self.last_advance = time.monotonic()
         else:
             self.since_advance += 1
+
+
+class SetFreshness(Freshness):
+    """A member's use of its mirror set's counter (one counter for the whole set).
+
+    Made by :mod:`plinius.dist`, which checks the set against the counter when it
+    opens (this file's own open checks nothing: going back to the previous
+    generation, as a member a save ahead of the others does, is no rollback).
+    Every member records in each save the counter value its step expects,
+    ``x``: the previous save's plus one every ``every`` saves, the same in
+    every member (they save the same steps from the same agreed value). Only
+    the *owner* (one process of the job) touches the counter.
+
+    IMPORTANT, the ordering invariant: the owner advances the counter to the
+    previous save's value, ``x(k)``, in its save of step ``k+1``, *before* it
+    commits that step; and a save of ``k+1`` starts only once every process
+    committed ``k`` (the step gate, :class:`plinius.dist.StepGate`). So the
+    counter reaches ``x(k)`` only after step ``k`` is globally committed (no
+    crash leaves it above the value of the step the set resumes from), and the
+    owner holds a step only once the counter reached the value of the save
+    before it (no crash leaves it more than one below). A set that reads
+    otherwise was rolled back (above) or runs with another job's counter (below).
+
+    Args:
+        counter: the set's counter on the owner, ``None`` on the other members.
+        every: advance every this many saves.
+        label: how errors name the mirror.
+    """
+
+    __slots__ = ("_hold",)
+
+    def __init__(self, counter: Counter | None, every: int, *, label: str) -> None:
+        super().__init__(counter, every, None, readonly=False, label=label)
+        self._hold = False
+
+    @property
+    def uses_counter(self) -> bool:
+        """Always: every member's manifest records the set's counter value."""
+        return True
+
+    def check_new_allowed(self) -> None:
+        """Nothing: the set checks a missing member against the counter."""
+
+    def initial_value(self) -> int:
+        """The value the set agreed on (see :meth:`resume_at`)."""
+        return self.value
+
+    def check_and_catch_up(self, root: Root) -> None:
+        """Take the value ``root`` records; the set does the checking (:mod:`plinius.dist`)."""
+        self.value = root.counter_expected if root.uses_counter else 0
+        self.since_advance = 0
+
+    def resume_at(self, value: int) -> None:
+        """Continue from the agreed step, whose saves expect ``value``."""
+        self.value = value
+        self.since_advance = 0
+
+    def hold_next(self) -> None:
+        """The next save rewrites the agreed step (a seeded member): it expects the same value."""
+        self._hold = True
+
+    def before_commit(self) -> None:
+        """The owner: bring the counter to the previous save's value, before this commit.
+
+        The previous save is globally committed (the step gate let this save
+        start only then), so advancing to its value is safe.
+
+        Raises:
+            RollbackError: the counter moved past that value (another job uses it).
+        """
+        if self.counter is not None:
+            self.advance_to(self.value)
+
+    def next_value(self) -> tuple[int, bool]:
+        """The value this save records (advances are :meth:`before_commit`'s, never here)."""
+        if self._hold:
+            return self.value, False
+        if self.every is not None and self.since_advance + 1 >= self.every:
+            return self.value + 1, True
+        return self.value, False
+
+    def committed(self, expected: int, advance: bool) -> None:
+        """After a commit: the value the next save starts from (the counter is not touched)."""
+        if self._hold:  # a rewrite of the agreed step: the count goes on as in the others
+            self._hold = False
+            return
+        self.value = expected
+        self.since_advance = 0 if advance else self.since_advance + 1
 
 
 def counter_bound(uses_counter: bool, every: int, interval: float) -> str:
