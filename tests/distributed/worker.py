@@ -29,6 +29,12 @@ of the final model and optimizer state of every process (gathered). Test hooks
   size: on resume the step and a digest of the model and optimizer restored;
   per step the record indices it fetched; per save the step, the job's loss
   and the digest. What the elastic tests check a trajectory with.
+* ``WORKER_DIE_AFTER_ADVANCE=V``: with ``--counter``, the process that owns the
+  counter kills itself (SIGKILL) as soon as it has advanced the counter to V,
+  before it commits the step whose save advanced it (first incarnation only).
+
+``--counter PATH`` protects the set with a (file) freshness counter, advanced
+every ``--counter-every`` saves.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from torch.utils.data import Dataset
 
 import plinius
 from plinius import dist as pdist
+from plinius.counters import FileCounter
 from plinius.crypto import MasterKey
 
 
@@ -234,6 +241,28 @@ def tamper_seed(how: str, old: Path) -> None:
     dist.broadcast = broadcast  # type: ignore[assignment]
 
 
+class DyingCounter(FileCounter):
+    """A file counter whose owner dies once it reached ``die_at`` (the test hook above)."""
+
+    def __init__(self, path: str, die_at: int) -> None:
+        super().__init__(path)
+        self.die_at = die_at
+
+    def increment(self) -> int:
+        value = super().increment()
+        if value == self.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return value
+
+
+def counter_of(path: str | None) -> FileCounter | None:
+    if path is None:
+        return None
+    first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    die = int(os.environ.get("WORKER_DIE_AFTER_ADVANCE", "0"))
+    return DyingCounter(path, die) if first and die else FileCounter(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mirror", required=True)
@@ -245,6 +274,8 @@ def main() -> int:
     ap.add_argument("--ordered", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--replicas", type=int, default=0)
     ap.add_argument("--elastic", action="store_true", help="open the set elastic")
+    ap.add_argument("--counter", default=None, help="a freshness counter file for the set")
+    ap.add_argument("--counter-every", type=int, default=1)
     ap.add_argument(
         "--machine-per-process",
         action="store_true",
@@ -267,7 +298,15 @@ def main() -> int:
         where = where / f"machine-{place.local_rank}"
     data = Records()
     trace = Trace(data, net, opt)
-    with pdist.open_mirror_set(where, key, replicas=args.replicas, elastic=args.elastic) as mirrors:
+    counter = counter_of(args.counter)
+    with pdist.open_mirror_set(
+        where,
+        key,
+        replicas=args.replicas,
+        elastic=args.elastic,
+        counter=counter,
+        counter_every=args.counter_every,
+    ) as mirrors:
         trace.watch(mirrors)
         res = plinius.fit(
             ddp,
