@@ -1056,12 +1056,15 @@ def check_set_counter(members: list[SetMember], step: int | None, value: int, wh
             s for s in members if s.counters and s.counters[0] is not None and s.counters[0] < value
         ]
         states = "; ".join(f"{s.path.name}: {_held_text(s.held)}" for s in members)
-        named = ", ".join(str(s.path) for s in stale) or f"the mirror set {where}"
+        if stale and len(stale) < len([s for s in members if s.generation >= 0]):
+            are = "is" if len(stale) == 1 else "are"
+            named = f"{', '.join(str(s.path) for s in stale)} of the mirror set {where} {are}"
+        else:
+            named = f"the whole mirror set {where} is"
         raise RollbackError(
-            f"{named} of the mirror set {where} {'is' if len(stale) == 1 else 'are'} older "
-            f"than its freshness counter allows ({states}): step {step} expects counter value "
-            f"{expected} but the counter is at {value}: a rollback. Put back the newest files, "
-            "or start a new job on purpose with a fresh counter"
+            f"{named} older than its freshness counter allows ({states}): step {step} expects "
+            f"counter value {expected} but the counter is at {value}: a rollback. Put back the "
+            "newest files, or start a new job on purpose with a fresh counter"
         )
     if value < expected - 1:
         raise RollbackError(

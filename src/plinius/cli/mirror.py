@@ -259,9 +259,12 @@ def inspect(
         {"PATH": path, "--key": key_path, "--counter file:": counter_file(counter_spec)}
     )
     if path.is_dir():
-        if counter_spec is not None:
-            raise click.UsageError("--counter does not apply to a mirror set (a directory) yet")
-        doc = set_doc(path, key_path)
+        if counter_spec is not None and key_path is None:
+            raise click.UsageError(
+                "--counter needs --key: the counter value a set expects is in its encrypted "
+                "manifests"
+            )
+        doc = set_doc(path, key_path, source if counter_spec is not None else None)
         if as_json:
             echo_json(doc)
             return
@@ -304,8 +307,14 @@ def inspect(
         click.echo(line)
 
 
-def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
-    """What ``plinius inspect`` reads of a mirror set (a multi-process job's directory)."""
+def set_doc(
+    path: Path, key_path: Path | None, counter: CounterSource | None = None
+) -> dict[str, Any]:
+    """What ``plinius inspect`` reads of a mirror set (a multi-process job's directory).
+
+    With ``counter``, the set is checked against it as a whole (a rolled-back
+    set, or one file of it, is a :class:`~plinius.errors.RollbackError`).
+    """
     from ..crypto import MasterKey
     from ..dist import SetView, member_files
     from ..mirror import describe_file
@@ -333,10 +342,16 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
         "world_changes": None,
         "world_size": None,
         "replicas": None,
+        "counter_expected": None,
+        "freshness_checked": counter is not None,
+        "counter_spec": None if counter is None else counter.spec,
     }
     if key_path is None:
         return doc
-    with SetView(path, MasterKey.load(key_path)) as view:
+    key = MasterKey.load(key_path)
+    opened = counter.open(path, key) if counter is not None else SetView(path, key)
+    assert isinstance(opened, SetView)
+    with opened as view:
         info = view.verify()
         job = job_of(view)
         ident = next((m.identity for m in view.members if m.identity is not None), None)
@@ -363,6 +378,7 @@ def set_doc(path: Path, key_path: Path | None) -> dict[str, Any]:
             job=job,
             # [step, from, to] for each change of the number of processes (--elastic)
             world_changes=(view.committed_value("dist") or {}).get("world_changes", []),
+            counter_expected=info.counter_expected,
         )
     return doc
 
@@ -411,8 +427,23 @@ def set_lines(doc: dict[str, Any]) -> list[str]:
         f"  verified: the {doc['num_tensors']} tensors ({_size(doc['tensor_bytes'])}) of "
         f"{Path(members[0]['path']).name} at that step authenticate under this key"
     )
-    lines.append("  freshness        NOT checked (a mirror set keeps no counter yet)")
+    lines.append(f"  freshness        {_set_freshness(doc)}")
     return lines
+
+
+def _set_freshness(doc: dict[str, Any]) -> str:
+    """What ``plinius inspect`` says was checked about a set's freshness."""
+    if doc["freshness_checked"]:
+        return (
+            f"checked against --counter {doc['counter_spec']}: the set's step expects counter "
+            f"value {doc['counter_expected']} and the counter agrees; not a rolled-back set"
+        )
+    if doc["counter_expected"] is not None:
+        return (
+            "NOT checked: this set's job used a freshness counter; pass --counter (as given to "
+            "'plinius train') to check it; until then a rolled-back set would pass every check"
+        )
+    return "NOT checkable: written without a freshness counter (a rolled-back set is not detected)"
 
 
 def _ls_row(path: Path, kind: str, key: MasterKey | None) -> dict[str, Any]:
