@@ -48,7 +48,7 @@ def test_the_counter_at_the_steps_value_or_one_below_is_accepted() -> None:
 
 def test_a_counter_past_the_step_is_a_rollback_naming_the_older_files() -> None:
     members = [_m(0, (5, 4), (5, 4)), _m(1, (5, 4), (5, 4))]
-    with pytest.raises(RollbackError, match="^the whole mirror set /set is older"):
+    with pytest.raises(RollbackError, match=r"^the whole mirror set /set is older"):
         check_set_counter(members, 5, 7, WHERE)
     one = [_m(0, (6, 5), (6, 5)), _m(1, (5, 4), (5, 4))]
     with pytest.raises(RollbackError, match=r"^/set/local-1.plm of the mirror set /set is older"):

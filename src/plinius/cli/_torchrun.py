@@ -9,7 +9,9 @@ mirrors its own state into the mirror set at ``--mirror`` (a directory:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,15 @@ class TorchrunJob:
             raise _said_once(
                 ConfigError(f"{', '.join(given)}: not supported under torchrun yet; run without it")
             )
+
+    @contextlib.contextmanager
+    def alike(self) -> Iterator[None]:
+        """Inside: a ConfigError every process finds alike (a bad option) is said by rank 0 only."""
+        try:
+            yield
+        except ConfigError as exc:
+            _said_once(exc)
+            raise
 
     def check_batch(self, batch_size: int) -> None:
         """The whole job's batch must split evenly between the processes.

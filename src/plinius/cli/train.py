@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -442,9 +443,10 @@ def train(
         t_build = time.perf_counter() - t0
         # A spare waits here, prepared, until the trainer dies.
         turn = take_turn(mirror_path, spec, ds, bs) if standby else None
-        counter, every = make_counter(
-            counter_spec, key, key_server, key_server_pubkey, job_id or mirror_path.name
-        )
+        with job.alike() if job is not None else contextlib.nullcontext():
+            counter, every = make_counter(
+                counter_spec, key, key_server, key_server_pubkey, job_id or mirror_path.name
+            )
         if counter_every is not None:
             every = counter_every
         durable, report_durable = open_durable(
