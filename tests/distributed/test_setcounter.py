@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from plinius import dist
 from plinius.counters import FileCounter
 from plinius.crypto import MasterKey
 from plinius.dist import SetMember, check_set_counter, describe_set, member_path
@@ -211,3 +212,19 @@ def test_no_crash_point_is_a_false_rollback_and_every_older_set_is_refused(
                 describe_set(probe, key, counter=_put(newer, now, probe))
             checked += 1
     assert checked > 20
+
+
+def _reports(**extra: Any) -> list[dict[str, Any]]:
+    return [{"uses_counter": True, "counter": 0, "machine_local": False, **extra} for _ in range(2)]
+
+
+def test_a_counter_kept_in_one_machine_is_refused_for_a_set_across_machines() -> None:
+    # Refused before any collective: every process finds it in the same reports.
+    fresh = SetFreshness(FileCounter("/nonexistent/c"), 1, label="x")
+    two = ["host-a:/pm", "host-b:/pm"]
+    with pytest.raises(ConfigError, match=r"kept in one machine \(a TPM\)"):
+        dist._resume_counter(fresh, _reports(machine_local=True), [], two, None, WHERE)
+    reports = _reports()
+    reports[1]["uses_counter"] = False
+    with pytest.raises(ConfigError, match="only some processes of the job were given"):
+        dist._resume_counter(fresh, reports, [], two[:1] * 2, None, WHERE)
