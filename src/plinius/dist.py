@@ -1052,11 +1052,10 @@ def check_set_counter(members: list[SetMember], step: int | None, value: int, wh
             )
         return 0
     if value > expected:
-        stale = [
-            s for s in members if s.counters and s.counters[0] is not None and s.counters[0] < value
-        ]
+        saved = [s for s in members if s.step is not None and s.counters]
+        stale = [s for s in saved if s.counters[0] is not None and s.counters[0] < value]
         states = "; ".join(f"{s.path.name}: {_held_text(s.held)}" for s in members)
-        if stale and len(stale) < len([s for s in members if s.generation >= 0]):
+        if stale and len(stale) < len(saved):
             are = "is" if len(stale) == 1 else "are"
             named = f"{', '.join(str(s.path) for s in stale)} of the mirror set {where} {are}"
         else:

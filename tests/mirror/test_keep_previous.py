@@ -116,7 +116,8 @@ def test_the_current_step_is_restored_as_always(key: MasterKey) -> None:
 
 
 def test_a_counter_is_refused(key: MasterKey, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="freshness counter"):
+    # A member's counter is the set's (plinius.dist, SetFreshness), never its own.
+    with pytest.raises(ConfigError, match="give the counter to the mirror set"):
         Mirror(CrashSimRegion(0), key, keep_previous=True, counter=FileCounter(tmp_path / "c"))
 
 
