@@ -198,10 +198,11 @@ def test_ddp_section_smallest_configuration(tmp_path: Path, shm_dir: Path) -> No
     d = json.loads((out / "results.json").read_text())["ddp"]
     assert d["model"] == "cnn-tiny" and [w["world_size"] for w in d["worlds"]] == [2]
     w = d["worlds"][0]
-    assert set(w["iteration_s"]) == {"none", "mirror", "ordered"}
+    assert set(w["iteration_s"]) == {"none", "mirror", "ordered", "counter"}
     # 2 measured steps of 1 round per mode (of 6: warm-up, first layouts, last save left out)
     assert all(len(v) == 2 and min(v) > 0 for v in w["iteration_runs_s"].values())
-    assert set(w["overhead_pct"]) == {"mirror", "ordered"}
+    assert set(w["overhead_pct"]) == {"mirror", "ordered", "counter"}
+    assert "counter_vs_mirror_pct" in w
     assert len(w["gate_runs_s"]) == 20 and w["gate_s"] > 0
     md = (out / "results.md").read_text()
     assert "## 6. Mirroring under DistributedDataParallel (torchrun)" in md

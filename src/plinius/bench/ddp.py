@@ -11,7 +11,10 @@ round (the order rotating), each on a fresh model with the same seed:
   mirror set every iteration (asynchronously, as ``plinius train`` does);
 - ``ordered``: no mirror, the gradients reduced by
   :func:`plinius.dist.ordered_allreduce_hook` (all-gather, then added in rank
-  order: exact on resume; ``plinius train`` uses it from 3 processes on).
+  order: exact on resume; ``plinius train`` uses it from 3 processes on);
+- ``counter``: as ``mirror``, the set protected by a freshness counter (a
+  counter file in the PM directory, advanced by rank 0 once per save, in its
+  background save: ``plinius train --counter`` under torchrun).
 
 Every mode runs :class:`plinius.dist.StepGate`'s all-gather each step (``fit``
 always does in a multi-process job), so ``mirror`` against ``none`` is the
@@ -40,13 +43,14 @@ from ._common import BenchConfig, Progress, median
 
 __all__ = ["MODES", "main", "run_ddp", "worker_parser"]
 
-MODES = ("none", "mirror", "ordered")
+MODES = ("none", "mirror", "ordered", "counter")
 
 
 def _fit_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str) -> list[float]:
     """Step times of one ``fit`` in this process (every process runs it together)."""
     import torch.distributed as dist
 
+    from ..counters import FileCounter
     from ..data import SealedDataset
     from ..dist import open_mirror_set, wrap_ddp
     from ..models import build_model
@@ -59,7 +63,9 @@ def _fit_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str) -> 
     sched = spec.make_scheduler(opt, steps)
     model = wrap_ddp(spec.module, ordered=mode == "ordered")
     where = Path(args.pm) / f"ddp-{tag}"
-    mirrors = open_mirror_set(where, key) if mode == "mirror" else None
+    counter = FileCounter(where.with_suffix(".ctr")) if mode == "counter" else None
+    mirrored = mode in ("mirror", "counter")
+    mirrors = open_mirror_set(where, key, counter=counter) if mirrored else None
     try:
         with SealedDataset(args.data, key) as ds:
             res = fit(
@@ -81,6 +87,7 @@ def _fit_once(args: argparse.Namespace, key: MasterKey, mode: str, tag: str) -> 
         dist.barrier()
         if dist.get_rank() == 0:
             shutil.rmtree(where, ignore_errors=True)
+            where.with_suffix(".ctr").unlink(missing_ok=True)
     return list(res.step_times_s[3:-1])
 
 
@@ -131,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     key = MasterKey.load(args.key)
     steps: dict[str, list[float]] = {m: [] for m in MODES}
     for rnd in range(args.rounds):
-        for mode in MODES[rnd % 3 :] + MODES[: rnd % 3]:
+        turn = rnd % len(MODES)
+        for mode in MODES[turn:] + MODES[:turn]:
             steps[mode] += _fit_once(args, key, mode, f"{rnd}-{mode}")
     gate = _gate_times(args.gate_iters)
     if place.rank == 0:
@@ -167,7 +175,9 @@ def _run_world(
         "oversubscribed": world > (os.cpu_count() or 1),
         "iteration_s": med,
         "iteration_runs_s": raw["step_s"],
-        "overhead_pct": {m: 100.0 * (med[m] / base - 1.0) for m in ("mirror", "ordered")},
+        "overhead_pct": {m: 100.0 * (med[m] / base - 1.0) for m in MODES[1:]},
+        # What the set's freshness counter adds to mirroring alone.
+        "counter_vs_mirror_pct": 100.0 * (med["counter"] / med["mirror"] - 1.0),
         "gate_s": gate,
         "gate_runs_s": raw["gate_s"],
         "gate_pct": 100.0 * gate / base,

@@ -500,7 +500,9 @@ def _ddp(md: list[str], d: dict[str, Any]) -> None:
         "steps per mode, rank 0's step times. Every mode runs the step gate's all-gather; "
         "`mirror`: each process mirrors its state into its file of a mirror set every "
         "iteration; `ordered`: gradients reduced by the ordered all-reduce hook (exact "
-        "on resume; `plinius train` uses it from 3 processes on) instead of DDP's.",
+        "on resume; `plinius train` uses it from 3 processes on) instead of DDP's; "
+        "`counter`: as `mirror`, the set protected by a freshness counter file (rank 0 "
+        "advances it once per save, in its background save).",
         "",
         f"| processes | DDP (ms) | + mirror set (ms) | mirroring overhead | target "
         f"(≤ {limit:g}%) | ordered hook (ms) | hook's cost | global commit's all-gather |",
@@ -525,6 +527,19 @@ def _ddp(md: list[str], d: dict[str, Any]) -> None:
         "bucket (N times the bucket instead of about twice) and adds in rank order.",
         "",
     ]
+    counted = [w for w in d["worlds"] if "counter" in w["iteration_s"]]
+    if counted:  # results of a run before the mode existed have none
+        md += [
+            "| processes | + mirror set (ms) | + the set's freshness counter (ms) | "
+            "the counter's cost |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {w['world_size']} | {_ms(w['iteration_s']['mirror'])} | "
+            f"{_ms(w['iteration_s']['counter'])} | {w['counter_vs_mirror_pct']:+.1f}% |"
+            for w in counted
+        ]
+        md.append("")
 
 
 def _dcp(md: list[str], d: dict[str, Any]) -> None:
