@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from plinius.crypto import MasterKey
+from plinius.mirror import Mirror
 
 from .conftest import kill_campaign, result, run, worker_args
 
@@ -152,3 +153,26 @@ def test_random_sigkills_with_the_counter_end_bit_identical(job: dict[str, Any])
     assert "RollbackError" not in res.stderr
     got, ref = result(out), job["reference"]("300")
     assert got["losses"] == ref["losses"] and got["digests"] == ref["digests"]
+
+
+def test_a_lost_machine_is_seeded_under_the_counter(job: dict[str, Any]) -> None:
+    # Each process keeps its own directory (its own machine). Process 1 commits
+    # step 15, loses its directory and dies while rank 0's save of 15 stalls:
+    # its machine is rebuilt from the survivor's mirror at step 14, and its new
+    # file records the same counter values as the survivor's from then on.
+    d = job["dir"]
+    where, ctr, out = d / "lost", d / "lost.ctr", d / "lost.json"
+    args = worker_args(where, job["key"], out, "--steps", "40", "--replicas", "1")
+    env = {"WORKER_DIE_AFTER_COMMIT": "15:1", "WORKER_WIPE_ON_DIE": "1", "WORKER_SLOW_SAVE": "15"}
+    res = run([*args, "--machine-per-process", "--counter", str(ctr)], nproc=2, restarts=2, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, ref = result(out), job["reference"]("40")
+    assert got["resumed_from"] == 14
+    assert got["losses"] == ref["losses"] and got["digests"] == ref["digests"]
+    key = MasterKey.load(job["key"])
+    held = []
+    for r in (0, 1):
+        with Mirror(where / f"machine-{r}" / f"local-{r}.plm", key, readonly=True) as m:
+            held.append((m.held_steps(), m.held_counter_values()))
+    assert held[0] == held[1] == ([40, 39], [40, 39])
+    assert ctr.read_text() == "39\n"
