@@ -91,9 +91,9 @@ def test_counter_options_a_set_cannot_use_are_said_once(job: dict[str, Path]) ->
 def test_the_key_server_releases_the_key_and_keeps_the_sets_counter(
     job: dict[str, Path], tmp_path: Path
 ) -> None:
-    # The data owner's server holds the job's key; every process is released it
-    # after attestation (simulated here: no TEE), and rank 0 advances the set's
-    # counter at the server.
+    # The data owner's server holds the job's key; the first process is released
+    # it after attestation (simulated here: no TEE) and seals it locally, the
+    # other unseals it; rank 0 advances the set's counter at the server.
     root = tmp_path / "server"
     root.mkdir()
     shutil.copy(job["key"], root / "owner.key")
@@ -103,11 +103,12 @@ def test_the_key_server_releases_the_key_and_keeps_the_sets_counter(
     }
     with ts.keyserver_process(root) as srv:
         server = ["--key-server", srv.url, "--key-server-pubkey", srv.pubkey, "--job-id", "set-1"]
+        server += ["--sealed-key", str(tmp_path / "job.sealed")]
         mirror = job["dir"] / "ks.plm"
         res = _train(job, mirror, 6, *server, "--counter", "keyserver", env=env)
         assert res.returncode == 0, res.stderr[-3000:]
         releases = [e for e in srv.events() if e["event"] == "release"]
-        assert len(releases) == 2  # one per process
+        assert len(releases) == 1  # then sealed here: the other process unsealed it
         assert srv.counter("set-1").read() == 5  # the last save (6) is advanced by the next open
         kept = job["dir"] / "ks-kept.plm"
         shutil.copytree(mirror, kept)
@@ -115,3 +116,4 @@ def test_the_key_server_releases_the_key_and_keeps_the_sets_counter(
         assert res.returncode == 0, res.stderr[-3000:]
         res = _train(job, kept, 18, *server, "--counter", "keyserver", env=env)
         _said_once(res, "older than its freshness counter allows")
+        assert len([e for e in srv.events() if e["event"] == "release"]) == 1

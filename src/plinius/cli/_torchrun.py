@@ -10,6 +10,7 @@ mirrors its own state into the mirror set at ``--mirror`` (a directory:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,26 @@ class TorchrunJob:
         except ConfigError as exc:
             _said_once(exc)
             raise
+
+    @contextlib.contextmanager
+    def one_at_a_time(self, sealed_key: Path | None) -> Iterator[None]:
+        """Inside: this machine's processes one after another, when a key is sealed locally.
+
+        Every process obtains the key as one process does (each attests). With
+        ``--sealed-key`` the first one released the key and sealed it; the
+        others then unseal it, rather than race to create the same sealed files.
+        The lock is on the sealed key's directory (nothing is created for it).
+        """
+        folder = sealed_key.parent if sealed_key is not None else None
+        if folder is None or not folder.is_dir():
+            yield
+            return
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def check_batch(self, batch_size: int) -> None:
         """The whole job's batch must split evenly between the processes.

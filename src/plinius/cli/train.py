@@ -426,9 +426,10 @@ def train(
     if threads is not None:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    key, key_source = load_key(
-        key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
-    )
+    with job.one_at_a_time(sealed_key) if job is not None else contextlib.nullcontext():
+        key, key_source = load_key(
+            key_path, key_server, key_server_pubkey, sealed_key, job_id or mirror_path.name
+        )
     t_key = time.perf_counter() - t0
     t0 = time.perf_counter()
     with SealedDataset(data_path, key, expect_id=dataset_id) as ds:
