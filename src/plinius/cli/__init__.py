@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from typing import Any, NoReturn
 
 from .._runtime import tune_openmp
@@ -24,6 +25,9 @@ from ..errors import PliniusError  # noqa: E402
 from ..standby import exit_code  # noqa: E402
 
 # Modules that define commands; each has a ``register(group)`` function.
+# How long a torchrun worker that does not say a shared error waits before it exits.
+_QUIET_LINGER_S = 3.0
+
 _COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", "bench"]
 
 
@@ -116,6 +120,9 @@ def _fail(msg: str, code: int, exc: BaseException) -> None:
     # by the process that saw it (plinius.dist); the others exit quietly.
     by = getattr(exc, "reported_by", None)
     if by is not None and str(by) != os.environ.get("RANK", "0"):
+        # Linger a moment: torchrun stops every worker once one has exited, and
+        # the one that says the error may not have said it yet (a busy machine).
+        time.sleep(_QUIET_LINGER_S)
         sys.exit(code)
     click.echo(msg.replace("\n", " "), err=True)
     # A standby pair's trainer tells its supervisor whether a restart can fix this.
