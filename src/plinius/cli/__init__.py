@@ -24,10 +24,10 @@ import click  # noqa: E402
 from ..errors import PliniusError  # noqa: E402
 from ..standby import exit_code  # noqa: E402
 
-# Modules that define commands; each has a ``register(group)`` function.
 # How long a torchrun worker that does not say a shared error waits before it exits.
 _QUIET_LINGER_S = 3.0
 
+# Modules that define commands; each has a ``register(group)`` function.
 _COMMAND_MODULES = ["keys", "data", "mirror", "train", "demo", "models", "tee", "bench"]
 
 
